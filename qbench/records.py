@@ -1,0 +1,104 @@
+"""Result records: one JSON object per run, appended to ${results_dir}/runs.jsonl.
+
+Appends are atomic: each record is one os.write of one line to a file opened with O_APPEND, under an
+exclusive lock, then fsync'd; a crash can never leave half a record behind another run's records.
+Reports and gates read only these records.
+"""
+
+import fcntl
+import json
+import math
+import os
+import platform
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+
+from qbench import __version__
+
+RECORDS_FILE = "runs.jsonl"
+
+
+def records_path(results_dir: str) -> Path:
+    return Path(results_dir) / RECORDS_FILE
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else str(value)
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def append_record(results_dir: str, record: dict) -> Path:
+    path = records_path(results_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(_json_safe(record), sort_keys=True, default=str) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)  # closing releases the lock
+    return path
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """All records of a runs.jsonl file (or of a results dir). A truncated last line is ignored."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RECORDS_FILE
+    records = []
+    if not path.is_file():
+        return records
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def git_sha() -> str | None:
+    """The commit of the qbench source tree, when it is a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: str | None = None) -> dict:
+    import torch
+    import transformers
+
+    env = {
+        "qbench": __version__,
+        "git_sha": git_sha(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+        "device": device,
+        "device_name": platform.processor() or platform.machine(),
+    }
+    if device == "cuda" and torch.cuda.is_available():
+        env["device_name"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

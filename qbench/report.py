@@ -1,0 +1,84 @@
+"""Comparison tables from result records: one row per config, baseline first, deltas vs baseline."""
+
+import json
+
+import pandas as pd
+
+from qbench.records import read_records
+
+CONFIG_COLUMNS = ["model", "method", "bits", "group_size", "calib"]
+
+
+def _eval_key_str(rec: dict) -> str:
+    return json.dumps(rec.get("eval_key"), sort_keys=True)
+
+
+def latest_per_config(records: list[dict]) -> list[dict]:
+    """The last ok/failed record of each (config, eval settings); skipped records are not rows."""
+    latest = {}
+    for rec in records:
+        if rec.get("status") == "skipped":
+            continue
+        key = (_eval_key_str(rec), *(str(rec.get(c)) for c in CONFIG_COLUMNS), json.dumps(rec.get("config", {}).get("method"), sort_keys=True))
+        latest[key] = rec
+    return list(latest.values())
+
+
+def comparison_frame(records: list[dict], model: str | None = None) -> pd.DataFrame:
+    rows = []
+    recs = [r for r in latest_per_config(records) if model is None or r.get("model") == model]
+    baselines = {_eval_key_str(r): r for r in recs if r.get("method") == "fp16" and r.get("status") == "ok"}
+    for rec in recs:
+        row = {c: rec.get(c) for c in CONFIG_COLUMNS}
+        row["status"] = rec.get("status")
+        base = baselines.get(_eval_key_str(rec))
+        for name, value in sorted(rec.get("metrics", {}).items()):
+            if not name.startswith("ppl_"):
+                continue
+            row[name] = value
+            if base and name in base.get("metrics", {}):
+                row[f"Δ{name}"] = value - base["metrics"][name]
+        row["quantize_s"] = rec.get("timings", {}).get("quantize_s")
+        key = rec.get("eval_key") or {}
+        row["device"] = (rec.get("env") or {}).get("device_name")
+        row["windows"] = key.get("ppl_max_windows") or "all"
+        row["seqlen"] = key.get("ppl_seqlen")
+        row["error"] = rec.get("error")
+        row["_baseline"] = rec.get("method") != "fp16"
+        rows.append(row)
+    if not rows:
+        return pd.DataFrame()
+    frame = pd.DataFrame(rows).sort_values(["windows", "seqlen", "_baseline"], kind="stable", key=lambda s: s.astype(str))
+    frame = frame.drop(columns="_baseline")
+    if frame["error"].isna().all():
+        frame = frame.drop(columns="error")
+    return frame.reset_index(drop=True)
+
+
+def comparison_table(records: list[dict], model: str | None = None) -> str:
+    frame = comparison_frame(records, model)
+    if frame.empty:
+        return "(no records)"
+    return frame.to_markdown(index=False, floatfmt=".4f")
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="qbench report", description="Comparison table of result records.")
+    parser.add_argument("--results", default="results", help="results dir or runs.jsonl file (default: results)")
+    parser.add_argument("--model", default=None, help="only records of this model")
+    parser.add_argument("--out", default=None, help="also write the Markdown table to this file")
+    args = parser.parse_args(argv)
+    records = read_records(args.results)
+    if not records:
+        print(f"qbench report: error: no records in {args.results}")
+        return 2
+    table = comparison_table(records, args.model)
+    print(table)
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(table + "\n")
+    return 0

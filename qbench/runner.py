@@ -1,0 +1,162 @@
+"""One run: config in, one result record out.
+
+    validate -> load model (cached per process) -> make sure the baseline is recorded
+    -> quantize (method from the registry) -> export -> evaluate -> append the record
+A run that raises (bad data, NaN loss, out of memory) is recorded as `failed` with its reason, so a
+sweep goes on and no other run's record is lost.
+"""
+
+import copy
+import time
+import traceback
+import uuid
+
+from omegaconf import DictConfig, open_dict
+
+from qbench import config as qconfig
+from qbench.records import append_record, environment, now, read_records, records_path
+
+_MODELS: dict = {}  # (model, device, dtype) -> LoadedModel, the unquantized model of this process
+
+
+def _loaded(cfg: DictConfig):
+    from qbench.models import load_model
+
+    key = (str(cfg.model), cfg.device, cfg.dtype, bool(cfg.trust_remote_code))
+    if key not in _MODELS:
+        _MODELS.clear()  # one model at a time
+        _MODELS[key] = load_model(str(cfg.model), cfg.device, cfg.dtype, bool(cfg.trust_remote_code))
+    return _MODELS[key]
+
+
+def eval_key(cfg: DictConfig, device: str, dtype) -> dict:
+    """Everything that changes a metric besides the quantization: records compare only within one key."""
+    from qbench.data import perplexity_source
+
+    ppl = cfg.eval.ppl
+    return {
+        "model": str(cfg.model),
+        "device": device,
+        "dtype": str(dtype).replace("torch.", ""),
+        "ppl_datasets": list(ppl.datasets),
+        "ppl_seqlen": int(ppl.seqlen),
+        "ppl_max_windows": ppl.max_windows,
+        "data": {name: perplexity_source(name, cfg.data_dir) for name in ppl.datasets},
+    }
+
+
+def _base_record(cfg: DictConfig) -> dict:
+    return {
+        "run_id": f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}",
+        "status": None,
+        "error": None,
+        "model": str(cfg.model),
+        "method": cfg.method.name,
+        "bits": qconfig.resolved_bits(cfg),
+        "group_size": qconfig.resolved_group_size(cfg),
+        "calib": cfg.calib.name if cfg.method.get("needs_calibration") else None,
+        "metrics": {},
+        "timings": {},
+        "quant_info": {},
+        "started_at": now(),
+        "config": qconfig.to_plain(cfg),
+    }
+
+
+def find_baseline(results_dir: str, key: dict) -> dict | None:
+    for rec in reversed(read_records(records_path(results_dir))):
+        if rec.get("method") == "fp16" and rec.get("status") == "ok" and rec.get("eval_key") == key:
+            return rec
+    return None
+
+
+def evaluate(model, tokenizer, cfg: DictConfig, ctx) -> dict:
+    from qbench.data import perplexity_text
+    from qbench.eval.perplexity import perplexity, tokenize
+
+    metrics = {}
+    ppl = cfg.eval.ppl
+    for name in ppl.datasets:
+        ids = tokenize(tokenizer, perplexity_text(name, cfg.data_dir), key=f"{name}:{cfg.data_dir}")
+        result = perplexity(model, ids, int(ppl.seqlen), ppl.max_windows, int(ppl.batch_size), ctx.progress)
+        for field, value in result.items():
+            metrics[f"{field}_{name}"] = value
+    return metrics
+
+
+def _finish(cfg: DictConfig, record: dict, status: str, error: str | None = None) -> dict:
+    record["status"], record["error"], record["finished_at"] = status, error, now()
+    append_record(cfg.results_dir, record)
+    if status != "skipped":
+        from qbench.wandb_log import log_run
+
+        log_run(cfg, record)
+    return record
+
+
+def run(cfg: DictConfig, sweep_id: str | None = None) -> dict:
+    """Run one config and return its record (already appended to runs.jsonl)."""
+    import torch
+
+    from qbench.methods import RunContext, get_method
+
+    record = _base_record(cfg)
+    record["sweep_id"] = sweep_id
+    reason = qconfig.skip_reason(cfg)
+    if reason:
+        return _finish(cfg, record, "skipped", reason)
+    try:
+        torch.manual_seed(int(cfg.seed))
+        t0 = time.perf_counter()
+        loaded = _loaded(cfg)
+        record["timings"]["load_s"] = time.perf_counter() - t0
+        record["env"] = environment(loaded.device)
+        key = eval_key(cfg, loaded.device, loaded.dtype)
+        record["eval_key"] = key
+        ctx = RunContext(loaded.tokenizer, loaded.device, loaded.dtype, cfg.data_dir, bool(cfg.quiet))
+        baseline = find_baseline(cfg.results_dir, key)
+        if cfg.method.name == "fp16" and baseline is not None:
+            return _finish(cfg, record, "skipped", f"baseline already recorded as run {baseline['run_id']}")
+        if cfg.method.name != "fp16" and baseline is None:
+            _record_baseline(cfg, loaded, key, ctx, sweep_id)
+        method = get_method(cfg.method.name)
+        model = loaded.model if cfg.method.name == "fp16" else copy.deepcopy(loaded.model)
+        t0 = time.perf_counter()
+        record["quant_info"] = method.quantize(model, cfg, ctx) or {}
+        _sync(loaded.device)
+        record["timings"]["quantize_s"] = time.perf_counter() - t0
+        if cfg.export.path:
+            if not hasattr(method, "export"):
+                raise ValueError(f"method {cfg.method.name} has no export format")
+            method.export(model, cfg, ctx, str(cfg.export.path))
+            record["export_path"] = str(cfg.export.path)
+        t0 = time.perf_counter()
+        record["metrics"] = evaluate(model, loaded.tokenizer, cfg, ctx)
+        record["timings"]["eval_s"] = time.perf_counter() - t0
+        del model
+        return _finish(cfg, record, "ok")
+    except Exception as err:  # recorded, never lost: the sweep goes on
+        record["traceback"] = traceback.format_exc(limit=8)
+        return _finish(cfg, record, "failed", f"{type(err).__name__}: {err}")
+
+
+def _record_baseline(cfg: DictConfig, loaded, key: dict, ctx, sweep_id) -> dict:
+    """Evaluate the unquantized model once for this eval key and record it."""
+    base_cfg = copy.deepcopy(cfg)
+    with open_dict(base_cfg):
+        base_cfg.method = {"name": "fp16", "bits_choices": [], "default_bits": None, "group_sizes": "none",
+                           "default_group_size": None, "choices": {}}
+        base_cfg.bits, base_cfg.group_size = None, None
+    record = _base_record(base_cfg)
+    record.update(sweep_id=sweep_id, eval_key=key, env=environment(loaded.device), role="baseline")
+    t0 = time.perf_counter()
+    record["metrics"] = evaluate(loaded.model, loaded.tokenizer, base_cfg, ctx)
+    record["timings"] = {"load_s": 0.0, "quantize_s": 0.0, "eval_s": time.perf_counter() - t0}
+    return _finish(base_cfg, record, "ok")
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()

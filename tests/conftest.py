@@ -1,0 +1,49 @@
+"""Shared fixtures. The real default model is loaded once per test session (about 35 s on a 2-core
+CPU the first time, seconds once its converted copy is cached), and tests use few, short windows."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# Tests never reach the hub: data comes from the data root (../shared/data unless set).
+os.environ.setdefault("QBENCH_DATA_DIR", str(SHARED_DATA))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> str:
+    path = os.environ["QBENCH_DATA_DIR"]
+    if not (Path(path) / "wikitext-2-raw" / "wiki.test.raw").is_file():
+        pytest.skip(f"no WikiText-2 under the data root {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The default model (float32, CPU), loaded once. Tests must not modify it: deepcopy first."""
+    from qbench.models import load_model
+
+    return load_model("smollm2-135m", device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def cfg_factory(tmp_path_factory):
+    """compose(overrides) -> a composed qbench config writing to a temporary results dir."""
+    from hydra import compose, initialize_config_dir
+
+    from qbench.paths import conf_dir
+
+    def make(*overrides: str):
+        results = tmp_path_factory.mktemp("results")
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            return compose(config_name="config", overrides=[f"results_dir={results}", "wandb.mode=disabled",
+                                                             "quiet=true", *overrides])
+
+    return make
