@@ -9,6 +9,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,12 +102,20 @@ def _load_gguf(path: str, trust_remote_code: bool):
     import torch
 
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+    # The weights are plain dequantized floats now: drop the gguf marker that blocks save_pretrained.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname, trust_remote_code=trust_remote_code)
     tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "qbench_source.json").write_text(json.dumps({"gguf": path}))
-    os.replace(tmp, cached)  # atomic: a half-written cache is never used
+    try:
+        os.replace(tmp, cached)  # atomic: a half-written cache is never used
+    except OSError:  # another process finished the same conversion first
+        shutil.rmtree(tmp, ignore_errors=True)
     return str(cached)
 
 
@@ -140,7 +149,9 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", trust_remot
 
 # quant_method in a checkpoint's quantization_config -> "module:function" that loads it into qbench's
 # own quantized modules (each returns a model). Export formats register here.
-CHECKPOINT_LOADERS: dict[str, str] = {}
+CHECKPOINT_LOADERS: dict[str, str] = {
+    "gptq": "qbench.quant.gptq_format:load_checkpoint",
+}
 
 
 def _quantized_checkpoint_loader(path: str):

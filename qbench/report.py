@@ -29,7 +29,7 @@ def comparison_frame(records: list[dict], model: str | None = None) -> pd.DataFr
     recs = [r for r in latest_per_config(records) if model is None or r.get("model") == model]
     baselines = {_eval_key_str(r): r for r in recs if r.get("method") == "fp16" and r.get("status") == "ok"}
     for rec in recs:
-        row = {c: rec.get(c) for c in CONFIG_COLUMNS}
+        row = {c: "" if rec.get(c) is None else str(rec.get(c)) for c in CONFIG_COLUMNS}
         row["status"] = rec.get("status")
         base = baselines.get(_eval_key_str(rec))
         for name, value in sorted(rec.get("metrics", {}).items()):
@@ -38,7 +38,7 @@ def comparison_frame(records: list[dict], model: str | None = None) -> pd.DataFr
             row[name] = value
             if base and name in base.get("metrics", {}):
                 row[f"Δ{name}"] = value - base["metrics"][name]
-        row["quantize_s"] = rec.get("timings", {}).get("quantize_s")
+        row["quantize_s"] = rec.get("timings", {}).get("quantize_s") or 0.0
         key = rec.get("eval_key") or {}
         row["device"] = (rec.get("env") or {}).get("device_name")
         row["windows"] = key.get("ppl_max_windows") or "all"
