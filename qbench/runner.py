@@ -86,11 +86,14 @@ def evaluate(model, tokenizer, cfg: DictConfig, ctx) -> dict:
 
 def _finish(cfg: DictConfig, record: dict, status: str, error: str | None = None) -> dict:
     record["status"], record["error"], record["finished_at"] = status, error, now()
-    append_record(cfg.results_dir, record)
     if status != "skipped":
         from qbench.wandb_log import log_run
 
-        log_run(cfg, record)
+        try:
+            log_run(cfg, record)
+        except Exception as err:  # logging must never cost the record
+            record["wandb_error"] = f"{type(err).__name__}: {err}"
+    append_record(cfg.results_dir, record)
     return record
 
 

@@ -1,0 +1,87 @@
+"""The qbench command end to end on the real default model (short windows on the CPU)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qbench.records import read_records
+
+QUICK = ["eval.ppl.datasets=[wikitext2]", "eval.ppl.seqlen=256", "eval.ppl.max_windows=2", "quiet=true"]
+
+
+def qbench(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, "-m", "qbench.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=900)
+    return out
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory, data_dir, smollm2):  # smollm2: the converted model is cached first
+    cwd = tmp_path_factory.mktemp("run")
+    out = qbench(*QUICK, "wandb.mode=offline", cwd=cwd)
+    return cwd, out
+
+
+def test_default_run_records_baseline_and_rtn(default_run):
+    cwd, out = default_run
+    assert out.returncode == 0, out.stderr[-2000:]
+    records = read_records(cwd / "results")
+    assert [(r["method"], r["status"]) for r in records] == [("fp16", "ok"), ("rtn", "ok")]
+    rtn = records[1]
+    assert (rtn["bits"], rtn["group_size"]) == (4, 128)
+    for key in ("run_id", "error", "model", "calib", "config", "eval_key"):
+        assert key in rtn
+    assert set(rtn["timings"]) >= {"load_s", "quantize_s", "eval_s"}
+    assert set(rtn["env"]) >= {"qbench", "git_sha", "torch", "transformers", "device_name"}
+    assert rtn["metrics"]["ppl_wikitext2"] > records[0]["metrics"]["ppl_wikitext2"] > 1
+    assert rtn["metrics"]["tokens_wikitext2"] == 2 * 255
+    table = out.stdout
+    assert "| fp16" in table and "| rtn" in table and "ppl_wikitext2" in table
+
+
+def test_wandb_offline_logs_each_run(default_run):
+    cwd, _ = default_run
+    runs = list((cwd / "results" / "wandb-files" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2
+    records = read_records(cwd / "results")
+    assert all(r.get("wandb_run") for r in records)
+
+
+def test_report_subcommand_writes_markdown(default_run):
+    cwd, _ = default_run
+    out = qbench("report", "--results", "results", "--out", "table.md", cwd=cwd)
+    assert out.returncode == 0, out.stderr
+    text = (cwd / "table.md").read_text()
+    assert text.index("fp16") < text.index("rtn") and "Δppl_wikitext2" in text
+
+
+def test_report_on_empty_results_is_one_line(tmp_path):
+    out = qbench("report", "--results", str(tmp_path), cwd=tmp_path)
+    assert out.returncode == 2 and out.stdout.strip().count("\n") == 0
+
+
+def test_sweep_accounts_for_every_combination(tmp_path, data_dir, smollm2):
+    out = qbench("-m", "method=rtn,fp16", "bits=3,4", "wandb.mode=disabled", *QUICK, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    records = read_records(tmp_path / "results")
+    combos = {(r["method"], r["config"]["bits"]): r for r in records if r.get("role") != "baseline"}
+    assert set(combos) == {("rtn", 3), ("rtn", 4), ("fp16", 3), ("fp16", 4)}
+    assert combos[("fp16", 3)]["status"] == combos[("fp16", 4)]["status"] == "skipped"
+    baselines = [r for r in records if r.get("role") == "baseline"]
+    assert len(baselines) == 1  # computed once, reused by the rest of the sweep
+    assert combos[("rtn", 3)]["metrics"]["ppl_wikitext2"] > combos[("rtn", 4)]["metrics"]["ppl_wikitext2"]
+    assert len({r["sweep_id"] for r in records}) == 1
+
+
+def test_failing_run_is_recorded_and_sweep_goes_on(tmp_path, data_dir, smollm2):
+    # a window longer than the text fails that run only
+    out = qbench("-m", "eval.ppl.seqlen=10000000,256", "wandb.mode=disabled", "eval.ppl.datasets=[wikitext2]",
+                 "eval.ppl.max_windows=1", "quiet=true", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    records = read_records(tmp_path / "results")
+    failed = [r for r in records if r["status"] == "failed"]
+    assert len(failed) == 1 and "fewer than one window" in failed[0]["error"]
+    assert any(r["status"] == "ok" and r["method"] == "rtn" for r in records)
+    json.dumps(records)

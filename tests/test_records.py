@@ -1,0 +1,32 @@
+import json
+import multiprocessing as mp
+
+from qbench.records import append_record, read_records
+
+
+def _writer(path, start):
+    for i in range(start, start + 50):
+        append_record(path, {"run_id": i, "payload": "x" * 5000})
+
+
+def test_concurrent_appends_keep_every_record_whole(tmp_path):
+    procs = [mp.Process(target=_writer, args=(str(tmp_path), k * 50)) for k in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    records = read_records(tmp_path)
+    assert sorted(r["run_id"] for r in records) == list(range(200))
+
+
+def test_nan_is_written_as_valid_json(tmp_path):
+    append_record(str(tmp_path), {"metrics": {"ppl": float("nan"), "x": float("inf")}})
+    line = (tmp_path / "runs.jsonl").read_text()
+    assert json.loads(line)["metrics"] == {"ppl": None, "x": "inf"}
+
+
+def test_truncated_last_line_is_ignored(tmp_path):
+    append_record(str(tmp_path), {"run_id": 1})
+    with open(tmp_path / "runs.jsonl", "a") as f:
+        f.write('{"run_id": 2, "trunc')
+    assert [r["run_id"] for r in read_records(tmp_path)] == [1]
