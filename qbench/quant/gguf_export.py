@@ -1,0 +1,172 @@
+"""Write a (GGUF-quantized or plain float) Llama-style model as a GGUF file that llama.cpp runs.
+
+Tensors: GGUFLinear layers are written as their raw blocks with their type; every other weight
+(embedding when not quantized, norms, unquantized linears) as F32, so llama.cpp computes with exactly
+the weights qbench evaluates. `float_only=True` writes everything as F32 (the input of llama.cpp's own
+quantizer in the cross-checks). Names follow gguf's tensor name map; q_proj/k_proj rows are permuted
+back to llama.cpp's rotary layout (the inverse of what transformers does when it loads a GGUF file).
+A tied output embedding is written once, as token_embd.weight.
+
+Metadata: the architecture keys and the tokenizer are copied from the source GGUF file when the model
+came from one (qbench's default model), so the tokenizer is exactly the original. Models from Hugging
+Face get the architecture keys from their config and the tokenizer through gguf's own vocab readers
+(GPT-2 style BPE tokenizer.json, or SentencePiece tokenizer.model) with special tokens and merges;
+their `tokenizer.ggml.pre` is written as "default" (llama.cpp's converter recognizes pre-tokenizers by
+hashing test encodings; that detection is not reproduced here).
+"""
+
+import tempfile
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from qbench.quant.gguf_linear import GGUFLinear
+from qbench.quant.gguf_quants import TYPES
+
+SKIP_KEYS = ("GGUF.", "general.architecture", "general.file_type", "general.quantization_version")
+
+
+def check_llama(model) -> None:
+    if getattr(model.config, "model_type", None) != "llama":
+        raise ValueError(f"GGUF export and mixes support Llama-architecture models, not {model.config.model_type!r}")
+
+
+def is_tied(model) -> bool:
+    return bool(getattr(model.config, "tie_word_embeddings", False))
+
+
+def gguf_names(model) -> dict[str, str]:
+    """Module name of every weight-holding module -> its GGUF tensor name (a tied lm_head -> token_embd)."""
+    check_llama(model)
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
+    names = {}
+    for module_name, _ in model.named_modules():
+        if not module_name:
+            continue
+        gguf_name = name_map.get_name(module_name + ".weight", try_suffixes=(".weight",))
+        if gguf_name is not None:
+            names[module_name] = gguf_name
+    if is_tied(model) and "lm_head" in names:
+        names["lm_head"] = "token_embd.weight"
+    return names
+
+
+def _permute_rows(t, n_head: int):
+    """HF rotary layout -> llama.cpp's (whole rows move, so it applies to float rows and to block rows alike)."""
+    return t.reshape(n_head, 2, t.shape[0] // n_head // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+
+def model_tensors(model, float_only: bool = False) -> list[tuple[str, np.ndarray, str | None]]:
+    """(GGUF name, array, block type or None for F32) for every tensor of the file, in model order."""
+    cfg = model.config
+    names = gguf_names(model)
+    heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}
+    head = model.get_output_embeddings()
+    embed_name = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
+    out, seen = [], set()
+    for module_name, module in model.named_modules():
+        if module_name not in names:
+            continue
+        name = names[module_name]
+        if is_tied(model) and module is head and not isinstance(module, GGUFLinear):
+            continue  # the float tied head is the embedding, written from there
+        if is_tied(model) and module_name == embed_name and isinstance(head, GGUFLinear) and not float_only:
+            continue  # the quantized tied head is written as token_embd
+        if name in seen:
+            continue
+        seen.add(name)
+        kind = name.split(".")[-2]
+        items = []
+        if isinstance(module, GGUFLinear) and not float_only:
+            items.append((name, module.qweight.detach().cpu().numpy(), module.qtype))
+        else:
+            w = module.dequantize() if isinstance(module, GGUFLinear) else module.weight.detach()
+            items.append((name, w.float().cpu().numpy(), None))
+        if getattr(module, "bias", None) is not None:
+            items.append((name[: -len("weight")] + "bias", module.bias.detach().float().cpu().numpy(), None))
+        for tensor_name, data, qtype in items:
+            if kind in heads:
+                data = _permute_rows(data, heads[kind])
+            out.append((tensor_name, np.ascontiguousarray(data), qtype))
+    return out
+
+
+def _copy_metadata(writer: gguf.GGUFWriter, source: str) -> None:
+    reader = gguf.GGUFReader(source)
+    for field in reader.fields.values():
+        if field.name.startswith(SKIP_KEYS):
+            continue
+        vtype = field.types[0]
+        sub_type = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), vtype, sub_type)
+
+
+def _config_metadata(writer: gguf.GGUFWriter, cfg) -> None:
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError("GGUF export does not write rope scaling")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != cfg.hidden_size // cfg.num_attention_heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+
+
+def _tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        path = Path(tmp)
+        vocab = gguf.vocab.BpeVocab(path) if (path / "tokenizer.json").is_file() and not (path / "tokenizer.model").is_file() \
+            else gguf.vocab.SentencePieceVocab(path)
+        tokens, scores, types = zip(*vocab.all_tokens())
+        pad = vocab_size - len(tokens)
+        writer.add_tokenizer_model(vocab.tokenizer_model)
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(list(tokens) + [f"[PAD{i}]".encode() for i in range(pad)])
+        writer.add_token_scores(list(scores) + [-1000.0] * pad)
+        writer.add_token_types(list(types) + [gguf.TokenType.UNUSED] * pad)
+        gguf.SpecialVocab(path, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
+
+
+def write_gguf(model, path: str, file_type: int, source_gguf: str | None = None, tokenizer=None,
+               float_only: bool = False) -> None:
+    """Write the model to `path`. Metadata from `source_gguf` when given, else from the config + `tokenizer`."""
+    check_llama(model)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    if source_gguf:
+        _copy_metadata(writer, source_gguf)
+    else:
+        writer.add_name(str(getattr(model.config, "name_or_path", "") or "qbench model"))
+        _config_metadata(writer, model.config)
+        if tokenizer is not None:
+            _tokenizer_metadata(writer, tokenizer, model.config.vocab_size)
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for name, data, qtype in model_tensors(model, float_only):
+        if qtype is None:
+            writer.add_tensor(name, data.astype(np.float32))
+        else:
+            writer.add_tensor(name, data, raw_dtype=gguf.GGMLQuantizationType(TYPES[qtype].ggml_type))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def read_tensor(path: str, name: str) -> tuple[str, np.ndarray]:
+    """(type name, raw data) of one tensor of a GGUF file (for checks)."""
+    for t in gguf.GGUFReader(path).tensors:
+        if t.name == name:
+            return t.tensor_type.name, np.array(t.data)
+    raise KeyError(name)
+

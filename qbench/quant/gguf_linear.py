@@ -1,0 +1,63 @@
+"""A linear layer holding raw GGML blocks (the bytes of a GGUF tensor), dequantized on the fly.
+
+    qweight uint8 [out_features, (in_features // block_elems) * block_bytes]   (layout: gguf_quants.py)
+    bias    float32 [out_features] or None
+On CUDA, the Q4_0/Q8_0/Q4_K dequant-matmul Triton kernels are called from `forward` (see
+KERNEL_TYPES and _triton_matmul); everywhere else the torch reference dequantizes the weight.
+"""
+
+import importlib
+
+import torch
+from torch import nn
+
+from qbench.quant.gguf_quants import TYPES, dequantize, quantize, row_bytes
+
+KERNEL_TYPES = ("Q4_0", "Q8_0", "Q4_K")
+KERNEL_MODULE = "qbench.kernels.gguf_matmul"  # gguf_matmul(x, qweight, qtype, in_features) -> x @ W.T
+
+
+def _triton_matmul(layer: "GGUFLinear", x: torch.Tensor) -> torch.Tensor | None:
+    """The Triton dequant-matmul on CUDA, or None when the torch path should run."""
+    if layer.kernel == "torch" or not x.is_cuda or layer.qtype not in KERNEL_TYPES:
+        return None
+    try:
+        module = importlib.import_module(KERNEL_MODULE)
+    except ImportError:
+        if layer.kernel == "triton":
+            raise RuntimeError(f"kernel=triton but {KERNEL_MODULE} is not available") from None
+        return None
+    return module.gguf_matmul(x, layer.qweight, layer.qtype, layer.in_features)
+
+
+class GGUFLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, qtype: str, bias: bool, kernel: str = "auto"):
+        super().__init__()
+        self.in_features, self.out_features, self.qtype, self.kernel = in_features, out_features, qtype, kernel
+        self.register_buffer("qweight", torch.zeros(out_features, row_bytes(qtype, in_features), dtype=torch.uint8))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, qtype: str, kernel: str = "auto") -> "GGUFLinear":
+        layer = cls(linear.in_features, linear.out_features, qtype, linear.bias is not None, kernel)
+        layer.qweight.copy_(quantize(linear.weight.data, qtype))
+        if linear.bias is not None:
+            layer.bias = linear.bias.detach().clone().float()
+        return layer.to(linear.weight.device)
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        """[out, in] weight (torch reference path)."""
+        return dequantize(self.qweight, self.qtype, self.in_features).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        out = _triton_matmul(self, x)
+        if out is not None:
+            return out if bias is None else out + bias
+        return nn.functional.linear(x, self.dequantize(x.dtype), bias)
+
+    def bits_per_weight(self) -> float:
+        return 8 * TYPES[self.qtype].block_bytes / TYPES[self.qtype].block_elems
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, type={self.qtype}"
