@@ -1,0 +1,17 @@
+"""qbench's Triton kernels: plain @triton.jit kernels and thin launchers, one file per weight format.
+
+    wint_matmul   W{2..8}A16 grouped integer (RTN/GPTQ/AWQ), act-order    kernels/wint.py
+    nf4_matmul    NF4/FP4 blockwise absmax, double quant                   kernels/nf4.py
+    gguf_matmul   GGUF Q4_0, Q8_0, Q4_K                                     kernels/gguf.py
+    int8_matmul   W8A8 int8 and LLM.int8() with 16-bit outlier columns     kernels/w8a8.py
+    fp8_matmul    FP8 (E4M3/E5M2) weights, per-token FP8 activations       kernels/w8a8.py
+Importing this package imports triton; on a CPU, run under TRITON_INTERPRET=1.
+"""
+
+from qbench.kernels.gguf import gguf_matmul
+from qbench.kernels.nf4 import nf4_matmul
+from qbench.kernels.w8a8 import fp8_matmul, int8_matmul, quantize_rows
+from qbench.kernels.wint import is_default_g_idx, wint_matmul
+
+__all__ = ["wint_matmul", "is_default_g_idx", "nf4_matmul", "gguf_matmul", "int8_matmul", "fp8_matmul",
+           "quantize_rows"]

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from qbench.quant.grid import QuantizedWeight
+from qbench.quant.kernel_choice import use_triton
 from qbench.quant.packing import pack_cols, pack_rows, unpack_cols, unpack_rows
 
 
@@ -49,7 +50,16 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return nn.functional.linear(x, self.dequantize(x.dtype), bias)
+        if not use_triton(self.kernel, x):
+            return nn.functional.linear(x, self.dequantize(x.dtype), bias)
+        from qbench.kernels.wint import is_default_g_idx, wint_matmul
+
+        stamp = (self.g_idx.data_ptr(), self.g_idx._version)  # act-order is checked once per g_idx content
+        if getattr(self, "_g_idx_stamp", None) != stamp:
+            self._g_idx_stamp, self._act_order = stamp, not is_default_g_idx(self.g_idx, self.group_size)
+        g_idx = self.g_idx if self._act_order else None
+        y = wint_matmul(x, self.qweight, self.qzeros, self.scales, g_idx, self.bits, self.group_size)
+        return y if bias is None else y + bias
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}, sym={self.sym}"

@@ -1,0 +1,123 @@
+"""Triton device functions that dequantize one [BLOCK_K, BLOCK_N] tile of W^T from its packed bytes.
+
+Each returns float32 values of W[n, k] laid out as tile[k - k0, n - n0], for the input channels offs_k
+and output channels offs_n (K = in_features, N = out_features). Lanes outside the matrix read nothing
+(masked) and may hold any finite value: the matmul skeleton zeroes the activations there.
+
+Layouts (never changed here; the packing code of each format is the reference):
+- WINT (RTN/GPTQ/AWQ, qbench/quant/qlinear.py): qweight [ceil(K*bits/32), N] int32, a little-endian
+  bit stream of codes along K (3/5/6/7-bit codes straddle words); qzeros [G, ceil(N*bits/32)] int32,
+  the same stream along N (no -1 offset); scales [G, N] fp16; g_idx [K] int32.
+  W[n, k] = (q[k, n] - z[g, n]) * s[g, n] with g = g_idx[k].
+- NF4/FP4 (bitsandbytes): codes uint8 [ceil(N*K/2)], the row-major [N, K] weight flattened, two
+  codes a byte, element 2i in the HIGH nibble; lut float32 [16] (the NF4 or FP4 table); absmax
+  float32 [ceil(N*K/blocksize)] per block of `blocksize` consecutive flat elements, or with double
+  quant uint8 codes into code2 (float32 [256], bnb's dynamic map) scaled by absmax2 float32 per 256
+  blocks plus `offset`. W = lut[code] * absmax[block].
+- GGUF (ggml): raw uint8 [N, K/block_elems*block_bytes], each row a run of ggml blocks.
+  Q4_0: 18 B = fp16 d, 16 B nibbles (element j low nibble of byte j, element j+16 high nibble);
+        W = d * (q - 8).  Q8_0: 34 B = fp16 d, 32 int8; W = d * q.
+  Q4_K: 144 B per 256 elements = fp16 d, fp16 dmin, 12 B of 6-bit scales/mins (8 sub-blocks of 32),
+        128 B nibbles (element e: byte 32*(e//64) + e%32, high nibble when e%64 >= 32);
+        W = d * sc[e//32] * q - dmin * m[e//32].
+"""
+
+import triton
+import triton.language as tl
+
+Q4_0, Q8_0, Q4_K = 0, 1, 2  # GGUF block types understood by dequant_gguf
+
+
+@triton.jit
+def stream_codes(base, index, stride, n_words, mask, BITS: tl.constexpr):
+    """Code number `index` of a little-endian bit stream of BITS-bit codes in int32 words at base + word*stride."""
+    bit = index * BITS
+    word = bit >> 5
+    shift = (bit & 31).to(tl.uint32)
+    v = tl.load(base + word * stride, mask=mask, other=0).to(tl.uint32, bitcast=True) >> shift
+    if 32 % BITS != 0:  # the code may continue in the next word
+        hi = tl.load(base + (word + 1) * stride, mask=mask & (word + 1 < n_words), other=0)
+        v = v | ((hi.to(tl.uint32, bitcast=True) << 1) << (31 - shift))
+    return (v & ((1 << BITS) - 1)).to(tl.float32)
+
+
+@triton.jit
+def dequant_wint(qweight, qzeros, scales, g_idx, offs_k, offs_n, k0, N, K, n_zero_words,
+                 BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ACT_ORDER: tl.constexpr, BLOCK_K: tl.constexpr):
+    """GROUP_SIZE 0: one group. Without act-order, a tile inside one group reads one row of scales/zeros."""
+    kmask = offs_k < K
+    nmask = offs_n < N
+    q = stream_codes(qweight + offs_n[None, :], offs_k[:, None], N, tl.cdiv(K * BITS, 32),
+                     kmask[:, None] & nmask[None, :], BITS)
+    if ACT_ORDER:
+        g = tl.load(g_idx + offs_k, mask=kmask, other=0)[:, None]
+    elif GROUP_SIZE == 0:
+        g = k0 * 0
+    elif GROUP_SIZE % BLOCK_K == 0:
+        g = k0 // GROUP_SIZE
+    else:
+        g = (tl.minimum(offs_k, K - 1) // GROUP_SIZE)[:, None]
+    zmask = nmask[None, :]
+    s = tl.load(scales + g * N + offs_n[None, :], mask=zmask, other=0.0).to(tl.float32)
+    z = stream_codes(qzeros + g * n_zero_words, offs_n[None, :], 1, n_zero_words, zmask, BITS)
+    return q * s - z * s
+
+
+@triton.jit
+def dequant_nf4(codes, absmax, lut, absmax2, code2, offset, offs_k, offs_n, N, K,
+                BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    mask = (offs_k < K)[:, None] & (offs_n < N)[None, :]
+    idx = offs_n[None, :] * K + offs_k[:, None]  # flat index into the row-major [N, K] weight
+    byte = tl.load(codes + (idx >> 1), mask=mask, other=0).to(tl.int32)
+    v = tl.load(lut + ((byte >> ((1 - (idx & 1)) * 4)) & 15))
+    blk = idx // BLOCKSIZE
+    if DOUBLE_QUANT:
+        c = tl.load(absmax + blk, mask=mask, other=0).to(tl.int32)
+        a = tl.load(code2 + c) * tl.load(absmax2 + blk // 256, mask=mask, other=0.0) + offset
+    else:
+        a = tl.load(absmax + blk, mask=mask, other=0.0)
+    return v * a
+
+
+@triton.jit
+def _f16_le(p, mask):
+    lo = tl.load(p, mask=mask, other=0).to(tl.uint16)
+    hi = tl.load(p + 1, mask=mask, other=0).to(tl.uint16)
+    return (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _byte(p, mask):
+    return tl.load(p, mask=mask, other=0).to(tl.int32)
+
+
+@triton.jit
+def dequant_gguf(raw, offs_k, offs_n, N, K, row_bytes, QTYPE: tl.constexpr):
+    mask = (offs_k < K)[:, None] & (offs_n < N)[None, :]
+    row = raw + offs_n[None, :] * row_bytes
+    k = offs_k[:, None]
+    if QTYPE == 0:  # Q4_0
+        blk = row + (k // 32) * 18
+        j = k % 32
+        b = _byte(blk + 2 + j % 16, mask)
+        q = tl.where(j < 16, b & 15, b >> 4)
+        w = _f16_le(blk, mask) * (q - 8).to(tl.float32)
+    elif QTYPE == 1:  # Q8_0
+        blk = row + (k // 32) * 34
+        q = tl.load(blk + 2 + k % 32, mask=mask, other=0).to(tl.int8, bitcast=True)
+        w = _f16_le(blk, mask) * q.to(tl.float32)
+    else:  # Q4_K
+        blk = row + (k // 256) * 144
+        e = k % 256
+        sub = e // 32
+        i = sub % 4
+        a = _byte(blk + 4 + i, mask)  # scales[i], scales[i+4], scales[i+8] hold sub-blocks i and i+4
+        b = _byte(blk + 8 + i, mask)
+        c = _byte(blk + 12 + i, mask)
+        low = sub < 4
+        sc = tl.where(low, a & 63, (c & 15) | ((a >> 6) << 4))
+        mn = tl.where(low, b & 63, (c >> 4) | ((b >> 6) << 4))
+        qb = _byte(blk + 16 + 32 * (e // 64) + e % 32, mask)
+        q = tl.where(e % 64 < 32, qb & 15, qb >> 4)
+        w = _f16_le(blk, mask) * (sc * q).to(tl.float32) - _f16_le(blk + 2, mask) * mn.to(tl.float32)
+    return w

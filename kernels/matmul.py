@@ -1,0 +1,126 @@
+"""One dequantize-matmul kernel skeleton for the weight-only formats (WINT, NF4/FP4, GGUF).
+
+out[M, N] = x[M, K] @ W^T, W dequantized tile by tile in registers (kernels/dequant.py), never
+written to memory. Two shapes of the same kernel:
+- decode (M <= 16): BLOCK_M = 1 multiplies and reduces on the CUDA cores (a GEMV), BLOCK_M = 16 uses
+  tl.dot; the K range is split over SPLIT_K programs that add into a float32 output (split-K), which
+  fills the GPU when N alone gives too few tiles;
+- prefill: a tiled GEMM (BLOCK_M 64/128) with grouped tile order for L2 reuse, tl.dot on the tensor cores.
+Candidate configs are generated from the shape and the SM count (no shape is hard-coded) and timed
+once per shape by kernels/tune.py.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from qbench.kernels.dequant import dequant_gguf, dequant_nf4, dequant_wint
+from qbench.kernels.tune import m_bucket, pick
+
+WINT, NF4, GGUF = 0, 1, 2
+
+
+@triton.jit
+def dequant_matmul_kernel(x_ptr, out_ptr, p0, p1, p2, p3, p4, f0,
+                          M, N, K, stride_xm, stride_om, i0, SPLIT_K,
+                          FMT: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          GROUP_M: tl.constexpr, ATOMIC: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n  # GROUP_M row-tiles walk the N tiles together (L2 reuse of W)
+    first_m = (pid // per_group) * GROUP_M
+    rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % rows
+    pid_n = (pid % per_group) // rows
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask = offs_m < M
+
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    t_end = tl.minimum(pid_k * per_split + per_split, k_tiles)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t in range(pid_k * per_split, t_end):
+        k0 = t * BLOCK_K
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        if FMT == 0:
+            w = dequant_wint(p0, p1, p2, p3, offs_k, offs_n, k0, N, K, i0, C0, C1, C2, BLOCK_K)
+        elif FMT == 1:
+            w = dequant_nf4(p0, p1, p2, p3, p4, f0, offs_k, offs_n, N, K, C0, C1)
+        else:
+            w = dequant_gguf(p0, offs_k, offs_n, N, K, i0, C0)
+        kmask = offs_k < K
+        if BLOCK_M == 1:
+            xk = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],
+                         mask=kmask[:, None] & mmask[None, :], other=0.0)
+            acc += tl.sum(xk.to(tl.float32) * w, axis=0)[None, :]
+        else:
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                        mask=mmask[:, None] & kmask[None, :], other=0.0)
+            acc += tl.dot(x, w.to(x.dtype))
+    out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    omask = mmask[:, None] & (offs_n < N)[None, :]
+    if ATOMIC:
+        tl.atomic_add(out, acc, mask=omask)
+    else:
+        tl.store(out, acc, mask=omask)
+
+
+def _cfg(bm, bn, bk, warps, stages, split=1, group_m=8):
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "GROUP_M": group_m,
+            "num_warps": warps, "num_stages": stages}
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def candidate_configs(M: int, N: int, K: int, device: torch.device) -> list[dict]:
+    """Configs worth timing for this shape (Hopper-sized tiles; split-K sized from the SM count)."""
+    if M <= 16:
+        bm = 1 if M == 1 else 16
+        tiles = [(128, 128, 4, 3), (64, 128, 4, 3), (256, 64, 8, 3), (128, 256, 8, 2)] if bm == 1 else \
+                [(64, 128, 4, 3), (128, 128, 4, 3), (128, 64, 4, 4), (256, 64, 8, 3)]
+        configs = []
+        for bn, bk, warps, stages in tiles:
+            blocks = triton.cdiv(N, bn)
+            k_tiles = triton.cdiv(K, bk)
+            want = max(1, (4 * _sm_count(device)) // blocks)  # about four programs per SM
+            split = min(1 << (want.bit_length() - 1), k_tiles)
+            for s in sorted({1, max(split // 2, 1), split, min(2 * split, k_tiles)}):
+                configs.append(_cfg(bm, bn, bk, warps, stages, split=s, group_m=1))
+        return configs
+    if M <= 64:
+        return [_cfg(64, 128, 64, 4, 4), _cfg(64, 64, 128, 4, 3), _cfg(64, 256, 64, 8, 3), _cfg(32, 128, 128, 4, 3)]
+    return [_cfg(128, 128, 64, 8, 3), _cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 4, 4), _cfg(64, 128, 64, 4, 4),
+            _cfg(128, 64, 128, 8, 3)]
+
+
+def dequant_matmul(fmt: int, x: torch.Tensor, N: int, ptrs: tuple, consts: tuple, i0: int = 0, f0: float = 0.0,
+                   name: str = "dequant_matmul", config: dict | None = None) -> torch.Tensor:
+    """x [..., K] (fp16/bf16/fp32) times the dequantized [N, K] weight -> [..., N] in x's dtype."""
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    p = tuple(ptrs) + (None,) * (5 - len(ptrs))
+    c = tuple(consts) + (0,) * (3 - len(consts))
+
+    def run(cfg):
+        split = cfg["SPLIT_K"]
+        out = torch.zeros((M, N), dtype=torch.float32, device=x.device) if split > 1 else \
+            torch.empty((M, N), dtype=x.dtype, device=x.device)
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split)
+        dequant_matmul_kernel[grid](x2, out, *p, f0, M, N, K, x2.stride(0), out.stride(0), i0, split,
+                                    FMT=fmt, C0=c[0], C1=c[1], C2=c[2], ATOMIC=split > 1,
+                                    **{k: v for k, v in cfg.items() if k != "SPLIT_K"})
+        return out.to(x.dtype)
+
+    if config is None:
+        key = (fmt, c, m_bucket(M), N, K, str(x.dtype))
+        config = pick(name, key, candidate_configs(M, N, K, x.device), run, x.device)
+    return run(config).reshape(*x.shape[:-1], N)

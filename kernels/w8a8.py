@@ -1,0 +1,188 @@
+"""W8A8: int8 or FP8 weights times activations quantized per token on the fly.
+
+Layouts (K = in_features, N = out_features):
+    int8:  w_q int8 [N, K], w_scale float32 [N]            W ~ w_q * w_scale[:, None] (absmax / 127 per row)
+    fp8:   w_q float8_e4m3fn or float8_e5m2 [N, K], w_scale float32 [1] (per tensor) or [N] (per channel)
+    LLM.int8(): the int8 layout plus outlier_idx int32 [n_out] (input columns kept in 16 bit) and
+           w_outlier fp16/bf16 [N, n_out]; those columns of x are zeroed before x is quantized.
+Activations: s_x[m] = absmax(x[m, kept]) / QMAX (127 for int8, 448 for e4m3; a zero row gets scale 1),
+x_q = round-half-away(x / s_x) clamped to +-127 for int8, x / s_x cast to e4m3 for fp8.
+    out = (x_q @ w_q^T) * s_x[:, None] * w_scale  (+ x[:, outlier_idx] @ w_outlier^T)
+The matmul accumulates int8 products in int32 and fp8 products in fp32 on the tensor cores.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from qbench.kernels.tune import m_bucket, pick
+
+INT8_MAX, E4M3_MAX = 127.0, 448.0
+
+
+@triton.jit
+def round_e4m3(v):
+    """v rounded to the nearest e4m3 value (ties to even) in float32 arithmetic, so the cast is exact
+    whatever the conversion instruction does (the CPU interpreter's rounds wrongly across binades)."""
+    e = ((v.to(tl.int32, bitcast=True) >> 23) & 255) - 127
+    step = ((tl.maximum(e, -6) - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 3 mantissa bits, subnormals below 2^-6
+    r = v / step
+    return ((r + 12582912.0) - 12582912.0) * step  # 1.5 * 2**23: round half to even
+
+
+@triton.jit
+def quantize_rows_kernel(x_ptr, q_ptr, s_ptr, keep_ptr, K, stride_x, stride_q,
+                         QMAX: tl.constexpr, IS_INT: tl.constexpr, HAS_KEEP: tl.constexpr, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0)
+    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        v = tl.abs(tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32))
+        if HAS_KEEP:
+            v = tl.where(tl.load(keep_ptr + offs, mask=offs < K, other=0) != 0, v, 0.0)
+        amax = tl.maximum(amax, v)
+    top = tl.max(amax, axis=0)
+    scale = tl.where(top > 0, top / QMAX, 1.0)
+    tl.store(s_ptr + row, scale)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        v = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32) / scale
+        if HAS_KEEP:
+            v = tl.where(tl.load(keep_ptr + offs, mask=offs < K, other=0) != 0, v, 0.0)
+        v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
+        if IS_INT:
+            v = tl.where(v >= 0, tl.floor(v + 0.5), -tl.floor(0.5 - v))
+        else:
+            v = round_e4m3(v)
+        tl.store(q_ptr + row * stride_q + offs, v.to(q_ptr.dtype.element_ty), mask=offs < K)
+
+
+def quantize_rows(x2: torch.Tensor, dtype: torch.dtype, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (per-token) quantization of x2 [M, K] to int8 or an fp8 dtype -> (x_q [M, K], scale [M] float32)."""
+    M, K = x2.shape
+    q = torch.empty((M, K), dtype=dtype, device=x2.device)
+    s = torch.empty(M, dtype=torch.float32, device=x2.device)
+    is_int = dtype == torch.int8
+    qmax = INT8_MAX if is_int else E4M3_MAX if dtype == torch.float8_e4m3fn else torch.finfo(dtype).max
+    block = min(max(triton.next_power_of_2(K), 16), 2048)
+    quantize_rows_kernel[(M,)](x2, q, s, keep, K, x2.stride(0), q.stride(0), QMAX=float(qmax), IS_INT=is_int,
+                               HAS_KEEP=keep is not None, BLOCK_K=block, num_warps=4 if block <= 1024 else 8)
+    return q, s
+
+
+@triton.jit
+def w8a8_kernel(xq_ptr, sx_ptr, wq_ptr, sw_ptr, out_ptr, x16_ptr, oidx_ptr, wo_ptr,
+                M, N, K, n_out, stride_xq, stride_x16, stride_om, SPLIT_K,
+                IS_INT: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_OUTLIERS: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                GROUP_M: tl.constexpr, ATOMIC: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % rows
+    pid_n = (pid % per_group) // rows
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask = offs_m < M
+    nmask = offs_n < N
+
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    t_end = tl.minimum(pid_k * per_split + per_split, k_tiles)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if IS_INT else tl.float32)
+    for t in range(pid_k * per_split, t_end):
+        offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
+        kmask = offs_k < K
+        a = tl.load(xq_ptr + offs_m[:, None] * stride_xq + offs_k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(wq_ptr + offs_n[None, :] * K + offs_k[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc)
+    sw = tl.load(sw_ptr + offs_n, mask=nmask, other=0.0) if PER_CHANNEL else tl.load(sw_ptr)
+    y = acc.to(tl.float32) * tl.load(sx_ptr + offs_m, mask=mmask, other=0.0)[:, None] * sw
+    if HAS_OUTLIERS:
+        if pid_k == 0:
+            for o0 in range(0, n_out, 16):
+                offs_o = o0 + tl.arange(0, 16)
+                omask = offs_o < n_out
+                cols = tl.load(oidx_ptr + offs_o, mask=omask, other=0)
+                xo = tl.load(x16_ptr + offs_m[:, None] * stride_x16 + cols[None, :], mask=mmask[:, None] & omask[None, :], other=0.0)
+                wo = tl.load(wo_ptr + offs_n[None, :] * n_out + offs_o[:, None], mask=omask[:, None] & nmask[None, :], other=0.0)
+                y += tl.dot(xo, wo.to(xo.dtype))
+    out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    if ATOMIC:
+        tl.atomic_add(out, y, mask=mmask[:, None] & nmask[None, :])
+    else:
+        tl.store(out, y, mask=mmask[:, None] & nmask[None, :])
+
+
+def _cfg(bm, bn, bk, warps, stages, split=1, group_m=8):
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "GROUP_M": group_m,
+            "num_warps": warps, "num_stages": stages}
+
+
+def candidate_configs(M: int, N: int, K: int, device: torch.device) -> list[dict]:
+    if M <= 16:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+        configs = []
+        for bn, bk, warps, stages in [(64, 256, 4, 3), (128, 128, 4, 4), (128, 256, 8, 3)]:
+            k_tiles = triton.cdiv(K, bk)
+            want = max(1, (4 * sms) // triton.cdiv(N, bn))
+            split = min(1 << (want.bit_length() - 1), k_tiles)
+            for s in sorted({1, split, min(2 * split, k_tiles)}):
+                configs.append(_cfg(16, bn, bk, warps, stages, split=s, group_m=1))
+        return configs
+    return [_cfg(128, 128, 128, 8, 3), _cfg(128, 256, 128, 8, 3), _cfg(128, 128, 128, 4, 4), _cfg(64, 128, 128, 4, 4),
+            _cfg(128, 256, 64, 8, 4)]
+
+
+def _w8a8(x, w_q, w_scale, act_dtype, outlier_idx=None, w_outlier=None, config=None, name="w8a8"):
+    K, N = x.shape[-1], w_q.shape[0]
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    has_out = outlier_idx is not None and outlier_idx.numel() > 0
+    keep = None
+    if has_out:
+        keep = torch.ones(K, dtype=torch.int8, device=x.device)
+        keep[outlier_idx.long()] = 0
+        outlier_idx = outlier_idx.to(torch.int32).contiguous()
+        w_outlier = w_outlier.contiguous()
+    per_channel = w_scale.numel() > 1
+    w_scale = w_scale.float().contiguous()
+    is_int = act_dtype == torch.int8
+
+    def run(cfg):
+        xq, sx = quantize_rows(x2, act_dtype, keep)
+        split = cfg["SPLIT_K"]
+        out = torch.zeros((M, N), dtype=torch.float32, device=x.device) if split > 1 else \
+            torch.empty((M, N), dtype=x.dtype, device=x.device)
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split)
+        w8a8_kernel[grid](xq, sx, w_q, w_scale, out, x2 if has_out else None, outlier_idx if has_out else None,
+                          w_outlier if has_out else None, M, N, K, outlier_idx.numel() if has_out else 0,
+                          xq.stride(0), x2.stride(0), out.stride(0), split, IS_INT=is_int, PER_CHANNEL=per_channel,
+                          HAS_OUTLIERS=has_out, ATOMIC=split > 1, **{k: v for k, v in cfg.items() if k != "SPLIT_K"})
+        return out.to(x.dtype)
+
+    if config is None:
+        key = (m_bucket(M), N, K, str(x.dtype), str(w_q.dtype), per_channel, has_out)
+        config = pick(name, key, candidate_configs(M, N, K, x.device), run, x.device)
+    return run(config).reshape(*x.shape[:-1], N)
+
+
+def int8_matmul(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, outlier_idx: torch.Tensor | None = None,
+                w_outlier: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    """W8A8 int8 (per-row weight x per-token activation scales); LLM.int8() when outlier columns are given."""
+    if w_q.dtype != torch.int8 or w_q.shape[1] != x.shape[-1]:
+        raise ValueError(f"int8 weight must be int8 [N, {x.shape[-1]}], got {w_q.dtype} {tuple(w_q.shape)}")
+    return _w8a8(x, w_q.contiguous(), w_scale, torch.int8, outlier_idx, w_outlier, config, "int8")
+
+
+def fp8_matmul(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, config: dict | None = None) -> torch.Tensor:
+    """FP8 W8A8: e4m3/e5m2 weight with per-tensor or per-channel scale, per-token e4m3 activations."""
+    if w_q.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2) or w_q.shape[1] != x.shape[-1]:
+        raise ValueError(f"fp8 weight must be float8 [N, {x.shape[-1]}], got {w_q.dtype} {tuple(w_q.shape)}")
+    return _w8a8(x, w_q.contiguous(), w_scale, torch.float8_e4m3fn, config=config, name="fp8")

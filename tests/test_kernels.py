@@ -1,0 +1,102 @@
+"""Integer W{2,3,4,8}A16 Triton kernels against the torch reference (QuantLinear.dequantize).
+
+On a CPU these run under TRITON_INTERPRET=1 with small, awkward shapes: K not a multiple of the tile,
+N = 1, M = 1, 3, 17, group sizes that do and do not divide the tile, act-order. Inputs are fresh
+random draws each run; the seed is in the failure message.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any triton.jit runs
+pytest.importorskip("triton")
+
+from qbench.kernels import is_default_g_idx, wint_matmul  # noqa: E402
+from qbench.quant.grid import rtn_quantize  # noqa: E402
+from qbench.quant.kernel_choice import use_triton  # noqa: E402
+from qbench.quant.qlinear import QuantLinear  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+GEMV = dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=32, SPLIT_K=2, GROUP_M=1, num_warps=4, num_stages=2)  # decode, split-K
+DOT16 = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, SPLIT_K=3, GROUP_M=1, num_warps=4, num_stages=2)  # decode, tl.dot
+TILED = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=1, GROUP_M=2, num_warps=4, num_stages=2)  # prefill GEMM
+
+
+def fresh_seed() -> int:
+    seed = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    return seed
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(y).all()
+    return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def make_layer(N, K, bits, group_size, sym=False, act_order=False) -> QuantLinear:
+    layer = QuantLinear.from_quantized(rtn_quantize(torch.randn(N, K), bits, group_size, sym), None)
+    if act_order:  # a permuted g_idx, as GPTQ's act-order stores it
+        layer.g_idx.copy_(layer.g_idx[torch.randperm(K)])
+    return layer.to(DEVICE)
+
+
+def check(layer, M, config, dtype=torch.float32, tol=1e-5, seed=None):
+    x = torch.randn(M, layer.in_features, device=DEVICE, dtype=dtype)
+    ref = x.double() @ layer.dequantize(torch.float64).T
+    g_idx = None if is_default_g_idx(layer.g_idx, layer.group_size) else layer.g_idx
+    y = wint_matmul(x, layer.qweight, layer.qzeros, layer.scales, g_idx,
+                    layer.bits, layer.group_size, config=config)
+    assert y.shape == (M, layer.out_features) and y.dtype == dtype
+    err = rel_err(y, ref)
+    assert err < tol, f"rel err {err:.2e} (seed {seed}, M={M}, config={config})"
+
+
+@pytest.mark.parametrize("bits,group_size", [(2, 32), (3, 48), (4, 128), (8, -1)])
+def test_wint_decode_and_prefill(bits, group_size):
+    seed = fresh_seed()
+    layer = make_layer(37, 200, bits, group_size)  # K=200: not a multiple of 32; 48 does not divide the tile
+    check(layer, 1, GEMV, seed=seed)
+    check(layer, 3, DOT16, seed=seed)
+    check(layer, 17, TILED, seed=seed)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_wint_act_order_symmetric(bits):
+    seed = fresh_seed()
+    layer = make_layer(24, 96, bits, 32, sym=True, act_order=True)
+    check(layer, 1, GEMV, seed=seed)
+    check(layer, 17, TILED, seed=seed)
+
+
+def test_wint_single_output_column_fp16():
+    seed = fresh_seed()
+    layer = make_layer(1, 70, 4, 16)
+    check(layer, 1, GEMV, seed=seed)
+    check(layer, 3, DOT16, dtype=torch.float16, tol=2e-3, seed=seed)  # fp16 operands on the tensor-core path
+
+
+def test_quantlinear_forward_triton_matches_torch():
+    fresh_seed()
+    layer = QuantLinear.from_quantized(rtn_quantize(torch.randn(40, 72), 4, 32, False), torch.randn(40)).to(DEVICE)
+    x = torch.randn(2, 3, 72, device=DEVICE)
+    layer.kernel = "torch"
+    ref = layer(x)
+    layer.kernel = "triton"
+    assert rel_err(layer(x), ref) < 1e-5
+    layer.g_idx.copy_(layer.g_idx[torch.randperm(72, device=DEVICE)])  # act-order noticed after a change
+    layer.kernel = "torch"
+    ref = layer(x)
+    layer.kernel = "triton"
+    assert rel_err(layer(x), ref) < 1e-5
+
+
+def test_kernel_choice(monkeypatch):
+    cpu = torch.zeros(1)
+    assert not use_triton("torch", cpu)
+    assert not use_triton("auto", cpu)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="needs CUDA"):
+        use_triton("triton", cpu)

@@ -1,0 +1,161 @@
+"""NF4/FP4, GGUF (Q4_0, Q8_0, Q4_K), W8A8 int8 / LLM.int8() and FP8 Triton kernels against small torch
+references written here from each format's definition (and gguf-py's dequantizer for the GGUF blocks).
+
+CPU: TRITON_INTERPRET=1, small awkward shapes, fresh random inputs (seed in the failure message).
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from qbench.kernels import fp8_matmul, gguf_matmul, int8_matmul, nf4_matmul  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+GEMV = dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=32, SPLIT_K=2, GROUP_M=1, num_warps=4, num_stages=2)
+TILED = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=1, GROUP_M=2, num_warps=4, num_stages=2)
+DOT_SPLIT = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=2, GROUP_M=1, num_warps=4, num_stages=2)
+NF4_TABLE = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+             -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+             0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+             0.7229568362236023, 1.0]
+
+
+def fresh_seed() -> int:
+    seed = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    return seed
+
+
+def rel_err(y, ref) -> float:
+    assert torch.isfinite(y).all()
+    return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+# ---- NF4 / FP4 (bitsandbytes layout) -----------------------------------------------------------
+
+def nf4_pack(w: torch.Tensor, lut: torch.Tensor, blocksize: int):
+    """Reference blockwise quantizer: nearest table entry of w / absmax, codes two a byte, high nibble first."""
+    flat = w.reshape(-1)
+    pad = -flat.numel() % blocksize
+    blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, blocksize)
+    absmax = blocks.abs().amax(1).clamp_min(1e-8)
+    codes = ((blocks / absmax[:, None])[..., None] - lut).abs().argmin(-1).view(-1)[: flat.numel()]
+    codes = torch.nn.functional.pad(codes, (0, flat.numel() % 2))
+    packed = (codes[0::2] << 4 | codes[1::2]).to(torch.uint8)
+    return packed, absmax
+
+
+def nf4_dequant(packed, absmax, lut, n_elems, blocksize):
+    codes = torch.stack([packed.long() >> 4, packed.long() & 15], 1).view(-1)[:n_elems]
+    return lut[codes] * absmax.repeat_interleave(blocksize)[:n_elems]
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4(double_quant):
+    seed = fresh_seed()
+    N, K, bs = 5, 75, 64  # N*K odd: a byte and absmax blocks straddle rows
+    lut = torch.tensor(NF4_TABLE)
+    packed, absmax = nf4_pack(torch.randn(N, K), lut, bs)
+    extra = {}
+    if double_quant:  # absmax as uint8 codes of a 256-entry map, 256 blocks per nested scale, plus the mean
+        code2 = torch.linspace(-1, 1, 256)
+        offset = absmax.mean()
+        centred = absmax - offset
+        absmax2 = torch.stack([c.abs().max() for c in centred.split(256)])
+        qabs = ((centred / absmax2.repeat_interleave(256)[: centred.numel()])[:, None] - code2).abs().argmin(1)
+        absmax = code2[qabs] * absmax2.repeat_interleave(256)[: qabs.numel()] + offset  # what the kernel must see
+        extra = dict(absmax2=absmax2.to(DEVICE), code2=code2.to(DEVICE), offset=float(offset))
+        stored = qabs.to(torch.uint8)
+    else:
+        stored = absmax
+    w = nf4_dequant(packed, absmax, lut, N * K, bs).view(N, K)
+    for M, cfg in [(1, GEMV), (3, DOT_SPLIT), (17, TILED)]:
+        x = torch.randn(M, K)
+        y = nf4_matmul(x.to(DEVICE), packed.to(DEVICE), stored.to(DEVICE), lut.to(DEVICE), N, bs, config=cfg, **extra)
+        err = rel_err(y.cpu(), x.double() @ w.double().T)
+        assert err < 1e-5, f"rel err {err:.2e} (seed {seed}, M={M})"
+
+
+# ---- GGUF blocks, checked against gguf-py's numpy dequantizer ------------------------------------
+
+def random_blocks(qtype: str, N: int, K: int) -> torch.Tensor:
+    elems, nbytes = {"q4_0": (32, 18), "q8_0": (32, 34), "q4_k": (256, 144)}[qtype]
+    raw = torch.randint(0, 256, (N, K // elems, nbytes), dtype=torch.uint8)
+    n_half = 2 if qtype == "q4_k" else 1  # d (and dmin): finite float16 values
+    halves = (torch.rand(N, K // elems, n_half) * 0.02 + 0.001).half()
+    raw[..., : 2 * n_half] = halves.view(torch.uint8).view(N, K // elems, 2 * n_half)
+    return raw.view(N, -1)
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q8_0", "q4_k"])
+def test_gguf(qtype):
+    gguf = pytest.importorskip("gguf")
+    seed = fresh_seed()
+    N, K = 3, 512 if qtype == "q4_k" else 96  # K=96 is not a multiple of the 64-wide tile used below
+    raw = random_blocks(qtype, N, K)
+    w = torch.from_numpy(gguf.quants.dequantize(raw.numpy(), getattr(gguf.GGMLQuantizationType, qtype.upper())).copy())
+    assert w.shape == (N, K)
+    tile = dict(GEMV, BLOCK_K=64)
+    for M, cfg in [(1, tile), (17, dict(TILED, BLOCK_K=64))]:
+        x = torch.randn(M, K)
+        y = gguf_matmul(x.to(DEVICE), raw.to(DEVICE), qtype, config=cfg)
+        err = rel_err(y.cpu(), x.double() @ w.double().T)
+        assert err < 1e-5, f"{qtype}: rel err {err:.2e} (seed {seed}, M={M})"
+
+
+# ---- W8A8 int8, LLM.int8(), FP8 ---------------------------------------------------------------------
+
+def round_away(v):
+    return torch.sign(v) * torch.floor(v.abs() + 0.5)
+
+
+def test_int8_and_llm_int8():
+    seed = fresh_seed()
+    N, K = 19, 100
+    w = torch.randn(N, K)
+    w_scale = w.abs().amax(1) / 127
+    w_q = round_away(w / w_scale[:, None]).to(torch.int8)
+    outliers = torch.tensor([3, 41, 99], dtype=torch.int32)
+    keep = torch.ones(K, dtype=torch.bool)
+    keep[outliers.long()] = False
+    for M, cfg in [(1, DOT_SPLIT), (17, TILED)]:
+        x = torch.randn(M, K)
+        x[:, 41] *= 30  # an outlier feature
+        for idx in (None, outliers):
+            xk = x if idx is None else x * keep
+            sx = xk.abs().amax(1) / 127
+            xq = round_away(xk / sx[:, None]).clamp(-127, 127)
+            ref = (xq.double() @ w_q.double().T) * sx[:, None].double() * w_scale.double()
+            w_out = None if idx is None else w[:, idx.long()].contiguous()
+            if idx is not None:
+                ref = ref + x[:, idx.long()].double() @ w_out.double().T
+            y = int8_matmul(x.to(DEVICE), w_q.to(DEVICE), w_scale.to(DEVICE), None if idx is None else idx.to(DEVICE),
+                            None if w_out is None else w_out.to(DEVICE), config=cfg).cpu()
+            err = rel_err(y, ref)
+            assert err < 1e-5, f"rel err {err:.2e} (seed {seed}, M={M}, outliers={idx is not None})"
+            assert rel_err(y, x.double() @ w.double().T) < 0.05  # and it is still the product it stands for
+
+
+@pytest.mark.parametrize("wdtype,per_channel", [(torch.float8_e4m3fn, True), (torch.float8_e5m2, False)])
+def test_fp8(wdtype, per_channel):
+    seed = fresh_seed()
+    N, K = 21, 100
+    w = torch.randn(N, K)
+    wmax = torch.finfo(wdtype).max
+    w_scale = (w.abs().amax(1) / wmax) if per_channel else (w.abs().max() / wmax).view(1)
+    w_q = (w / (w_scale[:, None] if per_channel else w_scale)).to(wdtype)
+    for M, cfg in [(1, DOT_SPLIT), (17, TILED)]:
+        x = torch.randn(M, K)
+        sx = x.abs().amax(1) / 448
+        xq = (x / sx[:, None]).to(torch.float8_e4m3fn)
+        ws = w_scale[None, :] if per_channel else w_scale
+        ref = (xq.double() @ w_q.double().T) * sx[:, None].double() * ws.double()
+        y = fp8_matmul(x.to(DEVICE), w_q.to(DEVICE), w_scale.to(DEVICE), config=cfg).cpu()
+        err = rel_err(y, ref)
+        assert err < 1e-5, f"rel err {err:.2e} (seed {seed}, M={M})"
+        assert rel_err(y, x.double() @ w.double().T) < 0.15
