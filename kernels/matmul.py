@@ -122,5 +122,5 @@ def dequant_matmul(fmt: int, x: torch.Tensor, N: int, ptrs: tuple, consts: tuple
 
     if config is None:
         key = (fmt, c, m_bucket(M), N, K, str(x.dtype))
-        config = pick(name, key, candidate_configs(M, N, K, x.device), run, x.device)
+        config = pick(name, key, lambda: candidate_configs(M, N, K, x.device), run, x.device)
     return run(config).reshape(*x.shape[:-1], N)

@@ -46,19 +46,25 @@ def _save(device_name: str) -> None:
         pass  # a read-only home only costs re-tuning
 
 
-def pick(name: str, key: tuple, configs: list[dict], run, device: torch.device) -> dict:
-    """The fastest config of `configs` for this key; run(config) must perform one complete call."""
-    if device.type != "cuda" or interpreted() or len(configs) == 1:
-        return configs[0]
+_NAMES: dict[int, str] = {}
+
+
+def pick(name: str, key: tuple, make_configs, run, device: torch.device) -> dict:
+    """The fastest of make_configs() for this key; run(config) must perform one complete call."""
+    if device.type != "cuda" or interpreted():
+        return make_configs()[0]
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _NAMES:
+        _NAMES[index] = torch.cuda.get_device_name(index)
+        _load(_NAMES[index])
+    device_name = _NAMES[index]
+    full = f"{device_name}|{name}|{key}"
+    if full in _CHOSEN:
+        return _CHOSEN[full]
     import triton
 
-    device_name = torch.cuda.get_device_name(device)
-    _load(device_name)
-    full = f"{device_name}|{name}|{key}"
-    if full in _CHOSEN and _CHOSEN[full] in configs:
-        return _CHOSEN[full]
     best, best_ms = None, float("inf")
-    for config in configs:
+    for config in make_configs():
         try:
             ms = triton.testing.do_bench(lambda: run(config), warmup=5, rep=20, return_mode="median")
         except Exception as err:  # a config that does not fit (shared memory, registers) is skipped

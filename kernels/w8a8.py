@@ -169,7 +169,7 @@ def _w8a8(x, w_q, w_scale, act_dtype, outlier_idx=None, w_outlier=None, config=N
 
     if config is None:
         key = (m_bucket(M), N, K, str(x.dtype), str(w_q.dtype), per_channel, has_out)
-        config = pick(name, key, candidate_configs(M, N, K, x.device), run, x.device)
+        config = pick(name, key, lambda: candidate_configs(M, N, K, x.device), run, x.device)
     return run(config).reshape(*x.shape[:-1], N)
 
 
