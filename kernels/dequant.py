@@ -47,8 +47,16 @@ def dequant_wint(qweight, qzeros, scales, g_idx, offs_k, offs_n, k0, N, K, n_zer
     """GROUP_SIZE 0: one group. Without act-order, a tile inside one group reads one row of scales/zeros."""
     kmask = offs_k < K
     nmask = offs_n < N
-    q = stream_codes(qweight + offs_n[None, :], offs_k[:, None], N, tl.cdiv(K * BITS, 32),
-                     kmask[:, None] & nmask[None, :], BITS)
+    n_words = tl.cdiv(K * BITS, 32)
+    if 32 % BITS == 0:  # 2/4/8 bits: each word loaded once, its PER codes split off by shifts
+        PER: tl.constexpr = 32 // BITS
+        offs_w = k0 // PER + tl.arange(0, BLOCK_K // PER)
+        words = tl.load(qweight + offs_w[:, None] * N + offs_n[None, :],
+                        mask=(offs_w < n_words)[:, None] & nmask[None, :], other=0)
+        q3 = (words[:, None, :] >> (tl.arange(0, PER) * BITS)[None, :, None]) & ((1 << BITS) - 1)
+        q = tl.reshape(q3, (BLOCK_K, offs_n.shape[0])).to(tl.float32)
+    else:
+        q = stream_codes(qweight + offs_n[None, :], offs_k[:, None], N, n_words, kmask[:, None] & nmask[None, :], BITS)
     if ACT_ORDER:
         g = tl.load(g_idx + offs_k, mask=kmask, other=0)[:, None]
     elif GROUP_SIZE == 0:

@@ -60,7 +60,10 @@ def dequant_matmul_kernel(x_ptr, out_ptr, p0, p1, p2, p3, p4, f0,
         else:
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                         mask=mmask[:, None] & kmask[None, :], other=0.0)
-            acc += tl.dot(x, w.to(x.dtype))
+            if x_ptr.dtype.element_ty == tl.float32:
+                acc += tl.dot(x, w, input_precision="ieee")  # no silent tf32 for float32 models
+            else:
+                acc += tl.dot(x, w.to(x.dtype))
     out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     omask = mmask[:, None] & (offs_n < N)[None, :]
     if ATOMIC:

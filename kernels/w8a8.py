@@ -99,7 +99,10 @@ def w8a8_kernel(xq_ptr, sx_ptr, wq_ptr, sw_ptr, out_ptr, x16_ptr, oidx_ptr, wo_p
         kmask = offs_k < K
         a = tl.load(xq_ptr + offs_m[:, None] * stride_xq + offs_k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
         b = tl.load(wq_ptr + offs_n[None, :] * K + offs_k[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc)
+        if IS_INT:
+            acc += tl.dot(a, b, out_dtype=tl.int32)
+        else:
+            acc += tl.dot(a, b)
     sw = tl.load(sw_ptr + offs_n, mask=nmask, other=0.0) if PER_CHANNEL else tl.load(sw_ptr)
     y = acc.to(tl.float32) * tl.load(sx_ptr + offs_m, mask=mmask, other=0.0)[:, None] * sw
     if HAS_OUTLIERS:

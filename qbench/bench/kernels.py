@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672), (28672, 8192)]  # (K, N)
+SHAPES = [(8192, 28672), (28672, 8192), (4096, 4096), (4096, 14336), (14336, 4096)]  # (K, N), target shapes first
 MS = [1, 16, 128, 2048]
-FORMATS = ["w4a16", "w3a16", "w8a16", "w2a16", "nf4", "q4_0", "q8_0", "q4_k", "int8", "fp8"]
+FORMATS = ["w4a16", "w3a16", "w8a16", "nf4", "fp8", "int8", "q4_k", "w2a16", "q4_0", "q8_0"]
 NF4_TABLE = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
              -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
              0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
@@ -300,7 +300,8 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run: one shape, M in {1, 2048}, SmolLM2 e2e only")
     ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--out", default="reports/kernels")
-    ap.add_argument("--no-e2e", action="store_true")
+    ap.add_argument("--no-e2e", action="store_true", help="kernel rows only")
+    ap.add_argument("--e2e-only", action="store_true", help="end-to-end decode only (kernel rows kept from an earlier run)")
     ap.add_argument("--steps", type=int, default=64, help="decode steps timed end to end")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -310,20 +311,22 @@ def main(argv=None) -> None:
     slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-") + ("-quick" if args.quick else "")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    rows_json, e2e_json = out / f"{slug}.json", out / f"{slug}-e2e.json"
     env = dict(gpu=gpu, torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
                python=platform.python_version(), date=time.strftime("%Y-%m-%d"), copy_gbps=copy_bandwidth(dev))
     print(f"{gpu}: copy {env['copy_gbps']:.0f} GB/s; torch {env['torch']}, triton {env['triton']}", flush=True)
-    shapes, ms_list = ([(4096, 4096)], [1, 2048]) if args.quick else (SHAPES, MS)
-    rows: list = []
-    out_json = out / f"{slug}.json"
-    sweep(shapes, ms_list, args.formats.split(","), dev, env, rows, out_json)
-    e2e = [] if args.no_e2e else end_to_end(dev, 16 if args.quick else args.steps,
-                                            ["smollm2-135m (random weights)"] if args.quick else
-                                            ["smollm2-135m (random weights)", "llama-3-8b shape (random weights)"])
-    (out / f"{slug}-e2e.json").write_text(json.dumps({"env": env, "e2e": e2e}, indent=1))
+    if not args.e2e_only:
+        shapes, ms_list = ([(4096, 4096)], [1, 2048]) if args.quick else (SHAPES, MS)
+        sweep(shapes, ms_list, args.formats.split(","), dev, env, [], rows_json)
+    if not args.no_e2e:
+        models = ["smollm2-135m (random weights)"] + ([] if args.quick else ["llama-3-8b shape (random weights)"])
+        e2e = end_to_end(dev, 16 if args.quick else args.steps, models)
+        e2e_json.write_text(json.dumps({"env": env, "e2e": e2e}, indent=1))
+    rows = json.loads(rows_json.read_text()) if rows_json.is_file() else []
+    e2e = json.loads(e2e_json.read_text())["e2e"] if e2e_json.is_file() else []
     write_report(out / f"{slug}.md", env, rows, e2e)
     print("\n".join(f"{'ok  ' if ok else 'MISS'} {t}: {m}" for t, m, ok in targets(rows)))
-    print(f"wrote {out_json} and {out / (slug + '.md')}")
+    print(f"wrote {out / (slug + '.md')}")
 
 
 if __name__ == "__main__":
