@@ -74,8 +74,11 @@ def _nearest_int(v: np.ndarray) -> np.ndarray:
 
 
 def _seqsum(a: np.ndarray) -> np.ndarray:
-    """Left-to-right float32 sum over the last axis (a C `for` loop; np.sum would sum pairwise)."""
-    return np.cumsum(a, axis=-1, dtype=F32)[..., -1]
+    """Left-to-right float32 sum over axis 0 (a C `for` loop; np.sum may sum pairwise)."""
+    total = a[0].astype(F32, copy=True)
+    for row in a[1:]:
+        total += row
+    return total
 
 
 def _f16(v: np.ndarray) -> np.ndarray:
@@ -146,24 +149,26 @@ def _q8_0(x):
 # ---------------------------------------------------------------- K-quant helpers (ggml's make_*_quants)
 
 def _make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep, use_mad):
-    """Scale and min of asymmetric sub-blocks (rows of x) by a search over scales; returns (scale, -min, L)."""
+    """Scale and min of asymmetric sub-blocks by a search over scales; returns (scale, -min, L).
+
+    x, w: [n, M], element i of sub-block m at [i, m] (sums over axis 0 then run contiguously)."""
     with np.errstate(all="ignore"):
-        mn = np.minimum(x.min(axis=1), F32(0))
-        mx = x.max(axis=1)
+        mn = np.minimum(x.min(axis=0), F32(0))
+        mx = x.max(axis=0)
         flat, flat_min = mx == mn, -mn
         sum_w, sum_x = _seqsum(w), _seqsum(w * x)
 
         def error(scale, mn, L):
-            diff = scale[:, None] * L + mn[:, None] - x
+            diff = scale * L + mn - x
             return _seqsum(w * (np.abs(diff) if use_mad else diff * diff))
 
         iscale = F32(nmax) / (mx - mn)
         scale = F32(1) / iscale
-        L = np.clip(_nearest_int(iscale[:, None] * (x - mn[:, None])), 0, nmax).astype(F32)
+        L = np.clip(_nearest_int(iscale * (x - mn)), 0, nmax).astype(F32)
         best = error(scale, mn, L)
         for step in range(nstep + 1):
             iscale = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / (mx - mn)
-            Laux = np.clip(_nearest_int(iscale[:, None] * (x - mn[:, None])), 0, nmax).astype(F32)
+            Laux = np.clip(_nearest_int(iscale * (x - mn)), 0, nmax).astype(F32)
             sum_l, sum_l2, sum_xl = _seqsum(w * Laux), _seqsum(w * Laux * Laux), _seqsum(w * Laux * x)
             D = sum_w * sum_l2 - sum_l * sum_l
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
@@ -173,23 +178,23 @@ def _make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep, use_mad):
             this_scale = np.where(positive, sum_xl / sum_l2, this_scale)
             cur = error(this_scale, this_min, Laux)
             better = (D > 0) & (cur < best)
-            L = np.where(better[:, None], Laux, L)
+            L = np.where(better, Laux, L)
             best = np.where(better, cur, best)
             scale = np.where(better, this_scale, scale)
             mn = np.where(better, this_min, mn)
     return (np.where(flat, F32(0), scale).astype(F32), np.where(flat, flat_min, -mn).astype(F32),
-            np.where(flat[:, None], 0, L).astype(np.int32))
+            np.where(flat, 0, L).astype(np.int32))
 
 
 def _make_qx_quants(x, nmax):
-    """Symmetric sub-blocks (rmse_type=1, no importance weights); returns (scale, L in [0, 2*nmax))."""
+    """Symmetric sub-blocks (rmse_type=1, no importance weights), x: [n, M]; returns (scale, L in [0, 2*nmax))."""
     with np.errstate(all="ignore"):
-        mx = _absmax_value(x)
+        mx = _absmax_value(x.T)
         zero = np.abs(mx) < GROUP_MAX_EPS
         w = x * x
 
         def levels(iscale):
-            l = np.clip(_nearest_int(iscale[:, None] * x), -nmax, nmax - 1).astype(F32)
+            l = np.clip(_nearest_int(iscale * x), -nmax, nmax - 1).astype(F32)
             return l, _seqsum(w * x * l), _seqsum(w * l * l)
 
         l, sumlx, suml2 = levels(F32(-nmax) / mx)
@@ -201,34 +206,39 @@ def _make_qx_quants(x, nmax):
                 continue
             l, sumlx, suml2 = levels(-(F32(nmax) + F32(0.1) * F32(step)) / mx)
             better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-            L = np.where(better[:, None], l + F32(nmax), L)
+            L = np.where(better, l + F32(nmax), L)
             scale = np.where(better, sumlx / suml2, scale)
             best = np.where(better, scale * sumlx, best)
-    return np.where(zero, F32(0), scale).astype(F32), np.where(zero[:, None], 0, L).astype(np.int32)
+    return np.where(zero, F32(0), scale).astype(F32), np.where(zero, 0, L).astype(np.int32)
 
 
 def _make_q3_quants(x, nmax):
-    """Symmetric 3-bit sub-blocks with ggml's coordinate-descent refinement; returns (scale, L in [0, 2*nmax))."""
+    """Symmetric 3-bit sub-blocks with ggml's coordinate-descent refinement, x: [n, M]; returns (scale, L in [0, 2*nmax))."""
     with np.errstate(all="ignore"):
-        mx = _absmax_value(x)
+        mx = _absmax_value(x.T)
         zero = np.abs(mx) < GROUP_MAX_EPS
         w = x * x
-        L = np.clip(_nearest_int((F32(-nmax) / mx)[:, None] * x), -nmax, nmax - 1).astype(F32)
+        L = np.clip(_nearest_int((F32(-nmax) / mx) * x), -nmax, nmax - 1).astype(F32)
         sumlx, suml2 = _seqsum(w * x * L), _seqsum(w * L * L)
         for _ in range(5):  # a pass that changes nothing is a fixed point, so no early exit is needed
-            for i in range(x.shape[1]):
-                wi, xi, li = w[:, i], x[:, i], L[:, i]
+            for i in range(x.shape[0]):
+                wi, xi, li = w[i], x[i], L[i]
                 slx = sumlx - wi * xi * li
                 sl2 = suml2 - wi * li * li
                 new_l = np.clip(_nearest_int(xi * sl2 / slx), -nmax, nmax - 1).astype(F32)
                 slx2 = slx + wi * xi * new_l
                 sl2_2 = sl2 + wi * new_l * new_l
                 take = (slx > 0) & (new_l != li) & (sl2_2 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl2_2)
-                L[:, i] = np.where(take, new_l, li)
+                L[i] = np.where(take, new_l, li)
                 sumlx = np.where(take, slx2, sumlx)
                 suml2 = np.where(take, sl2_2, suml2)
         scale = np.where(suml2 > 0, sumlx / suml2, F32(0))
-    return np.where(zero, F32(0), scale).astype(F32), np.where(zero[:, None], 0, L + F32(nmax)).astype(np.int32)
+    return np.where(zero, F32(0), scale).astype(F32), np.where(zero, 0, L + F32(nmax)).astype(np.int32)
+
+
+def _sub_blocks(x, size):
+    """[N, 256] super-blocks -> [size, N*256/size] (element i of every sub-block on row i)."""
+    return np.ascontiguousarray(x.reshape(-1, size).T)
 
 
 def _requantize(x, d, L, lo, hi, offset=0, dm=None):
@@ -259,10 +269,10 @@ def _kx_super(x, nsub, nmax, rmin, rdelta, nstep):
     """Q4_K/Q5_K: per-32 (scale, min) by make_qkx2_quants, then 6-bit scales under float16 super scales."""
     n = x.shape[0]
     xs = x.reshape(n, nsub, 32)
-    av_x = np.sqrt(_seqsum(xs * xs) / F32(32))
-    w = av_x[..., None] + np.abs(xs)
-    scales, mins, L = _make_qkx2_quants(xs.reshape(-1, 32), w.reshape(-1, 32), nmax, rmin, rdelta, nstep, False)
-    scales, mins, L = scales.reshape(n, nsub), mins.reshape(n, nsub), L.reshape(n, nsub, 32)
+    xt = _sub_blocks(x, 32)
+    w = np.sqrt(_seqsum(xt * xt) / F32(32)) + np.abs(xt)
+    scales, mins, L = _make_qkx2_quants(xt, w, nmax, rmin, rdelta, nstep, False)
+    scales, mins, L = scales.reshape(n, nsub), mins.reshape(n, nsub), L.T.reshape(n, nsub, 32)
     max_scale = np.maximum(scales.max(axis=1), F32(0))
     max_min = np.maximum(mins.max(axis=1), F32(0))
     with np.errstate(divide="ignore"):
@@ -297,8 +307,9 @@ def _q5_k(x):
 def _q2_k(x):
     n = x.shape[0]
     xs = x.reshape(n, 16, 16)
-    scales, mins, L = _make_qkx2_quants(xs.reshape(-1, 16), np.abs(xs).reshape(-1, 16), 3, -0.5, 0.1, 15, True)
-    scales, mins, L = scales.reshape(n, 16), mins.reshape(n, 16), L.reshape(n, 16, 16)
+    xt = _sub_blocks(x, 16)
+    scales, mins, L = _make_qkx2_quants(xt, np.abs(xt), 3, -0.5, 0.1, 15, True)
+    scales, mins, L = scales.reshape(n, 16), mins.reshape(n, 16), L.T.reshape(n, 16, 16)
     max_scale = np.maximum(scales.max(axis=1), F32(0))
     max_min = np.maximum(mins.max(axis=1), F32(0))
     with np.errstate(all="ignore"):
@@ -317,8 +328,8 @@ def _q2_k(x):
 def _q3_k(x):
     n = x.shape[0]
     xs = x.reshape(n, 16, 16)
-    scales, L = _make_q3_quants(xs.reshape(-1, 16), 4)
-    scales, L = scales.reshape(n, 16), L.reshape(n, 16, 16)
+    scales, L = _make_q3_quants(_sub_blocks(x, 16), 4)
+    scales, L = scales.reshape(n, 16), L.T.reshape(n, 16, 16)
     max_scale = _absmax_value(scales)
     with np.errstate(all="ignore"):
         iscale = F32(-32) / max_scale
@@ -342,8 +353,8 @@ def _q3_k(x):
 def _q6_k(x):
     n = x.shape[0]
     xs = x.reshape(n, 16, 16)
-    scales, L = _make_qx_quants(xs.reshape(-1, 16), 32)
-    scales, L = scales.reshape(n, 16), L.reshape(n, 16, 16)
+    scales, L = _make_qx_quants(_sub_blocks(x, 16), 32)
+    scales, L = scales.reshape(n, 16), L.T.reshape(n, 16, 16)
     max_scale = _absmax_value(scales)
     zero = np.abs(max_scale) < GROUP_MAX_EPS
     with np.errstate(all="ignore"):
