@@ -15,7 +15,9 @@ their `tokenizer.ggml.pre` is written as "default" (llama.cpp's converter recogn
 hashing test encodings; that detection is not reproduced here).
 """
 
+import struct
 import tempfile
+from functools import lru_cache
 from pathlib import Path
 
 import gguf
@@ -92,14 +94,62 @@ def model_tensors(model, float_only: bool = False) -> list[tuple[str, np.ndarray
     return out
 
 
-def _copy_metadata(writer: gguf.GGUFWriter, source: str) -> None:
-    reader = gguf.GGUFReader(source)
-    for field in reader.fields.values():
-        if field.name.startswith(SKIP_KEYS):
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+@lru_cache(maxsize=4)
+def read_metadata(path: str) -> tuple[tuple[str, object, int, int | None], ...]:
+    """The key/value section of a GGUF file as (key, value, value type, array item type).
+
+    A direct reader of the GGUF header: gguf.GGUFReader also maps every tensor and makes a numpy view
+    per string, which takes many seconds for a 49k-token vocabulary."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+        if head[:4] != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        n_kv = struct.unpack_from("<Q", head, 16)[0]
+        buf = f.read(64 << 20)  # the metadata of any model fits; tensors follow it
+    pos = 0
+
+    def string() -> str:
+        nonlocal pos
+        (n,) = struct.unpack_from("<Q", buf, pos)
+        pos += 8 + n
+        return bytes(buf[pos - n : pos]).decode("utf-8")
+
+    def value(vtype: int):
+        nonlocal pos
+        if vtype == 8:
+            return string()
+        fmt = _SCALARS[vtype]
+        (v,) = struct.unpack_from(fmt, buf, pos)
+        pos += struct.calcsize(fmt)
+        return v
+
+    fields = []
+    for _ in range(n_kv):
+        key = string()
+        (vtype,) = struct.unpack_from("<I", buf, pos)
+        pos += 4
+        if vtype != 9:
+            fields.append((key, value(vtype), vtype, None))
             continue
-        vtype = field.types[0]
-        sub_type = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), vtype, sub_type)
+        sub, count = struct.unpack_from("<IQ", buf, pos)
+        pos += 12
+        if sub == 8:
+            items = [string() for _ in range(count)]
+        else:
+            dtype = np.dtype(_SCALARS[sub])
+            items = np.frombuffer(buf, dtype=dtype, count=count, offset=pos).tolist()
+            pos += count * dtype.itemsize
+        fields.append((key, items, vtype, sub))
+    return tuple(fields)
+
+
+def _copy_metadata(writer: gguf.GGUFWriter, source: str) -> None:
+    for key, val, vtype, sub in read_metadata(source):
+        if not key.startswith(SKIP_KEYS):
+            writer.add_key_value(key, val, gguf.GGUFValueType(vtype), None if sub is None else gguf.GGUFValueType(sub))
 
 
 def _config_metadata(writer: gguf.GGUFWriter, cfg) -> None:
