@@ -113,3 +113,29 @@ def test_f32_export_is_the_model(whole_blocks):
     reader = gguf.GGUFReader(str(f32))
     assert reader.fields["llama.block_count"].contents() == 2
     assert reader.fields["llama.attention.head_count_kv"].contents() == 2
+
+
+def test_hugging_face_tokenizer_export(smollm2, tmp_path):
+    """A model without a source GGUF file gets its tokenizer through gguf's vocab readers: the same
+    tokens, types, merges and special ids as the original GGUF file of SmolLM2; llama.cpp reads it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qbench.models import resolve_source
+    from qbench.quant.gguf_export import read_metadata
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    path = str(tmp_path / "hf.gguf")
+    write_gguf(LlamaForCausalLM(config), path, 0, tokenizer=smollm2.tokenizer)
+    ours = {key: value for key, value, *_ in read_metadata(path)}
+    source = {key: value for key, value, *_ in read_metadata(resolve_source("smollm2-135m").path)}
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
+                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.chat_template"):
+        assert ours[key] == source[key], key
+    assert ours["tokenizer.ggml.pre"] == "default" and ours["llama.vocab_size"] == 49152
+    llm = llama_cpp.Llama(path, vocab_only=True, verbose=False)
+    try:
+        text = "Hello world, this is a test of 1234 tokens."
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == smollm2.tokenizer(text).input_ids
+    finally:
+        llm.close()

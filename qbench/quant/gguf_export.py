@@ -176,16 +176,22 @@ def _tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> 
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
         path = Path(tmp)
-        vocab = gguf.vocab.BpeVocab(path) if (path / "tokenizer.json").is_file() and not (path / "tokenizer.model").is_file() \
-            else gguf.vocab.SentencePieceVocab(path)
-        tokens, scores, types = zip(*vocab.all_tokens())
+        sentencepiece = (path / "tokenizer.model").is_file()
+        vocab = gguf.vocab.SentencePieceVocab(path) if sentencepiece else gguf.vocab.BpeVocab(path)
+        tokens, scores, types = (list(column) for column in zip(*vocab.all_tokens()))
+        for token_id, added in getattr(tokenizer, "added_tokens_decoder", {}).items():
+            if token_id < len(types):  # special tokens are control tokens for llama.cpp, other added ones user-defined
+                types[token_id] = gguf.TokenType.CONTROL if added.special else gguf.TokenType.USER_DEFINED
         pad = vocab_size - len(tokens)
         writer.add_tokenizer_model(vocab.tokenizer_model)
         writer.add_tokenizer_pre("default")
-        writer.add_token_list(list(tokens) + [f"[PAD{i}]".encode() for i in range(pad)])
-        writer.add_token_scores(list(scores) + [-1000.0] * pad)
-        writer.add_token_types(list(types) + [gguf.TokenType.UNUSED] * pad)
-        gguf.SpecialVocab(path, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
+        writer.add_token_list(tokens + [f"[PAD{i}]".encode() for i in range(pad)])
+        writer.add_token_scores(scores + [-1000.0] * pad)
+        writer.add_token_types(types + [gguf.TokenType.UNUSED] * pad)
+        special = gguf.SpecialVocab(path, load_merges=not sentencepiece, n_vocab=vocab_size)
+        special.add_to_gguf(writer, quiet=True)
+        if "bos" not in special.add_special_token:
+            writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
 
 
 def write_gguf(model, path: str, file_type: int, source_gguf: str | None = None, tokenizer=None,
