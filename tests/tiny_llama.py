@@ -1,9 +1,18 @@
 """A tiny random Llama-style model for calibration-method tests (seconds on a CPU)."""
 
+import copy
+import functools
+
 import torch
 
 
 def tiny_llama(kv_heads: int = 2, tie: bool = True, seed: int = 0, vocab: int = 49152):
+    """A fresh copy (tests modify it) of the tiny model for these settings."""
+    return copy.deepcopy(_tiny_llama(kv_heads, tie, seed, vocab))
+
+
+@functools.lru_cache(maxsize=8)
+def _tiny_llama(kv_heads: int = 2, tie: bool = True, seed: int = 0, vocab: int = 49152):
     """2 blocks, hidden 64, 4 query heads of 16; kv_heads < 4 is grouped-query attention. The vocabulary
     matches SmolLM2's tokenizer so the real calibration windows can be fed."""
     from transformers import LlamaConfig, LlamaForCausalLM

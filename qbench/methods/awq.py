@@ -1,0 +1,242 @@
+"""AWQ (Lin et al., 2023), written from the paper and the mit-han-lab/llm-awq reference (auto_scale.py,
+auto_clip.py, pre_quant.py).
+
+Block by block, on the calibration activations of the unquantized model (the reference feeds each
+block the float outputs of the block before it, computed before that block is scaled or clipped):
+1. record the inputs of every linear of the block;
+2. scale search, per group of linears reading one operator's output (qbench.quant.blocks ARCHS
+   "scales": input_layernorm -> q/k/v judged on self_attn's output, v_proj -> o_proj, post-attention
+   norm -> gate/up judged on the MLP's output, up_proj -> down_proj): s = mean|x|^alpha per input
+   channel, alpha in {0, 1/n_grid, ..., (n_grid-1)/n_grid}, clamped at 1e-4 and normalised by
+   sqrt(max(s) * min(s)); the linears' weights become Q(W * s) / s and the alpha with the smallest
+   mean squared error of the judged output wins (alpha = 0 is s = 1, kept unless strictly beaten).
+   As in the reference only the activation term is used (no weight-magnitude term), and v_proj -> o_proj
+   is searched only when v_proj's outputs are o_proj's inputs: with grouped-query attention (fewer k/v
+   heads) its shapes differ and o_proj is not scaled, as the reference does;
+3. fold: the operator before is divided by s (RMSNorm weight; rows of v_proj/up_proj), the linears'
+   input columns multiplied by s, the recorded inputs divided by s. The block's function is unchanged;
+4. clip search for every linear but q/k: per (output row, group), max_val = absmax * (1 - i/n_grid),
+   i < max_shrink * n_grid, minimising the error of the group's partial products on 512 tokens taken
+   with a stride from the recorded inputs; the weights are clamped to [-max_val, max_val];
+5. grouped round-to-nearest onto qbench.quant.grid (the grid GPTQ and RTN use; unlike the reference
+   it keeps 0 inside every group's range, and partial last groups are allowed) -> QuantLinear.
+"""
+
+import time
+
+import torch
+from torch import nn
+
+from qbench.calib import block_inputs
+from qbench.config import resolved_bits, resolved_group_size
+from qbench.quant.blocks import arch_of, block_output, decoder_layers, record_inputs
+from qbench.quant.grid import fake_quantize, find_params, rtn_quantize
+from qbench.quant.modules import quantizable_linears, set_module
+from qbench.quant.qlinear import QuantLinear
+
+
+def _fake_quant_rows(w: torch.Tensor, bits: int, sym: bool) -> torch.Tensor:
+    """Each row of a 2-D tensor rounded onto its own grid."""
+    scale, zero = find_params(w, bits, sym)
+    return fake_quantize(w, scale[:, None], zero[:, None], bits)
+
+
+def group_fake_quant(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> torch.Tensor:
+    """Grouped RTN of a [out, in] weight in float32, vectorised (equals rtn_quantize(...).dequantize())."""
+    w = w.float()
+    out_f, in_f = w.shape
+    size = in_f if group_size == -1 else group_size
+    full = in_f // size * size
+    parts = [_fake_quant_rows(w[:, :full].reshape(-1, size), bits, sym).reshape(out_f, full)]
+    if full < in_f:
+        parts.append(_fake_quant_rows(w[:, full:], bits, sym))
+    return torch.cat(parts, dim=1)
+
+
+def _spans(in_f: int, group_size: int) -> list[tuple[int, int, int]]:
+    """(start, width, group size) runs of equal groups: the full groups, then the partial last one."""
+    size = in_f if group_size == -1 else group_size
+    full = in_f // size * size
+    return [(0, full, size)] + ([(full, in_f - full, in_f - full)] if full < in_f else [])
+
+
+class _Inputs:
+    """The recorded inputs of one linear, batch by batch (they are divided by the scales in place)."""
+
+    def __init__(self):
+        self.batches: list[torch.Tensor] = []
+
+    def tokens(self) -> torch.Tensor:
+        return torch.cat([x.reshape(-1, x.shape[-1]) for x in self.batches])
+
+    def abs_mean(self) -> torch.Tensor:
+        total = sum(x.reshape(-1, x.shape[-1]).abs().float().sum(0) for x in self.batches)
+        return total / sum(x.numel() // x.shape[-1] for x in self.batches)
+
+
+@torch.no_grad()
+def search_scale(judged: nn.Module, linears: list[nn.Linear], inputs: _Inputs, kwargs: list[dict],
+                 bits: int, group_size: int, sym: bool, n_grid: int) -> tuple[torch.Tensor, dict]:
+    """The scales s minimising the judged module's output error when the linears are quantized as
+    Q(W * s) / s. Returns s (float32, [in]) and {alpha, loss, loss_s1} for the record."""
+    originals = [lin.weight.data.clone() for lin in linears]
+
+    def forward():
+        return [block_output(judged, x, kw) if kw is not None else judged(x) for x, kw in zip(inputs.batches, kwargs)]
+
+    reference = forward()
+    x_mean = inputs.abs_mean()
+    best, history = None, []
+    for step in range(n_grid):
+        alpha = step / n_grid
+        s = x_mean.pow(alpha).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        for lin, w in zip(linears, originals):
+            lin.weight.data = (group_fake_quant(w.float() * s, bits, group_size, sym) / s).to(w.dtype)
+        outs = forward()
+        sq = sum((o - r).float().pow(2).sum().item() for o, r in zip(outs, reference))
+        loss = sq / sum(r.numel() for r in reference)
+        history.append(loss)
+        if best is None or loss < best[0]:
+            best = (loss, alpha, s)
+        for lin, w in zip(linears, originals):
+            lin.weight.data = w
+    loss, alpha, s = best
+    return s, {"alpha": alpha, "loss": loss, "loss_s1": history[0]}
+
+
+@torch.no_grad()
+def apply_scale(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> None:
+    """Fold 1/s into the operator before (norm weight or the previous linear's output rows) and s into
+    the linears' input columns; the composed function is unchanged up to rounding."""
+    if isinstance(prev, nn.Linear):
+        rows = prev.weight.data[-s.numel():]
+        rows.copy_((rows.float() / s[:, None]).to(rows.dtype))
+        if prev.bias is not None:
+            prev.bias.data[-s.numel():] = (prev.bias.data[-s.numel():].float() / s).to(prev.bias.dtype)
+    else:  # a norm whose weight multiplies its output (LayerNorm, RMSNorm)
+        prev.weight.data = (prev.weight.data.float() / s).to(prev.weight.dtype)
+        if getattr(prev, "bias", None) is not None:
+            prev.bias.data = (prev.bias.data.float() / s).to(prev.bias.dtype)
+    for lin in linears:
+        lin.weight.data = (lin.weight.data.float() * s).to(lin.weight.dtype)
+
+
+@torch.no_grad()
+def search_clip(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, sym: bool, n_grid: int = 20,
+                max_shrink: float = 0.5, n_tokens: int = 512) -> torch.Tensor:
+    """Per (row, group) clipping threshold of a [out, in] weight given its [tokens, in] inputs: the
+    shrunk absmax minimising the mean squared error of the group's partial products sum_k x_k w_k over
+    the tokens (every len//n_tokens-th token, as the reference). Returns [out, in] thresholds (each
+    group's value repeated over its columns). The partial products are one batched matmul per group."""
+    x = x[:: max(1, x.shape[0] // n_tokens)].float()
+    w = w.float()
+    out_f, in_f = w.shape
+    best_all = torch.empty_like(w)
+    for start, width, size in _spans(in_f, group_size):
+        groups = width // size
+        xg = x[:, start : start + width].reshape(-1, groups, size).transpose(0, 1)  # groups, tokens, size
+        wg = w[:, start : start + width].reshape(out_f, groups, size)
+        org_max = wg.abs().amax(dim=-1, keepdim=True)  # out, groups, 1
+        org_out = torch.bmm(xg, wg.permute(1, 2, 0))  # groups, tokens, out
+        best_max, min_err = org_max.clone(), torch.full_like(org_max, float("inf"))
+        for i in range(int(max_shrink * n_grid)):
+            max_val = org_max * (1 - i / n_grid)
+            cur = torch.maximum(torch.minimum(wg, max_val), -max_val)
+            q = _fake_quant_rows(cur.reshape(-1, size), bits, sym).reshape(cur.shape)
+            err = (torch.bmm(xg, q.permute(1, 2, 0)) - org_out).pow(2).mean(dim=1).T[..., None]  # out, groups, 1
+            better = err < min_err
+            min_err[better], best_max[better] = err[better], max_val[better]
+        best_all[:, start : start + width] = best_max.expand(wg.shape).reshape(out_f, width)
+    return best_all
+
+
+def _settings(cfg) -> dict:
+    m = cfg.method
+    return {"bits": resolved_bits(cfg), "group_size": resolved_group_size(cfg), "sym": bool(m.sym),
+            "n_grid": int(m.n_grid), "clip": bool(m.clip), "clip_n_grid": int(m.clip_n_grid),
+            "clip_max_shrink": float(m.clip_max_shrink), "clip_n_tokens": int(m.clip_n_tokens),
+            "scale": "mean|x|^alpha, normalised by sqrt(max*min)", "block_inputs": "float model"}
+
+
+def scalable(block: nn.Module, prev_name: str, linear_names: list[str]) -> bool:
+    """Can 1/s be folded into the operator before? (a previous linear must feed these inputs exactly)"""
+    prev = block.get_submodule(prev_name)
+    if isinstance(prev, nn.Linear):
+        return prev.out_features == block.get_submodule(linear_names[0]).in_features
+    return True
+
+
+@torch.no_grad()
+def awq_block(block: nn.Module, batches: list[tuple], arch: dict, s: dict) -> tuple[list[tuple], dict]:
+    """Scale, clip and quantize one block in place. Returns the float block's outputs and a summary."""
+    names = [n for n, mod in block.named_modules() if isinstance(mod, nn.Linear)]
+    inputs = {n: _Inputs() for n in names}
+    outputs = record_inputs(block, batches, names, lambda name, x: inputs[name].batches.append(x))
+    kwargs = [kw for _, kw in batches]
+    summary = {"scales": {}, "clipped": []}
+    for prev_name, linear_names, judged_name in arch["scales"]:
+        if not scalable(block, prev_name, linear_names):
+            summary["scales"][prev_name] = "skipped: shapes differ (grouped-query attention)"
+            continue
+        linears = [block.get_submodule(n) for n in linear_names]
+        judged = block.get_submodule(judged_name) if judged_name else linears[0]
+        judged_kwargs = kwargs if judged_name == arch["attention"] else [None] * len(kwargs)
+        scale, info = search_scale(judged, linears, inputs[linear_names[0]], judged_kwargs,
+                                   s["bits"], s["group_size"], s["sym"], s["n_grid"])
+        apply_scale(block.get_submodule(prev_name), linears, scale)
+        scaled = [(x.float() / scale).to(x.dtype) for x in inputs[linear_names[0]].batches]
+        for n in linear_names:  # the recorded inputs now see 1/s (prepares the clip search)
+            inputs[n].batches = scaled
+        summary["scales"][prev_name] = info
+    for name in names:
+        lin = block.get_submodule(name)
+        if s["clip"] and name not in arch["no_clip"]:
+            max_val = search_clip(lin.weight.data, inputs[name].tokens(), s["bits"], s["group_size"], s["sym"],
+                                  s["clip_n_grid"], s["clip_max_shrink"], s["clip_n_tokens"])
+            lin.weight.data = torch.maximum(torch.minimum(lin.weight.data.float(), max_val), -max_val).to(lin.weight.dtype)
+            summary["clipped"].append(name)
+    return outputs, summary
+
+
+def _sync(device) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def quantize(model, cfg, ctx) -> dict:
+    s = _settings(cfg)
+    arch = arch_of(model)
+    targets = quantizable_linears(model, cfg.quantize_lm_head)
+    t0 = time.perf_counter()
+    batches, calib_info = block_inputs(model, cfg, ctx, arch)
+    _sync(ctx.device)
+    timings = {"capture_s": time.perf_counter() - t0}
+    blocks, done = {}, set()
+    layers = decoder_layers(model, arch)
+    for index, layer in enumerate(ctx.progress(layers, "awq", total=len(layers))):
+        prefix = f"{arch['layers']}.{index}."
+        batches, blocks[prefix.rstrip(".")] = awq_block(layer, batches, arch, s)
+        for name, lin in list(layer.named_modules()):
+            if isinstance(lin, nn.Linear) and prefix + name in targets:
+                qw = rtn_quantize(lin.weight.data, s["bits"], s["group_size"], s["sym"])
+                set_module(layer, name, QuantLinear.from_quantized(qw, lin.bias, kernel=cfg.kernel).to(lin.weight.device))
+                done.add(prefix + name)
+    for name in sorted(set(targets) - done):  # lm_head (quantize_lm_head=true): plain RTN, as the reference leaves it
+        lin = targets[name]
+        qw = rtn_quantize(lin.weight.data, s["bits"], s["group_size"], s["sym"])
+        set_module(model, name, QuantLinear.from_quantized(qw, lin.bias, kernel=cfg.kernel).to(lin.weight.device))
+        blocks[name] = "rtn (outside the decoder blocks)"
+        done.add(name)
+    _sync(ctx.device)
+    timings["blocks_s"] = time.perf_counter() - t0 - timings["capture_s"]
+    return {"quantized_layers": len(done), "settings": s, "calib": calib_info, "timings": timings, "blocks": blocks}
+
+
+def export(model, cfg, ctx, path: str) -> None:
+    """A GPTQ-layout checkpoint without act-order (qbench.quant.gptq_format); the AWQ scales are
+    already folded into the weights and norms."""
+    from qbench.quant.gptq_format import save_checkpoint
+
+    save_checkpoint(model, ctx.tokenizer, path, "awq", False, {"lm_head": bool(cfg.quantize_lm_head)})
