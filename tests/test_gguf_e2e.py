@@ -4,13 +4,11 @@ of qbench's perplexity of the same quantized model. Slow on a 2-core CPU (about 
 forward passes of 512 tokens, the Q4_K_M quantization and two exports)."""
 
 import copy
-import math
 
-import numpy as np
 import pytest
-import torch
 
 from qbench.data import perplexity_text
+from qbench.eval.llamacpp import llama_cpp_perplexity
 from qbench.eval.perplexity import tokenize
 from qbench.models import resolve_source
 from qbench.quant.gguf_export import read_metadata
@@ -18,27 +16,6 @@ from qbench.runner import run
 
 pytestmark = pytest.mark.slow
 SEQLEN, WINDOWS = 512, 2
-
-
-def llama_cpp_perplexity(path: str, ids: torch.Tensor, seqlen: int, windows: int) -> float:
-    """The qbench convention (non-overlapping windows, mean next-token NLL, exp of the window mean) over
-    llama.cpp's logits. KV cache in F32: llama.cpp's default F16 cache is a rounding qbench does not do."""
-    import llama_cpp
-
-    f32 = 0  # GGML_TYPE_F32
-    llm = llama_cpp.Llama(path, n_ctx=seqlen, n_batch=seqlen, n_ubatch=seqlen, logits_all=True, n_threads=2,
-                          type_k=f32, type_v=f32, verbose=False)
-    try:
-        nll = 0.0
-        for w in range(windows):
-            tokens = ids[w * seqlen : (w + 1) * seqlen]
-            llm.reset()
-            llm.eval(tokens.tolist())
-            logits = torch.from_numpy(np.array(llm.scores[:seqlen], dtype=np.float32))
-            nll += torch.nn.functional.cross_entropy(logits[:-1], tokens[1:]).item()
-    finally:
-        llm.close()
-    return math.exp(nll / windows)
 
 
 @pytest.fixture(scope="module")

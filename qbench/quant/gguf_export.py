@@ -15,6 +15,7 @@ their `tokenizer.ggml.pre` is written as "default" (llama.cpp's converter recogn
 hashing test encodings; that detection is not reproduced here).
 """
 
+import logging
 import struct
 import tempfile
 from functools import lru_cache
@@ -198,6 +199,7 @@ def write_gguf(model, path: str, file_type: int, source_gguf: str | None = None,
                float_only: bool = False) -> None:
     """Write the model to `path`. Metadata from `source_gguf` when given, else from the config + `tokenizer`."""
     check_llama(model)
+    logging.getLogger("gguf.gguf_writer").setLevel(logging.WARNING)  # its per-file INFO lines
     writer = gguf.GGUFWriter(str(path), "llama")
     if source_gguf:
         _copy_metadata(writer, source_gguf)

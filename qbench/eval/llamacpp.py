@@ -1,0 +1,64 @@
+"""Perplexity of a GGUF file under llama.cpp (llama-cpp-python), with qbench's windows and tokens.
+
+    python -m qbench.eval.llamacpp FILE.gguf [--seqlen 512] [--windows 2] [--dataset wikitext2]
+
+The text is tokenized by the default model's Hugging Face tokenizer exactly as qbench's perplexity does;
+llama.cpp evaluates each non-overlapping window from an empty cache, and the mean next-token NLL over
+windows gives the perplexity (qbench's convention). The KV cache is F32: llama.cpp's default F16 cache
+is a rounding that qbench does not do. What remains differs by design: llama.cpp's CPU matmuls
+quantize the activations (to Q8_0/Q8_K) for quantized weights.
+"""
+
+import argparse
+import math
+
+import numpy as np
+import torch
+
+GGML_TYPE_F32 = 0
+
+
+def llama_cpp_perplexity(path: str, ids: torch.Tensor, seqlen: int, windows: int, threads: int = 2) -> float:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(path, n_ctx=seqlen, n_batch=seqlen, n_ubatch=seqlen, logits_all=True, n_threads=threads,
+                          type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, verbose=False)
+    try:
+        nll = 0.0
+        for w in range(windows):
+            tokens = ids[w * seqlen : (w + 1) * seqlen]
+            llm.reset()
+            llm.eval(tokens.tolist())
+            logits = torch.from_numpy(np.array(llm.scores[:seqlen], dtype=np.float32))
+            nll += torch.nn.functional.cross_entropy(logits[:-1], tokens[1:]).item()
+    finally:
+        llm.close()
+    return math.exp(nll / windows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from transformers import AutoTokenizer
+
+    from qbench.data import perplexity_text
+    from qbench.eval.perplexity import tokenize
+    from qbench.models import _load_gguf, resolve_source
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("path")
+    parser.add_argument("--model", default="smollm2-135m", help="whose tokenizer makes the tokens (qbench model name)")
+    parser.add_argument("--dataset", default="wikitext2")
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--windows", type=int, default=2)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    source = resolve_source(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(_load_gguf(source.path, False) if source.kind == "gguf" else source.path)
+    ids = tokenize(tokenizer, perplexity_text(args.dataset, args.data_dir))
+    windows = min(args.windows, ids.numel() // args.seqlen)
+    ppl = llama_cpp_perplexity(args.path, ids, args.seqlen, windows, args.threads)
+    print(f"llama.cpp ppl_{args.dataset} = {ppl:.4f} ({windows} windows of {args.seqlen} tokens)")
+
+
+if __name__ == "__main__":
+    main()
