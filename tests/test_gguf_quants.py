@@ -99,3 +99,4 @@ def test_gguf_config_validation():
     prevalidate(["-m", "method=gguf", "method.type=Q4_0,Q3_K_M"])
     with pytest.raises(ConfigError, match="unknown method.type for gguf 'Q7_K'; valid: Q4_0"):
         prevalidate(["method=gguf", "method.type=Q7_K"])
+

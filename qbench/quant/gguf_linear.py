@@ -2,32 +2,27 @@
 
     qweight uint8 [out_features, (in_features // block_elems) * block_bytes]   (layout: gguf_quants.py)
     bias    float32 [out_features] or None
-On CUDA, the Q4_0/Q8_0/Q4_K dequant-matmul Triton kernels are called from `forward` (see
-KERNEL_TYPES and _triton_matmul); everywhere else the torch reference dequantizes the weight.
+The Q4_0/Q8_0/Q4_K blocks go through the Triton dequant-matmul (kernels/gguf.py) where the shared
+kernel rule says so (qbench.quant.kernel_choice: kernel=auto on CUDA, kernel=triton); the other block
+types, and kernel=torch, use the torch reference, which dequantizes the weight and multiplies.
 """
-
-import importlib
 
 import torch
 from torch import nn
 
 from qbench.quant.gguf_quants import TYPES, dequantize, quantize, row_bytes
+from qbench.quant.kernel_choice import use_triton
 
-KERNEL_TYPES = ("Q4_0", "Q8_0", "Q4_K")
-KERNEL_MODULE = "qbench.kernels.gguf_matmul"  # gguf_matmul(x, qweight, qtype, in_features) -> x @ W.T
+KERNEL_TYPES = ("Q4_0", "Q8_0", "Q4_K")  # block types with a Triton kernel
 
 
 def _triton_matmul(layer: "GGUFLinear", x: torch.Tensor) -> torch.Tensor | None:
-    """The Triton dequant-matmul on CUDA, or None when the torch path should run."""
-    if layer.kernel == "torch" or not x.is_cuda or layer.qtype not in KERNEL_TYPES:
+    """x @ W.T by the Triton kernel reading the raw blocks, or None when the torch path should run."""
+    if layer.qtype not in KERNEL_TYPES or not use_triton(layer.kernel, x):
         return None
-    try:
-        module = importlib.import_module(KERNEL_MODULE)
-    except ImportError:
-        if layer.kernel == "triton":
-            raise RuntimeError(f"kernel=triton but {KERNEL_MODULE} is not available") from None
-        return None
-    return module.gguf_matmul(x, layer.qweight, layer.qtype, layer.in_features)
+    from qbench.kernels.gguf import gguf_matmul
+
+    return gguf_matmul(x, layer.qweight, layer.qtype.lower())
 
 
 class GGUFLinear(nn.Module):

@@ -1,0 +1,34 @@
+"""GGUFLinear with kernel=triton: the Triton kernel reads our blocks and agrees with the torch path.
+
+CPU: Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported), small shapes."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from qbench.quant.gguf_linear import GGUFLinear  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", "Q4_K"])
+def test_gguf_linear_triton_path_matches_torch(qtype):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(512, 48, bias=True)
+    layer = GGUFLinear.from_linear(linear, qtype, kernel="triton").to(DEVICE)
+    x = torch.randn(3, 512, device=DEVICE)
+    y = layer(x)
+    layer.kernel = "torch"
+    ref = layer(x)
+    assert torch.allclose(y, ref, rtol=1e-3, atol=1e-3), (y - ref).abs().max()
+
+
+def test_types_without_a_kernel_use_torch():
+    layer = GGUFLinear.from_linear(torch.nn.Linear(256, 16), "Q6_K", kernel="triton").to(DEVICE)
+    x = torch.randn(2, 256, device=DEVICE)
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.dequantize(), layer.bias))
