@@ -42,11 +42,12 @@ def quantize_rows_kernel(x_ptr, q_ptr, s_ptr, keep_ptr, K, stride_x, stride_q,
             v = tl.where(tl.load(keep_ptr + offs, mask=offs < K, other=0) != 0, v, 0.0)
         amax = tl.maximum(amax, v)
     top = tl.max(amax, axis=0)
-    scale = tl.where(top > 0, top / QMAX, 1.0)
+    scale = tl.where(top > 0, tl.div_rn(top, QMAX), 1.0)  # IEEE division: codes match torch exactly
     tl.store(s_ptr + row, scale)
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
-        v = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32) / scale
+        v = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
+        v = tl.div_rn(v, scale)
         if HAS_KEEP:
             v = tl.where(tl.load(keep_ptr + offs, mask=offs < K, other=0) != 0, v, 0.0)
         v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
@@ -113,7 +114,10 @@ def w8a8_kernel(xq_ptr, sx_ptr, wq_ptr, sw_ptr, out_ptr, x16_ptr, oidx_ptr, wo_p
                 cols = tl.load(oidx_ptr + offs_o, mask=omask, other=0)
                 xo = tl.load(x16_ptr + offs_m[:, None] * stride_x16 + cols[None, :], mask=mmask[:, None] & omask[None, :], other=0.0)
                 wo = tl.load(wo_ptr + offs_n[None, :] * n_out + offs_o[:, None], mask=omask[:, None] & nmask[None, :], other=0.0)
-                y += tl.dot(xo, wo.to(xo.dtype))
+                if x16_ptr.dtype.element_ty == tl.float32:
+                    y += tl.dot(xo, wo.to(tl.float32), input_precision="ieee")
+                else:
+                    y += tl.dot(xo, wo.to(xo.dtype))
     out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     if ATOMIC:
         tl.atomic_add(out, y, mask=mmask[:, None] & nmask[None, :])

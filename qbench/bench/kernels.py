@@ -255,7 +255,7 @@ def targets(rows) -> list[tuple[str, str, bool]]:
 
     add("W4A16 g128 M=1 >= 3.0x fp16", "w4a16", 1, lambda r: (r["speedup_vs_fp16"], f"{r['speedup_vs_fp16']:.2f}x"), 3.0)
     add("W4A16 g128 M=1 faster than tinygemm", "w4a16", 1,
-        lambda r: (r["tinygemm_ms"] and r["tinygemm_ms"] / r["ms"], f"{r['ms']:.4f} vs {r['tinygemm_ms']} ms"), 1.0)
+        lambda r: (r["tinygemm_ms"] and r["tinygemm_ms"] / r["ms"], f"{r['ms']:.4f} vs {fmt_ms(r['tinygemm_ms'])} ms"), 1.0)
     add("W4A16 g128 M=1 >= 75% copy bw", "w4a16", 1, lambda r: (r["pct_copy_bw"], f"{r['pct_copy_bw']:.1f}%"), 75)
     add("W4A16 g128 M=16 >= 2.5x fp16", "w4a16", 16, lambda r: (r["speedup_vs_fp16"], f"{r['speedup_vs_fp16']:.2f}x"), 2.5)
     add("W3A16 g128 M=1 >= 3.5x fp16", "w3a16", 1, lambda r: (r["speedup_vs_fp16"], f"{r['speedup_vs_fp16']:.2f}x"), 3.5)
@@ -263,9 +263,9 @@ def targets(rows) -> list[tuple[str, str, bool]]:
     add("NF4 M=1 >= 2.8x fp16", "nf4", 1, lambda r: (r["speedup_vs_fp16"], f"{r['speedup_vs_fp16']:.2f}x"), 2.8)
     add("W4A16 M=2048 >= 0.8x fp16", "w4a16", 2048, lambda r: (r["speedup_vs_fp16"], f"{r['speedup_vs_fp16']:.2f}x"), 0.8)
     add("FP8 M=2048 >= 0.9x _scaled_mm", "fp8", 2048,
-        lambda r: (r["scaled_mm_ms"] and r["scaled_mm_ms"] / r["ms"], f"{r['ms']:.3f} vs {r['scaled_mm_ms']} ms"), 0.9)
+        lambda r: (r["scaled_mm_ms"] and r["scaled_mm_ms"] / r["ms"], f"{r['ms']:.3f} vs {fmt_ms(r['scaled_mm_ms'])} ms"), 0.9)
     add("int8 M=2048 >= 0.9x _int_mm", "int8", 2048,
-        lambda r: (r["int_mm_ms"] and r["int_mm_ms"] / r["ms"], f"{r['ms']:.3f} vs {r['int_mm_ms']} ms"), 0.9)
+        lambda r: (r["int_mm_ms"] and r["int_mm_ms"] / r["ms"], f"{r['ms']:.3f} vs {fmt_ms(r['int_mm_ms'])} ms"), 0.9)
     return out
 
 
