@@ -169,7 +169,8 @@ def _make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep, use_mad):
         for step in range(nstep + 1):
             iscale = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / (mx - mn)
             Laux = np.clip(_nearest_int(iscale * (x - mn)), 0, nmax).astype(F32)
-            sum_l, sum_l2, sum_xl = _seqsum(w * Laux), _seqsum(w * Laux * Laux), _seqsum(w * Laux * x)
+            wl = w * Laux  # C: w*l*l and w*l*x[i] are (w*l)*l and (w*l)*x[i]
+            sum_l, sum_l2, sum_xl = _seqsum(wl), _seqsum(wl * Laux), _seqsum(wl * x)
             D = sum_w * sum_l2 - sum_l * sum_l
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
             this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
