@@ -1,0 +1,24 @@
+"""LLM.int8(): every linear becomes an Int8Linear (vector-wise int8 + 16-bit outlier columns)."""
+
+from qbench.quant.int8 import Int8Linear
+from qbench.quant.modules import quantizable_linears, set_module
+
+
+def quantize(model, cfg, ctx) -> dict:
+    threshold = float(cfg.method.threshold)
+    if threshold < 0:
+        raise ValueError(f"method.threshold must be >= 0 (0 = no decomposition), got {threshold}")
+    linears = quantizable_linears(model, cfg.quantize_lm_head)
+    for name, linear in ctx.progress(linears.items(), "int8", total=len(linears)):
+        set_module(model, name, Int8Linear(linear.weight.data, linear.bias, threshold, cfg.kernel))
+    return {"quantized_layers": len(linears), "threshold": threshold,
+            "decomposition": threshold > 0}
+
+
+def after_eval(model, cfg, ctx) -> dict:
+    """Outlier columns seen during evaluation: per layer, and their mean and max over layers."""
+    layers = {name: m.outlier_stats() for name, m in model.named_modules() if isinstance(m, Int8Linear)}
+    seen = [s["outlier_fraction"] for s in layers.values() if s["calls"]]
+    if not seen:
+        return {"outliers": layers}
+    return {"outlier_fraction_mean": sum(seen) / len(seen), "outlier_fraction_max": max(seen), "outliers": layers}

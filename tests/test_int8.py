@@ -1,0 +1,121 @@
+"""LLM.int8(): exact int8 arithmetic, the mixed-precision decomposition on planted outliers, outlier
+counting, and SmolLM2 perplexity against its unquantized baseline."""
+
+import copy
+import os
+
+import pytest
+import torch
+
+from qbench.quant.int8 import Int8Linear, int8_matmul, quantize_rows
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton-path test runs the kernels interpreted
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def test_int8_matmul_is_exact():
+    torch.manual_seed(0)
+    a = torch.randint(-128, 128, (9, 2600), dtype=torch.int8)  # 2600: two full float32 chunks and a short one
+    b = torch.randint(-128, 128, (5, 2600), dtype=torch.int8)
+    a[0], b[0], a[1] = -128, -128, 127  # the largest possible dot products: 128 * 128 * 2600 and its negative
+    ref = (a.long()[:, None, :] * b.long()[None, :, :]).sum(-1)
+    out = int8_matmul(a, b)
+    assert out.dtype == torch.int32 and torch.equal(out.long(), ref)
+
+
+def test_quantize_rows_vectorwise():
+    x = torch.tensor([[0.3, -1.0, 0.25], [0.0, 0.0, 0.0], [3.0, 1.2, -0.75]])
+    codes, scale = quantize_rows(x)
+    assert codes.tolist() == [[38, -127, 32], [0, 0, 0], [127, 51, -32]]  # round(127 * x / absmax)
+    assert torch.allclose(scale, torch.tensor([1.0, 0.0, 3.0]) / 127)
+
+
+def planted_layer(seed: int):
+    """A layer and inputs whose features 7, 100, 333, 500 are systematic outliers (|x| up to ~100)."""
+    torch.manual_seed(seed)
+    w = torch.randn(256, 576) * 0.05
+    x = torch.randn(128, 576)
+    x[:, [7, 100, 333, 500]] *= 30.0
+    return w, x
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_decomposition_on_planted_outliers(seed):
+    w, x = planted_layer(seed)
+    ref = x @ w.t()  # fp32 reference
+    with_dec = Int8Linear(w, None, threshold=6.0, kernel="torch")
+    without = Int8Linear(w, None, threshold=0.0, kernel="torch")
+    err_dec, err_plain = rel_err(with_dec(x), ref), rel_err(without(x), ref)
+    assert err_dec < 1e-2
+    assert err_plain > 3 * err_dec and err_plain > 2e-2
+    assert with_dec.outlier_stats()["outlier_fraction"] == pytest.approx(4 / 576)
+    assert without.outlier_stats()["outlier_fraction"] == 0.0
+
+
+def test_forward_equals_the_decomposition_formula():
+    w, x = planted_layer(3)
+    bias = torch.randn(256)
+    layer = Int8Linear(w, bias, threshold=6.0, kernel="torch")
+    y = layer(x.view(2, 64, 576))
+    cols = torch.tensor([7, 100, 333, 500])
+    regular = x.clone()
+    regular[:, cols] = 0
+    xs = regular.abs().amax(1) / 127
+    xq = torch.round(regular / xs[:, None])
+    ws = w.abs().amax(1) / 127
+    wq = torch.round(w / ws[:, None])
+    expect = (xq.double() @ wq.double().t()).float() * xs[:, None] * ws[None, :]
+    expect = expect + x[:, cols] @ (wq * ws[:, None])[:, cols].t() + bias
+    assert y.shape == (2, 64, 256)
+    torch.testing.assert_close(y.view(128, 256), expect, rtol=1e-5, atol=1e-5)
+
+
+def test_outlier_counts_accumulate():
+    w, x = planted_layer(4)
+    layer = Int8Linear(w, None, threshold=6.0, kernel="torch")
+    layer(x)
+    layer(torch.randn(8, 576))  # no outliers in this call
+    stats = layer.outlier_stats()
+    assert stats["calls"] == 2
+    assert stats["outlier_fraction"] == pytest.approx(4 / 576 / 2)
+    assert stats["outlier_fraction_any"] == pytest.approx(4 / 576)
+
+
+def test_triton_path_matches_torch():
+    pytest.importorskip("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    w, x = planted_layer(5)
+    w, x = w[:64, :128].to(device), x[:20, :128].to(device)
+    layer = Int8Linear(w, None, threshold=6.0, kernel="triton")
+    outliers = layer.outlier_columns(x)
+    assert outliers.sum() == 2  # features 7 and 100
+    torch.testing.assert_close(layer(x), layer.forward_torch(x, outliers), rtol=1e-4, atol=1e-4)
+
+
+def window_ppl(model, ids, seqlen=512, windows=1):
+    from qbench.eval.perplexity import perplexity
+
+    return perplexity(model, ids, seqlen, windows)["ppl"]
+
+
+@pytest.mark.model
+def test_smollm2_int8_perplexity_within_one_percent(smollm2, data_dir, cfg_factory):
+    from qbench.data import perplexity_text
+    from qbench.eval.perplexity import tokenize
+    from qbench.methods import RunContext, int8
+
+    ids = tokenize(smollm2.tokenizer, perplexity_text("wikitext2", data_dir), key=f"wikitext2:{data_dir}")
+    base = window_ppl(smollm2.model, ids)
+    model = copy.deepcopy(smollm2.model)
+    cfg = cfg_factory("method=int8", "kernel=torch")
+    ctx = RunContext(smollm2.tokenizer, "cpu", torch.float32, data_dir, quiet=True)
+    info = int8.quantize(model, cfg, ctx)
+    assert info["quantized_layers"] == 210 and info["threshold"] == 6.0
+    ppl = window_ppl(model, ids)
+    assert abs(ppl / base - 1) < 0.01, (ppl, base)
+    after = int8.after_eval(model, cfg, ctx)
+    assert len(after["outliers"]) == 210 and 0 < after["outlier_fraction_mean"] < 0.1
