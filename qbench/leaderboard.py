@@ -1,0 +1,335 @@
+"""The published leaderboard of one model: reports/<model>/leaderboard.md and a self-contained
+leaderboard.html (sortable table; perplexity vs bits per weight and vs decode latency, Pareto front
+highlighted), rendered from the result records only.
+
+One section per eval setting (records compare only within one eval key), newest first; in each the
+baseline comes first and Δ columns are differences to it. The HTML needs no network: inline CSS,
+inline SVG plots drawn here, and a few lines of JavaScript for sorting (click a header, or open the
+page with #sort=<column> / #sort=-<column>).
+"""
+
+import html
+import json
+import math
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+
+from qbench.report import latest_per_config
+
+# (metric key, column title, format, Δ vs baseline). Columns appear when any row has the metric.
+FIXED = [
+    ("bits_per_weight", "bits/w", "{:.2f}", False),
+    ("model_mib", "size MiB", "{:.1f}", False),
+]
+PER_DATASET = [("ppl_{}", "ppl {}", "{:.3f}", True)]
+KLD = [("kld_mean", "KLD mean", "{:.4f}", False), ("kld_p99", "KLD p99", "{:.3f}", False),
+       ("top1_agree", "top-1 agree", "{:.3f}", False)]
+SPEED = [("prefill_ms", "prefill ms", "{:.1f}", False), ("decode_ms_per_token", "decode ms/tok", "{:.2f}", False),
+         ("tok_s_b1", "tok/s b1", "{:.0f}", False), ("tok_s_b8", "tok/s b8", "{:.0f}", False),
+         ("tok_s_b32", "tok/s b32", "{:.0f}", False), ("vram_peak_run_gib", "VRAM GiB", "{:.2f}", False),
+         ("usd_per_mtok_b1", "$/1M tok b1", "{:.3f}", False), ("usd_per_mtok_b32", "$/1M tok b32", "{:.4f}", False),
+         ("fits_gpu", "fits GPU", "{}", False), ("quantize_s", "quantize s", "{:.1f}", False)]
+TASK_METRICS = ("acc", "acc_norm", "perplexity")
+
+
+def model_slug(model: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "__", model.strip("/")) or "model"
+
+
+def _key_str(rec: dict) -> str:
+    return json.dumps(rec.get("eval_key"), sort_keys=True)
+
+
+def _values(rec: dict) -> dict:
+    values = dict(rec.get("metrics") or {})
+    if "model_bytes" in values:
+        values["model_mib"] = values["model_bytes"] / 2**20
+    values["quantize_s"] = (rec.get("timings") or {}).get("quantize_s")
+    return values
+
+
+def columns(records: list[dict]) -> list[tuple]:
+    """The columns of one section: config, then every metric some record has."""
+    key = records[0].get("eval_key") or {}
+    have = set().union(*(_values(r) for r in records))
+    cols = [c for c in FIXED if c[0] in have]
+    for name in key.get("ppl_datasets", []):
+        cols += [(k.format(name), t.format(name), f, d) for k, t, f, d in PER_DATASET if k.format(name) in have]
+    cols += [c for c in KLD if c[0] in have]
+    for task in key.get("tasks", []):
+        for metric in TASK_METRICS:
+            if f"{metric}_{task}" in have:
+                fmt = "{:.3f}" if metric == "perplexity" else "{:.4f}"
+                cols.append((f"{metric}_{task}", f"{metric} {task}", fmt, True))
+    return cols + [c for c in SPEED if c[0] in have and any(_values(r).get(c[0]) is not None for r in records)]
+
+
+def _label(rec: dict) -> str:
+    if rec.get("method") == "fp16":
+        return "fp16 (baseline)"
+    parts = [rec["method"]] + ([f"w{rec['bits']}"] if rec.get("bits") is not None else [])
+    method = (rec.get("config") or {}).get("method") or {}
+    parts += [str(method.get(k)) for k in (method.get("choices") or {}) if method.get(k) is not None]  # e.g. gguf Q4_K_M
+    if rec.get("group_size") is not None:
+        parts.append(f"g{rec['group_size']}")
+    if rec.get("calib"):
+        parts.append(rec["calib"])
+    return " ".join(parts)
+
+
+def sections(records: list[dict], model: str) -> list[dict]:
+    """Per eval key: {key, rows (baseline first), baseline, cols}, newest eval key first."""
+    recs = [r for r in latest_per_config(records) if r.get("model") == model and r.get("eval_key")]
+    groups: dict[str, list] = {}
+    for rec in recs:
+        groups.setdefault(_key_str(rec), []).append(rec)
+    out = []
+    for rows in groups.values():
+        rows.sort(key=lambda r: (r.get("method") != "fp16", str(r.get("method")), r.get("bits") or 0,
+                                 str(r.get("group_size"))))
+        base = next((r for r in rows if r.get("method") == "fp16" and r.get("status") == "ok"), None)
+        out.append({"key": rows[0]["eval_key"], "rows": rows, "baseline": base, "cols": columns(rows),
+                    "latest": max(str(r.get("finished_at") or r.get("started_at")) for r in rows)})
+    return sorted(out, key=lambda s: s["latest"], reverse=True)
+
+
+def _fmt(value, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    try:
+        return fmt.format(value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def _delta(rec: dict, base: dict | None, key: str):
+    if base is None or rec is base:
+        return None
+    a, b = _values(rec).get(key), _values(base).get(key)
+    return a - b if isinstance(a, (int, float)) and isinstance(b, (int, float)) else None
+
+
+def table_rows(section: dict) -> tuple[list[str], list[list[tuple]]]:
+    """Header titles and rows of (text, sort value) cells."""
+    header = ["config", "status"]
+    for key, title, fmt, delta in section["cols"]:
+        header.append(title)
+        if delta:
+            header.append(f"Δ{title}")
+    rows = []
+    for rec in section["rows"]:
+        values = _values(rec)
+        cells = [(_label(rec), _label(rec)), (rec.get("status"), rec.get("status"))]
+        for key, title, fmt, delta in section["cols"]:
+            cells.append((_fmt(values.get(key), fmt), values.get(key)))
+            if delta:
+                d = _delta(rec, section["baseline"], key)
+                cells.append(("" if d is None else _fmt(d, "{:+" + fmt[2:]), d))
+        rows.append(cells)
+    return header, rows
+
+
+def _envs(section: dict) -> dict:
+    env = {}
+    for rec in section["rows"]:
+        for k, v in (rec.get("env") or {}).items():
+            env.setdefault(k, set()).add(str(v))
+    return {k: ", ".join(sorted(v)) for k, v in env.items()}
+
+
+def settings_lines(section: dict) -> list[str]:
+    key, env = section["key"], _envs(section)
+    windows = key.get("ppl_max_windows") or "all"
+    lines = [f"device: {env.get('device_name', '?')} ({key.get('device')}, {key.get('dtype')})",
+             f"versions: qbench {env.get('qbench', '?')} (git {env.get('git_sha', '?')[:12]}), torch {env.get('torch', '?')}, "
+             f"transformers {env.get('transformers', '?')}" + (f", triton {env['triton']}" if "triton" in env else ""),
+             f"perplexity: {', '.join(key.get('ppl_datasets', []))}, seqlen {key.get('ppl_seqlen')}, windows {windows}; "
+             f"data {json.dumps(key.get('data'))}"]
+    if key.get("tasks"):
+        lines.append(f"zero-shot (lm-eval): {', '.join(key['tasks'])}, limit {key.get('tasks_limit') or 'none'}; "
+                     f"data {json.dumps(key.get('tasks_data'))}")
+    if "kld" in key:
+        how = "full vocabulary" if key["kld"]["topk"] < 0 else f"baseline top-{key['kld']['topk']} log-probs (lower bound)"
+        lines.append(f"KLD vs the baseline over the first {key['kld']['windows'] or 'all'} WikiText-2 windows, {how}")
+    if key.get("speed"):
+        lines.append(f"speed: {json.dumps(key['speed'])}" + ("" if key.get("device") == "cuda" else " — measured on a CPU (tiny)"))
+    dates = sorted(str(r.get("finished_at") or r.get("started_at"))[:10] for r in section["rows"])
+    lines.append(f"records: {len(section['rows'])}, run {dates[0]} .. {dates[-1]}")
+    return lines
+
+
+def render_markdown(model: str, secs: list[dict], generated: str) -> str:
+    out = [f"# Leaderboard: {model}", "", f"Rendered by `qbench report` from the result records on {generated}. "
+           "Δ columns: difference to the baseline of the same section.", ""]
+    for i, section in enumerate(secs, 1):
+        out += [f"## Eval setting {i}", ""] + [f"- {line}" for line in settings_lines(section)] + [""]
+        header, rows = table_rows(section)
+        out.append("| " + " | ".join(header) + " |")
+        out.append("|" + "|".join("---" if j < 2 else "---:" for j in range(len(header))) + "|")
+        out += ["| " + " | ".join(str(text) for text, _ in cells) + " |" for cells in rows]
+        errors = [f"- {_label(r)}: {r.get('error')}" for r in section["rows"] if r.get("error")]
+        out += ([""] + ["Failed runs:"] + errors if errors else []) + [""]
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------ plots (inline SVG)
+
+def pareto(points: list[tuple]) -> list[tuple]:
+    """The points no other point beats on both x and y (lower is better), sorted by x."""
+    front = [p for p in points if not any(q[0] <= p[0] and q[1] <= p[1] and (q[0], q[1]) != (p[0], p[1]) for q in points)]
+    return sorted(front)
+
+
+def svg_plot(points: list[tuple], xlabel: str, ylabel: str, title: str, width: int = 560, height: int = 380) -> str:
+    """Scatter of (x, y, label) with y on a log scale and the Pareto front drawn and highlighted."""
+    pts = [(float(x), float(y), label) for x, y, label in points
+           if isinstance(x, (int, float)) and isinstance(y, (int, float)) and y > 0 and math.isfinite(x) and math.isfinite(y)]
+    left, right, top, bottom = 64, 16, 32, 48
+    parts = [f'<svg class="plot" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" role="img" aria-label="{html.escape(title)}">',
+             f'<text x="{width / 2}" y="18" text-anchor="middle" class="title">{html.escape(title)}</text>']
+    if not pts:
+        parts.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle">no data</text></svg>')
+        return "".join(parts)
+    xs, ys = [p[0] for p in pts], [math.log10(p[1]) for p in pts]
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = min(ys), max(ys)
+    padx, pady = (x1 - x0) * 0.08 or 0.5, (y1 - y0) * 0.08 or 0.05
+    x0, x1, y0, y1 = x0 - padx, x1 + padx, y0 - pady, y1 + pady
+
+    def sx(x):
+        return left + (x - x0) / (x1 - x0) * (width - left - right)
+
+    def sy(ly):
+        return height - bottom - (ly - y0) / (y1 - y0) * (height - top - bottom)
+
+    parts.append(f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" class="frame"/>')
+    for i in range(5):
+        xv, lyv = x0 + (x1 - x0) * (i + 0.5) / 5, y0 + (y1 - y0) * (i + 0.5) / 5
+        parts.append(f'<text x="{sx(xv):.1f}" y="{height - bottom + 16}" text-anchor="middle" class="tick">{xv:.3g}</text>')
+        parts.append(f'<text x="{left - 6}" y="{sy(lyv) + 4:.1f}" text-anchor="end" class="tick">{10 ** lyv:.3g}</text>')
+    parts.append(f'<text x="{(left + width - right) / 2}" y="{height - 10}" text-anchor="middle">{html.escape(xlabel)}</text>')
+    parts.append(f'<text x="14" y="{(top + height - bottom) / 2}" text-anchor="middle" '
+                 f'transform="rotate(-90 14 {(top + height - bottom) / 2})">{html.escape(ylabel)} (log scale)</text>')
+    front = pareto([(x, y) for x, y, _ in pts])
+    if len(front) > 1:
+        path = " ".join(f"{sx(x):.1f},{sy(math.log10(y)):.1f}" for x, y in front)
+        parts.append(f'<polyline points="{path}" class="front"/>')
+    for x, y, label in pts:
+        cls = "pt pareto" if (x, y) in front else "pt"
+        parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(math.log10(y)):.1f}" r="5" class="{cls}">'
+                     f'<title>{html.escape(label)}: {x:.4g}, {y:.4g}</title></circle>')
+        right_half = sx(x) > width * 0.6  # labels of points on the right go to their left
+        parts.append(f'<text x="{sx(x) + (-7 if right_half else 7):.1f}" y="{sy(math.log10(y)) - 6:.1f}" class="lbl" '
+                     f'text-anchor="{"end" if right_half else "start"}">{html.escape(label)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def section_plots(section: dict) -> list[str]:
+    key = section["key"]
+    ppl = next((f"ppl_{d}" for d in key.get("ppl_datasets", [])), None)
+    if ppl is None:
+        return []
+    ok = [r for r in section["rows"] if r.get("status") == "ok"]
+    plots = []
+    for xkey, xlabel in (("bits_per_weight", "bits per weight (scales and zeros included)"),
+                         ("decode_ms_per_token", "decode latency, ms per token (batch 1)")):
+        points = [(_values(r).get(xkey), _values(r).get(ppl), _label(r)) for r in ok]
+        if any(isinstance(x, (int, float)) for x, _, _ in points):
+            plots.append(svg_plot(points, xlabel, ppl, f"{ppl} vs {xkey} (Pareto front highlighted)"))
+    return plots
+
+
+STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1b1f24}
+table{border-collapse:collapse;font-size:13px;margin:12px 0}
+th,td{border:1px solid #d0d7de;padding:4px 8px;text-align:right;white-space:nowrap}
+th{background:#f3f5f7;cursor:pointer;user-select:none} th.asc:after{content:" ▲"} th.desc:after{content:" ▼"}
+td:first-child,th:first-child,td:nth-child(2){text-align:left}
+tr.baseline{background:#eef6ee;font-weight:600} tr.failed{color:#a40e26}
+.plots{display:flex;flex-wrap:wrap;gap:16px} svg.plot{border:1px solid #d0d7de;background:#fff}
+svg .frame{fill:none;stroke:#8c959f} svg .tick,svg .lbl{font-size:10px;fill:#57606a} svg .title{font-size:13px;font-weight:600}
+svg .pt{fill:#6e7781} svg .pt.pareto{fill:#d1242f} svg .front{fill:none;stroke:#d1242f;stroke-width:2}
+ul.settings{font-size:13px;color:#57606a}
+"""
+
+SCRIPT = """
+window.addEventListener('error', function (e) { document.body.setAttribute('data-js-error', String(e.message)); });
+function sortTable(table, col, desc) {
+  var body = table.tBodies[0];
+  var rows = Array.prototype.slice.call(body.rows);
+  var base = rows.filter(function (r) { return r.classList.contains('baseline'); });
+  var rest = rows.filter(function (r) { return !r.classList.contains('baseline'); });
+  rest.sort(function (a, b) {
+    var x = a.cells[col].getAttribute('data-v'), y = b.cells[col].getAttribute('data-v');
+    var nx = parseFloat(x), ny = parseFloat(y);
+    var c = (isNaN(nx) || isNaN(ny)) ? String(x).localeCompare(String(y)) : nx - ny;
+    if (x === '' && y !== '') return 1; if (y === '' && x !== '') return -1;
+    return desc ? -c : c;
+  });
+  base.concat(rest).forEach(function (r) { body.appendChild(r); });
+  Array.prototype.forEach.call(table.tHead.rows[0].cells, function (th, i) {
+    th.classList.remove('asc', 'desc'); if (i === col) th.classList.add(desc ? 'desc' : 'asc');
+  });
+}
+document.querySelectorAll('table.lb').forEach(function (table) {
+  Array.prototype.forEach.call(table.tHead.rows[0].cells, function (th, i) {
+    th.addEventListener('click', function () { sortTable(table, i, th.classList.contains('asc')); });
+  });
+  var m = /#sort=(-?)(.+)$/.exec(decodeURIComponent(location.hash));
+  if (m) Array.prototype.forEach.call(table.tHead.rows[0].cells, function (th, i) {
+    if (th.getAttribute('data-key') === m[2]) sortTable(table, i, m[1] === '-');
+  });
+});
+document.body.setAttribute('data-ready', '1');
+"""
+
+
+def render_html(model: str, secs: list[dict], generated: str) -> str:
+    e = html.escape
+    out = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+           f"<title>qbench leaderboard: {e(model)}</title><style>{STYLE}</style></head><body>",
+           f"<h1>Leaderboard: {e(model)}</h1><p>Rendered by <code>qbench report</code> from the result records on "
+           f"{e(generated)}. Click a column header to sort (the baseline stays first); Δ columns are differences "
+           "to the baseline of the same section.</p>"]
+    for i, section in enumerate(secs, 1):
+        out.append(f"<h2>Eval setting {i}</h2><ul class='settings'>")
+        out += [f"<li>{e(line)}</li>" for line in settings_lines(section)]
+        out.append("</ul>")
+        header, rows = table_rows(section)
+        keys = ["config", "status"]
+        for key, _, _, delta in section["cols"]:
+            keys += [key, f"d_{key}"] if delta else [key]
+        out.append("<table class='lb'><thead><tr>" +
+                   "".join(f"<th data-key='{e(k)}'>{e(h)}</th>" for k, h in zip(keys, header)) + "</tr></thead><tbody>")
+        for rec, cells in zip(section["rows"], rows):
+            cls = "baseline" if rec is section["baseline"] else ("failed" if rec.get("status") != "ok" else "")
+            tds = "".join(f"<td data-v='{e('' if v is None else str(v))}'>{e(str(t))}</td>" for t, v in cells)
+            title = f" title='{e(str(rec.get('error')))}'" if rec.get("error") else ""
+            out.append(f"<tr class='{cls}'{title}>{tds}</tr>")
+        out.append("</tbody></table>")
+        plots = section_plots(section)
+        if plots:
+            out.append("<div class='plots'>" + "".join(plots) + "</div>")
+    out.append(f"<script>{SCRIPT}</script></body></html>")
+    return "\n".join(out)
+
+
+def write_leaderboards(records: list[dict], out_dir: str | Path = "reports", model: str | None = None) -> list[Path]:
+    """Render reports/<model>/leaderboard.{md,html} for each model (or one); returns the files written."""
+    models = [model] if model else sorted({r["model"] for r in records if r.get("model") and r.get("eval_key")})
+    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    written = []
+    for name in models:
+        secs = sections(records, name)
+        if not secs:
+            continue
+        folder = Path(out_dir) / model_slug(name)
+        folder.mkdir(parents=True, exist_ok=True)
+        for fname, text in (("leaderboard.md", render_markdown(name, secs, generated)),
+                            ("leaderboard.html", render_html(name, secs, generated))):
+            (folder / fname).write_text(text)
+            written.append(folder / fname)
+    return written

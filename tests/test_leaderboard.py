@@ -1,0 +1,111 @@
+"""Leaderboard reports from records: Markdown and self-contained HTML (checked in headless Chromium)."""
+
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from qbench import leaderboard
+
+KEY = {"model": "smollm2-135m", "device": "cuda", "dtype": "float16", "ppl_datasets": ["wikitext2", "c4"],
+       "ppl_seqlen": 2048, "ppl_max_windows": None, "data": {"wikitext2": "local:w", "c4": "local:c"},
+       "tasks": ["piqa"], "tasks_limit": None, "tasks_data": {"piqa": "local:piqa"}, "kld": {"topk": -1, "windows": 16}}
+ENV = {"qbench": "0.1.0", "git_sha": "abcdef1234567890", "torch": "2.11", "transformers": "5.1", "device_name": "NVIDIA H100"}
+
+
+def rec(method, bits, gs, ppl, bpw, decode, status="ok", key=KEY, **extra):
+    metrics = {"ppl_wikitext2": ppl, "ppl_c4": ppl * 1.5, "bits_per_weight": bpw, "decode_ms_per_token": decode,
+               "model_bytes": 2**20 * bpw * 10, "acc_piqa": 0.6 - ppl / 1000, "kld_mean": 0.0 if method == "fp16" else ppl / 100,
+               **extra}
+    return {"run_id": f"{method}{bits}", "status": status, "error": None if status == "ok" else "RuntimeError: boom",
+            "model": "smollm2-135m", "method": method, "bits": bits, "group_size": gs, "calib": None,
+            "metrics": metrics if status == "ok" else {}, "timings": {"quantize_s": 1.0}, "eval_key": key, "env": ENV,
+            "started_at": "2026-11-22T10:00:00+00:00", "finished_at": "2026-11-22T10:05:00+00:00",
+            "config": {"method": {"name": method}}}
+
+
+RECORDS = [rec("rtn", 4, 128, 21.0, 4.25, 0.9), rec("fp16", None, None, 20.0, 16.0, 1.2),
+           rec("rtn", 3, 128, 30.0, 3.25, 0.8), rec("gptq", 4, 128, 20.5, 4.25, 0.9), rec("awq", 3, 128, 25.0, 3.25, 1.0),
+           rec("gguf", None, None, 0, 0, 0, status="failed")]
+
+
+def test_pareto_front():
+    pts = [(16, 20), (4.25, 21), (3.25, 30), (4.25, 20.5), (3.25, 25)]
+    assert leaderboard.pareto(pts) == [(3.25, 25), (4.25, 20.5), (16, 20)]
+
+
+def test_markdown_baseline_first_with_deltas_and_settings(tmp_path):
+    files = leaderboard.write_leaderboards(RECORDS, tmp_path)
+    assert {p.name for p in files} == {"leaderboard.md", "leaderboard.html"}
+    md = (tmp_path / "smollm2-135m" / "leaderboard.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| config")]
+    assert rows[0].startswith("| fp16 (baseline) | ok")
+    assert [r.split(" | ")[0][2:] for r in rows] == ["fp16 (baseline)", "awq w3 g128", "gguf", "gptq w4 g128",
+                                                      "rtn w3 g128", "rtn w4 g128"]
+    header = md.splitlines()[[i for i, l in enumerate(md.splitlines()) if l.startswith("| config")][0]]
+    for title in ("bits/w", "ppl wikitext2", "Δppl wikitext2", "ppl c4", "KLD mean", "acc piqa", "Δacc piqa", "decode ms/tok"):
+        assert f" {title} |" in header
+    rtn4 = next(r for r in rows if r.startswith("| rtn w4 g128"))
+    assert "| 21.000 | +1.000 |" in rtn4  # ppl and its delta to the baseline
+    assert "device: NVIDIA H100 (cuda, float16)" in md and "torch 2.11" in md and "zero-shot (lm-eval): piqa" in md
+    assert "gguf: RuntimeError: boom" in md
+
+
+def test_sections_per_eval_setting(tmp_path):
+    other = dict(KEY, device="cpu", ppl_max_windows=2)
+    records = RECORDS + [rec("fp16", None, None, 19.0, 32.0, 5.0, key=other), rec("rtn", 4, 128, 22.0, 4.25, 6.0, key=other)]
+    secs = leaderboard.sections(records, "smollm2-135m")
+    assert len(secs) == 2 and all(s["rows"][0]["method"] == "fp16" for s in secs)
+
+
+def test_html_is_self_contained(tmp_path):
+    leaderboard.write_leaderboards(RECORDS, tmp_path)
+    page = (tmp_path / "smollm2-135m" / "leaderboard.html").read_text()
+    assert "<table class='lb'>" in page and page.count("<svg") == 2 and "class=\"front\"" in page
+    assert not re.search(r"(src|href)=['\"]?(https?:)?//", page)  # nothing fetched from elsewhere
+
+
+def _chromium():
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no headless Chromium (Debian: apt-get install -y chromium)")
+def test_html_renders_in_headless_chromium(tmp_path):
+    leaderboard.write_leaderboards(RECORDS, tmp_path)
+    page = tmp_path / "smollm2-135m" / "leaderboard.html"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=3000"]
+    url = page.as_uri() + "#sort=ppl_wikitext2"
+    dom = subprocess.run([_chromium(), *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    html = dom.stdout
+    body_tag = re.search(r"<body[^>]*>", html).group(0)
+    assert 'data-ready="1"' in body_tag and "data-js-error" not in body_tag, body_tag  # the script ran, no JS error
+    body = html[html.index("<tbody>"):html.index("</tbody>")]
+    order = re.findall(r"<tr[^>]*><td data-v=\"([^\"]*)\"", body)
+    # sorted by ppl (the #sort hash ran the sorter), the baseline kept first, the failed run (no ppl) last
+    assert order == ["fp16 (baseline)", "gptq w4 g128", "rtn w4 g128", "awq w3 g128", "rtn w3 g128", "gguf"]
+    assert html.count("<circle") == 10 and html.count('class="pt pareto"') >= 3
+    shot = tmp_path / "shot.png"
+    out = subprocess.run([_chromium(), *flags, "--window-size=1400,1200", f"--screenshot={shot}", page.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and shot.is_file(), out.stderr[-2000:]
+    data = shot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000  # a page with a table and plots, not a blank one
+
+
+def test_report_subcommand_writes_leaderboards(tmp_path):
+    import json
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    out = subprocess.run([sys.executable, "-m", "qbench.cli", "report", "--results", "results", "--reports", "reports"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "reports" / "smollm2-135m" / "leaderboard.md").is_file()
+    assert (tmp_path / "reports" / "smollm2-135m" / "leaderboard.html").is_file()
