@@ -109,3 +109,19 @@ def test_report_subcommand_writes_leaderboards(tmp_path):
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "reports" / "smollm2-135m" / "leaderboard.md").is_file()
     assert (tmp_path / "reports" / "smollm2-135m" / "leaderboard.html").is_file()
+
+
+def test_wandb_sweep_table_and_html_artifact(tmp_path, cfg_factory, monkeypatch):
+    pytest.importorskip("wandb")
+    from qbench.records import append_record
+    from qbench.wandb_log import log_sweep, sweep_records
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = cfg_factory("wandb.mode=offline", f"results_dir={tmp_path}")
+    for r in RECORDS:
+        append_record(str(tmp_path), dict(r, sweep_id="multirun-x" if r["method"] != "fp16" else "earlier"))
+    assert [r["method"] for r in sweep_records(str(tmp_path), "multirun-x")][0] == "fp16"  # its baseline, from earlier
+    log_sweep(cfg, "multirun-x")
+    assert (tmp_path / "sweep-reports" / "multirun-x" / "smollm2-135m" / "leaderboard.html").is_file()
+    runs = list((tmp_path / "wandb-files" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))

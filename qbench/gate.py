@@ -1,0 +1,188 @@
+"""The perplexity regression gate: a sweep's records against a committed baseline file.
+
+    qbench gate --baseline sweeps/ci-baseline.json [--results results] [--max-ppl-increase 0.5%]
+    qbench gate --baseline sweeps/ci-baseline.json --results results --update   # (re)write the baseline
+
+Configs are matched by their key: model, method, bits, group size, calibration set and the eval
+settings (the record's eval_key: device, dtype, perplexity data/seqlen/windows, optional metrics).
+Every ppl_* metric of the baseline is compared: higher than the baseline by more than the tolerance
+is a regression; lower by more than it is an improvement (reported, so the baseline can be refreshed
+with --update). A baseline config with no ok record in the results (missing or failed), and any
+failed run, fail the gate. Exit 0: passed; 1: failed; 2: bad input (one line).
+Tolerance: "0.5%" is relative to the baseline's perplexity; a bare number ("0.05") is absolute.
+"""
+
+import argparse
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+from qbench.records import git_sha, read_records
+from qbench.report import latest_per_config
+
+FORMAT = "qbench-gate-baseline/1"
+
+
+class GateError(ValueError):
+    """Bad input: printed as one line, exit 2."""
+
+
+def config_key(rec: dict) -> dict:
+    return {"model": rec.get("model"), "method": rec.get("method"), "bits": rec.get("bits"),
+            "group_size": rec.get("group_size"), "calib": rec.get("calib"), "eval": rec.get("eval_key")}
+
+
+def key_str(key: dict) -> str:
+    return json.dumps(key, sort_keys=True)
+
+
+def label(key: dict) -> str:
+    parts = [key["method"]]
+    if key.get("bits") is not None:
+        parts.append(f"w{key['bits']}")
+    if key.get("group_size") is not None:
+        parts.append(f"g{key['group_size']}")
+    if key.get("calib"):
+        parts.append(key["calib"])
+    ev = key.get("eval") or {}
+    parts.append(f"[{ev.get('device')} seqlen {ev.get('ppl_seqlen')} x{ev.get('ppl_max_windows') or 'all'}]")
+    return " ".join(parts)
+
+
+def parse_tolerance(text: str) -> tuple[float, bool]:
+    """'0.5%' -> (0.005, relative); '0.05' -> (0.05, absolute)."""
+    try:
+        value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
+    except ValueError:
+        raise GateError(f"--max-ppl-increase must look like 0.5% (relative) or 0.05 (absolute), got {text!r}") from None
+    if value < 0:
+        raise GateError(f"--max-ppl-increase must be >= 0, got {text!r}")
+    return value, text.endswith("%")
+
+
+def current_records(results: str, model: str | None = None) -> list[dict]:
+    records = read_records(results)
+    if not records:
+        raise GateError(f"no records in {results} (run the sweep first)")
+    recs = [r for r in latest_per_config(records) if r.get("eval_key") or r.get("status") == "failed"]
+    if model is not None:
+        recs = [r for r in recs if r.get("model") == model]
+    return recs
+
+
+def load_baseline(path: str) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise GateError(f"baseline file {path} does not exist (create it with --update)") from None
+    except json.JSONDecodeError as err:
+        raise GateError(f"baseline file {path} is not JSON: {err}") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not data.get("configs"):
+        raise GateError(f"baseline file {path} is not a qbench gate baseline ({FORMAT}) or holds no configs")
+    return data
+
+
+def compare(baseline: dict, records: list[dict], tol: float, relative: bool) -> dict:
+    """Rows of the comparison and the lists of regressions, missing configs, improvements, new configs."""
+    current = {key_str(config_key(r)): r for r in records}
+    rows, regressions, missing, improved = [], [], [], []
+    for entry in baseline["configs"]:
+        name = label(entry["key"])
+        rec = current.pop(key_str(entry["key"]), None)
+        if rec is None or rec.get("status") != "ok":
+            why = "missing (no record)" if rec is None else f"failed: {rec.get('error')}"
+            missing.append(name)
+            rows.append([name, "", "", "", "", why])
+            continue
+        for metric, base in sorted(entry["metrics"].items()):
+            value = (rec.get("metrics") or {}).get(metric)
+            if not isinstance(value, (int, float)):
+                missing.append(f"{name} {metric}")
+                rows.append([name, metric, f"{base:.4f}", "", "", "missing metric"])
+                continue
+            limit = tol * base if relative else tol
+            change = f"{(value - base) / base:+.3%}"
+            if value > base + limit:
+                status = "REGRESSION"
+                regressions.append(f"{name} {metric}")
+            elif value < base - limit:
+                status = "improved (refresh with --update)"
+                improved.append(f"{name} {metric}")
+            else:
+                status = "ok"
+            rows.append([name, metric, f"{base:.4f}", f"{value:.4f}", change, status])
+    new = []
+    for rec in current.values():
+        name = label(config_key(rec))
+        if rec.get("status") == "ok":
+            new.append(name)
+            rows.append([name, "", "", "", "", "new (not in the baseline)"])
+        else:
+            missing.append(name)
+            rows.append([name, "", "", "", "", f"failed: {rec.get('error')}"])
+    return {"rows": rows, "regressions": regressions, "missing": missing, "improved": improved, "new": new}
+
+
+def render(result: dict) -> str:
+    from tabulate import tabulate
+
+    return tabulate(result["rows"], headers=["config", "metric", "baseline", "current", "change", "status"],
+                    tablefmt="github", disable_numparse=True)
+
+
+def make_baseline(records: list[dict], results: str) -> dict:
+    ok = [r for r in records if r.get("status") == "ok"]
+    models = sorted({r.get("model") for r in ok})
+    if not ok:
+        raise GateError(f"no ok records in {results} to make a baseline from")
+    if len(models) > 1:
+        raise GateError(f"records of several models in {results} ({', '.join(models)}): pass --model")
+    configs = [{"key": config_key(r), "label": label(config_key(r)), "run_id": r.get("run_id"),
+                "metrics": {k: v for k, v in sorted(r["metrics"].items()) if k.startswith("ppl_")}} for r in ok]
+    configs.sort(key=lambda c: c["label"])
+    return {"format": FORMAT, "model": models[0], "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "git_sha": git_sha(), "configs": configs}
+
+
+def gate(baseline_path: str, results: str, tolerance: str = "0.5%", update: bool = False, model: str | None = None) -> int:
+    tol, relative = parse_tolerance(tolerance)
+    if update:
+        data = make_baseline(current_records(results, model), results)
+        Path(baseline_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(baseline_path).write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        print(f"qbench gate: wrote {len(data['configs'])} configs of {data['model']} to {baseline_path}")
+        return 0
+    baseline = load_baseline(baseline_path)
+    records = current_records(results, model)
+    models = sorted({str(r.get("model")) for r in records})
+    if baseline["model"] not in models:
+        raise GateError(f"baseline {baseline_path} is for model {baseline['model']}; the records in {results} are for {', '.join(models)}")
+    records = [r for r in records if r.get("model") == baseline["model"]]
+    result = compare(baseline, records, tol, relative)
+    print(render(result))
+    shown = f"{tolerance}" + ("" if relative else " ppl")
+    if result["regressions"] or result["missing"]:
+        print(f"qbench gate: FAILED (max ppl increase {shown}): {len(result['regressions'])} regression(s), "
+              f"{len(result['missing'])} missing or failed: " + "; ".join(result["regressions"] + result["missing"]))
+        return 1
+    note = ""
+    if result["improved"] or result["new"]:
+        note = (f"; {len(result['improved'])} improved beyond tolerance, {len(result['new'])} new config(s): "
+                f"refresh with qbench gate --update --baseline {baseline_path} --results {results}")
+    print(f"qbench gate: passed ({len(baseline['configs'])} baseline configs within {shown}){note}")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="qbench gate", description="Perplexity regression gate against a baseline file.")
+    parser.add_argument("--baseline", required=True, help="baseline JSON file (e.g. sweeps/ci-baseline.json)")
+    parser.add_argument("--results", default="results", help="results dir or runs.jsonl (default: results)")
+    parser.add_argument("--max-ppl-increase", default="0.5%", help="0.5%% = relative; 0.05 = absolute (default 0.5%%)")
+    parser.add_argument("--update", action="store_true", help="write the baseline from the results instead of gating")
+    parser.add_argument("--model", default=None, help="only records of this model")
+    args = parser.parse_args(argv)
+    try:
+        return gate(args.baseline, args.results, args.max_ppl_increase, args.update, args.model)
+    except GateError as err:
+        print(f"qbench gate: error: {err}")
+        return 2

@@ -1,0 +1,136 @@
+"""The perplexity gate: baseline file round trip, regressions, missing configs, improvements, bad input,
+and end to end: one bit less in RTN fails the gate with a readable message."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from qbench import gate
+from qbench.records import append_record
+
+KEY = {"model": "smollm2-135m", "device": "cpu", "dtype": "float32", "ppl_datasets": ["wikitext2"], "ppl_seqlen": 512,
+       "ppl_max_windows": 2, "data": {"wikitext2": "local:wikitext-2-raw/wiki.test.raw"}}
+
+
+def rec(method, bits, ppl, status="ok", model="smollm2-135m", key=KEY):
+    return {"run_id": f"{method}-{bits}", "status": status, "error": None if status == "ok" else "ValueError: broken",
+            "model": model, "method": method, "bits": bits, "group_size": 128 if bits else None, "calib": None,
+            "metrics": {"ppl_wikitext2": ppl, "nll_wikitext2": 3.0} if status == "ok" else {},
+            "eval_key": dict(key, model=model), "config": {"method": {"name": method}}}
+
+
+def write(results, records):
+    for r in records:
+        append_record(str(results), r)
+    return str(results)
+
+
+def run_gate(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "qbench.cli", "gate", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+@pytest.fixture
+def baseline(tmp_path):
+    results = write(tmp_path / "base", [rec("fp16", None, 20.0), rec("rtn", 4, 22.0), rec("rtn", 3, 30.0)])
+    path = tmp_path / "baseline.json"
+    assert gate.gate(str(path), results, update=True) == 0
+    return path
+
+
+def test_update_writes_ppl_per_config(baseline):
+    data = json.loads(baseline.read_text())
+    assert data["model"] == "smollm2-135m" and data["format"] == gate.FORMAT
+    assert sorted(c["label"] for c in data["configs"]) == ["fp16 [cpu seqlen 512 x2]", "rtn w3 g128 [cpu seqlen 512 x2]",
+                                                           "rtn w4 g128 [cpu seqlen 512 x2]"]
+    assert all(set(c["metrics"]) == {"ppl_wikitext2"} for c in data["configs"])
+
+
+def test_same_results_pass(baseline, tmp_path, capsys):
+    results = write(tmp_path / "r", [rec("fp16", None, 20.0), rec("rtn", 4, 22.05), rec("rtn", 3, 30.0)])
+    assert gate.gate(str(baseline), results, "0.5%") == 0
+    assert "qbench gate: passed (3 baseline configs within 0.5%)" in capsys.readouterr().out
+
+
+def test_regression_and_missing_fail_with_a_table(baseline, tmp_path, capsys):
+    results = write(tmp_path / "r", [rec("fp16", None, 20.0), rec("rtn", 4, 22.5)])  # +2.3%, and rtn w3 missing
+    assert gate.gate(str(baseline), results, "0.5%") == 1
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| rtn w4 g128"))
+    assert [c.strip() for c in row.strip("|").split("|")] == ["rtn w4 g128 [cpu seqlen 512 x2]", "ppl_wikitext2", "22.0000",
+                                                               "22.5000", "+2.273%", "REGRESSION"]
+    assert "missing (no record)" in out
+    assert out.strip().splitlines()[-1].startswith("qbench gate: FAILED (max ppl increase 0.5%): 1 regression(s), 1 missing")
+    assert gate.gate(str(baseline), results, "0.6") == 1  # absolute tolerance: +0.5 ppl is within, w3 still missing
+
+
+def test_failed_run_fails_and_new_config_is_reported(baseline, tmp_path, capsys):
+    results = write(tmp_path / "r", [rec("fp16", None, 20.0), rec("rtn", 4, 22.0), rec("rtn", 3, 0, status="failed")])
+    assert gate.gate(str(baseline), results) == 1
+    assert "failed: ValueError: broken" in capsys.readouterr().out
+    results = write(tmp_path / "r2", [rec("fp16", None, 20.0), rec("rtn", 4, 21.0), rec("rtn", 3, 30.0), rec("gptq", 4, 21.5)])
+    assert gate.gate(str(baseline), results) == 0
+    out = capsys.readouterr().out
+    assert "improved (refresh with --update)" in out and "new (not in the baseline)" in out
+    assert "1 improved beyond tolerance, 1 new config(s): refresh with qbench gate --update" in out
+
+
+def test_changed_eval_settings_do_not_match(baseline, tmp_path):
+    other = dict(KEY, ppl_max_windows=3)
+    results = write(tmp_path / "r", [rec("fp16", None, 20.0, key=other), rec("rtn", 4, 22.0, key=other), rec("rtn", 3, 30.0, key=other)])
+    assert gate.gate(str(baseline), results) == 1
+
+
+@pytest.mark.parametrize("case", ["empty", "other_model", "no_baseline", "bad_tolerance", "not_a_baseline"])
+def test_bad_input_is_one_line(case, baseline, tmp_path, capsys):
+    results = write(tmp_path / "r", [rec("fp16", None, 20.0)])
+    args = ["--baseline", str(baseline), "--results", results]
+    expected = {"empty": "no records in", "other_model": "is for model smollm2-135m; the records in",
+                "no_baseline": "does not exist (create it with --update)", "bad_tolerance": "--max-ppl-increase must look like",
+                "not_a_baseline": "is not a qbench gate baseline"}[case]
+    if case == "empty":
+        (tmp_path / "empty").mkdir()
+        (tmp_path / "empty" / "runs.jsonl").write_text("")
+        args[3] = str(tmp_path / "empty")
+    elif case == "other_model":
+        args[3] = write(tmp_path / "o", [rec("fp16", None, 20.0, model="org/other-model")])
+    elif case == "no_baseline":
+        args[1] = str(tmp_path / "nope.json")
+    elif case == "bad_tolerance":
+        args += ["--max-ppl-increase", "half a percent"]
+    else:
+        (tmp_path / "x.json").write_text("{}")
+        args[1] = str(tmp_path / "x.json")
+    capsys.readouterr()
+    if case == "empty":  # once through the command itself
+        out = run_gate(*args, cwd=tmp_path)
+        code, text = out.returncode, out.stdout + out.stderr
+    else:
+        code, text = gate.main(args), capsys.readouterr().out
+    assert code == 2
+    lines = text.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qbench gate: error: ") and expected in lines[0], text
+
+
+@pytest.mark.slow  # two real RTN runs of SmolLM2 on the CPU; CI runs it (pytest -q runs slow tests too)
+def test_one_bit_less_in_rtn_fails_the_gate(smollm2, cfg_factory, data_dir, tmp_path, monkeypatch):
+    from qbench import runner
+    from qbench.methods import rtn
+
+    monkeypatch.setitem(runner._MODELS, ("smollm2-135m", "cpu", "float32", False), smollm2)
+    quick = ["device=cpu", "dtype=float32", "eval.ppl.datasets=[wikitext2]", "eval.ppl.seqlen=128", "eval.ppl.max_windows=1"]
+    good = cfg_factory("method=rtn", "bits=4", *quick)
+    assert runner.run(good)["status"] == "ok"
+    baseline = tmp_path / "baseline.json"
+    assert gate.gate(str(baseline), good.results_dir, update=True) == 0
+
+    real = rtn.rtn_quantize
+    monkeypatch.setattr(rtn, "rtn_quantize", lambda w, bits, *a, **k: real(w, bits - 1, *a, **k))  # the deliberate bug
+    buggy = cfg_factory("method=rtn", "bits=4", *quick)
+    assert runner.run(buggy)["status"] == "ok"
+    out = run_gate("--baseline", str(baseline), "--results", buggy.results_dir, cwd=tmp_path)
+    assert out.returncode == 1, out.stdout
+    lines = out.stdout.strip().splitlines()
+    assert any("rtn w4 g128" in line and "REGRESSION" in line for line in lines)
+    assert lines[-1].startswith("qbench gate: FAILED") and "rtn w4 g128 [cpu seqlen 128 x1] ppl_wikitext2" in lines[-1]
