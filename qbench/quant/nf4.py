@@ -6,22 +6,24 @@ Storage layout (identical bytes to `bitsandbytes.functional.quantize_4bit`; Trit
                default 64); a block may span two rows when in % blocksize != 0; the last block is
                shorter when out*in % blocksize != 0
     absmax     float32 [n_blocks]: max |W| over the block (0 for an all-zero block)
-    codes      4-bit index into the 16-entry code book of the value W / absmax (clamped to [-1, 1]):
-               nearest entry, ties to the lower entry (see `encode`)
+    codes      4-bit index into the 16-entry code book of the scaled value W * (1/absmax) (W / absmax
+               in a short last block; clamped to [-1, 1]): nearest entry, ties to the lower (`encode`)
     packed     uint8 [ceil(out*in/2), 1]: element 2i in the HIGH nibble of byte i, element 2i+1 in
                the LOW nibble; an odd element count is padded with the code of 0.0
     dequant    W[e] = code_book[code[e]] * absmax[e // blocksize], computed in float32, then cast
 Double quantization (`double_quant=True`, QLoRA section 3): the float32 absmax vector is replaced by
     offset     float32 scalar: mean(absmax)
     absmax     uint8 [n_blocks]: `DYNAMIC_MAP` codes of (absmax - offset), in blocks of 256
+               (chosen as bitsandbytes' CPU quantizer does, see `quantize_dynamic`)
     absmax2    float32 [ceil(n_blocks/256)]: max |absmax - offset| per block of 256
     so absmax[b] = DYNAMIC_MAP[absmax_codes[b]] * absmax2[b // 256] + offset (float32).
 The code books: NF4 values are the normal-quantile table of the QLoRA paper, listed in code order
 (0 = -1.0, 7 = 0.0, 15 = 1.0). FP4 is bitsandbytes' e2m1 format with exponent bias 2 and no
 inf/nan: code = sign bit (8) | 3 magnitude bits, magnitudes {0, 0.0625, 8, 12, 4, 6, 2, 3} / 12.
 FP4 has two zero codes (0 and 8). Nearest-value encoding on the sorted book with +0 before -0
-(bitsandbytes' CPU quantizer) gives code 8 to (0, 0.0026*absmax] and code 0 to [-0.0026*absmax, 0];
+(bitsandbytes' CPU quantizer) gives code 8 to (0, 0.0026*absmax] and code 0 to (-0.0026*absmax, 0];
 bitsandbytes' CUDA kernel picks the zero by sign instead. Both decode to 0.
+The layout is checked byte for byte against bitsandbytes 0.50 on the CPU in tests/test_nf4.py.
 """
 
 from dataclasses import dataclass
