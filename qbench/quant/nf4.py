@@ -117,6 +117,9 @@ def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
     return torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)[:n].long()
 
 
+_GRID = 65536  # points of bitsandbytes' CPU lookup grid for 8-bit blockwise quantization
+
+
 def _grid_codes(book: torch.Tensor) -> torch.Tensor:
     """Nearest entry of a sorted map (ties to the lower) for each of the 65536 grid points -1 + 2i/65535."""
     midpoints = (book[:-1] + book[1:]) * 0.5
@@ -124,7 +127,6 @@ def _grid_codes(book: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(midpoints, grid).to(torch.uint8)  # = number of midpoints below the point
 
 
-_GRID = 65536
 DYNAMIC_GRID_CODES = _grid_codes(DYNAMIC_MAP)
 
 
