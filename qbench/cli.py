@@ -13,6 +13,8 @@ from qbench import ConfigError
 
 SUBCOMMANDS = {
     "report": "qbench.report:main",
+    "gate": "qbench.gate:main",
+    "sweep": "qbench.sweep:main",
 }
 
 
@@ -79,8 +81,14 @@ def _hydra_main() -> None:
         hc = HydraConfig.get()
         sweep_id = hc.sweep.dir.rstrip("/").split("/")[-1] if hc.mode == RunMode.MULTIRUN else None
         run_and_report(cfg, sweep_id)
+        last[:] = [cfg, sweep_id]
 
+    last: list = []
     app()
+    if len(last) == 2 and last[1]:  # a multirun ended: its leaderboard as a W&B table + HTML artifact
+        from qbench.wandb_log import log_sweep
+
+        log_sweep(*last)
 
 
 def main() -> None:

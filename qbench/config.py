@@ -93,6 +93,10 @@ def _validate_eval(cfg: DictConfig) -> None:
         raise ConfigError(f"eval.ppl.max_windows must be >= 1 or null, got {ppl.max_windows}")
     if int(ppl.batch_size) < 1:
         raise ConfigError(f"eval.ppl.batch_size must be >= 1, got {ppl.batch_size}")
+    if cfg.eval.get("tasks"):
+        from qbench.eval.tasks import check_tasks  # torch-free; unknown or unreachable task -> one line
+
+        check_tasks(cfg.eval.tasks, cfg.data_dir)
 
 
 def to_plain(cfg: DictConfig) -> dict:

@@ -69,6 +69,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--results", default="results", help="results dir or runs.jsonl file (default: results)")
     parser.add_argument("--model", default=None, help="only records of this model")
     parser.add_argument("--out", default=None, help="also write the Markdown table to this file")
+    parser.add_argument("--reports", default="reports", help="leaderboards go to <reports>/<model>/leaderboard.{md,html}")
+    parser.add_argument("--no-leaderboard", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
     records = read_records(args.results)
     if not records:
@@ -81,4 +83,9 @@ def main(argv: list[str]) -> int:
 
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(table + "\n")
+    if not args.no_leaderboard:
+        from qbench.leaderboard import write_leaderboards
+
+        for path in write_leaderboards(records, args.reports, args.model):
+            print(f"wrote {path}")
     return 0

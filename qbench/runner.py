@@ -17,6 +17,7 @@ from qbench import config as qconfig
 from qbench.records import append_record, environment, now, read_records, records_path
 
 _MODELS: dict = {}  # (model, device, dtype) -> LoadedModel, the unquantized model of this process
+_CACHE: dict = {}  # RunContext.cache shared by the runs of this process (calibration captures); follows _MODELS
 
 
 def _loaded(cfg: DictConfig):
@@ -25,6 +26,7 @@ def _loaded(cfg: DictConfig):
     key = (str(cfg.model), cfg.device, cfg.dtype, bool(cfg.trust_remote_code))
     if key not in _MODELS:
         _MODELS.clear()  # one model at a time
+        _CACHE.clear()
         _MODELS[key] = load_model(str(cfg.model), cfg.device, cfg.dtype, bool(cfg.trust_remote_code))
     return _MODELS[key]
 
@@ -42,7 +44,22 @@ def eval_key(cfg: DictConfig, device: str, dtype) -> dict:
         "ppl_seqlen": int(ppl.seqlen),
         "ppl_max_windows": ppl.max_windows,
         "data": {name: perplexity_source(name, cfg.data_dir) for name in ppl.datasets},
+        **_extra_eval_key(cfg),
     }
+
+
+def _extra_eval_key(cfg: DictConfig) -> dict:
+    """Settings of the optional metrics, only when they are on (older keys stay unchanged)."""
+    ev, key = cfg.eval, {}
+    if ev.get("tasks"):
+        from qbench.eval.tasks import task_sources
+
+        key.update(tasks=[str(t) for t in ev.tasks], tasks_limit=ev.limit, tasks_data=task_sources(ev.tasks, cfg.data_dir))
+    if ev.get("kld"):
+        key["kld"] = {"topk": int(ev.kld_topk), "windows": ev.kld_windows}
+    if ev.get("speed"):
+        key["speed"] = dict(ev.speed_opts)
+    return key
 
 
 def _base_record(cfg: DictConfig) -> dict:
@@ -74,13 +91,30 @@ def evaluate(model, tokenizer, cfg: DictConfig, ctx) -> dict:
     from qbench.data import perplexity_text
     from qbench.eval.perplexity import perplexity, tokenize
 
+    from qbench.cost import cost_metrics
+    from qbench.eval import speed
+
     metrics = {}
+    memory = speed.PeakMemory(model, ctx.device)
     ppl = cfg.eval.ppl
     for name in ppl.datasets:
         ids = tokenize(tokenizer, perplexity_text(name, cfg.data_dir), key=f"{name}:{cfg.data_dir}")
         result = perplexity(model, ids, int(ppl.seqlen), ppl.max_windows, int(ppl.batch_size), ctx.progress)
         for field, value in result.items():
             metrics[f"{field}_{name}"] = value
+    if cfg.eval.get("tasks"):
+        from qbench.eval.tasks import evaluate_tasks
+
+        metrics.update(evaluate_tasks(model, tokenizer, cfg, ctx))
+    if cfg.eval.get("kld"):
+        from qbench.eval.kld import kld_metrics
+
+        metrics.update(kld_metrics(model, tokenizer, cfg, ctx, base_model=lambda: _loaded(cfg).model))
+    metrics.update(speed.weight_stats(model, bool(cfg.quantize_lm_head)))
+    if cfg.eval.get("speed"):
+        metrics.update(speed.measure_speed(model, cfg, ctx.device))
+    metrics.update(memory.metrics())
+    metrics.update(cost_metrics(metrics, model, cfg, ctx.device, ctx.dtype))
     return metrics
 
 
@@ -116,7 +150,7 @@ def run(cfg: DictConfig, sweep_id: str | None = None) -> dict:
         record["env"] = environment(loaded.device)
         key = eval_key(cfg, loaded.device, loaded.dtype)
         record["eval_key"] = key
-        ctx = RunContext(loaded.tokenizer, loaded.device, loaded.dtype, cfg.data_dir, bool(cfg.quiet))
+        ctx = RunContext(loaded.tokenizer, loaded.device, loaded.dtype, cfg.data_dir, bool(cfg.quiet), cache=_CACHE)
         baseline = find_baseline(cfg.results_dir, key)
         if cfg.method.name == "fp16" and baseline is not None:
             return _finish(cfg, record, "skipped", f"baseline already recorded as run {baseline['run_id']}")
@@ -136,6 +170,8 @@ def run(cfg: DictConfig, sweep_id: str | None = None) -> dict:
         t0 = time.perf_counter()
         record["metrics"] = evaluate(model, loaded.tokenizer, cfg, ctx)
         record["timings"]["eval_s"] = time.perf_counter() - t0
+        if hasattr(method, "after_eval"):  # info known only after evaluation (LLM.int8() outlier counts)
+            record["quant_info"].update(method.after_eval(model, cfg, ctx) or {})
         del model
         return _finish(cfg, record, "ok")
     except Exception as err:  # recorded, never lost: the sweep goes on

@@ -140,3 +140,18 @@ def test_block_inputs_are_captured_once_per_process(cfg_factory, tok):
     again, _ = block_inputs(model, cfg_factory("method=awq", "calib.nsamples=3", "calib.seqlen=32"), ctx, arch_of(model))
     assert again is first and sum(h.shape[0] for h, _ in first) == 3 and first[0][0].shape[1:] == (32, 64)
     assert info["nsamples"] == 3 and info["seqlen"] == 32
+
+
+def test_recorded_inputs_are_the_same_with_early_stop():
+    from qbench.quant.blocks import record_inputs
+
+    model = tiny_llama()
+    batches = capture_inputs(model, torch.randint(0, 49152, (4, 32)), 2, arch_of(model))
+    block = model.model.layers[1]
+    names = ["self_attn.k_proj", "mlp.up_proj"]
+    full, early = {n: [] for n in names}, {n: [] for n in names}
+    outputs = record_inputs(block, batches, names, lambda n, x: full[n].append(x))
+    assert record_inputs(block, batches, names, lambda n, x: early[n].append(x), outputs=False) is None
+    for n in names:
+        assert len(full[n]) == len(early[n]) == 2 and all(torch.equal(a, b) for a, b in zip(full[n], early[n]))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(outputs, run_block(block, batches)))

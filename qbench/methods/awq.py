@@ -16,8 +16,9 @@ block the float outputs of the block before it, computed before that block is sc
 3. fold: the operator before is divided by s (RMSNorm weight; rows of v_proj/up_proj), the linears'
    input columns multiplied by s, the recorded inputs divided by s. The block's function is unchanged;
 4. clip search for every linear but q/k: per (output row, group), max_val = absmax * (1 - i/n_grid),
-   i < max_shrink * n_grid, minimising the error of the group's partial products on 512 tokens taken
-   with a stride from the recorded inputs; the weights are clamped to [-max_val, max_val];
+   i < max_shrink * n_grid, minimising the mean squared error of the group's partial products on 512
+   tokens taken with a stride from the recorded inputs (through each group's Gram matrix: the same
+   value with fewer operations); the weights are clamped to [-max_val, max_val];
 5. grouped round-to-nearest onto qbench.quant.grid (the grid GPTQ and RTN use; unlike the reference
    it keeps 0 inside every group's range, and partial last groups are allowed) -> QuantLinear.
 """
@@ -57,11 +58,11 @@ def _spans(in_f: int, group_size: int) -> list[tuple[int, int, int]]:
     """(start, width, group size) runs of equal groups: the full groups, then the partial last one."""
     size = in_f if group_size == -1 else group_size
     full = in_f // size * size
-    return [(0, full, size)] + ([(full, in_f - full, in_f - full)] if full < in_f else [])
+    return ([(0, full, size)] if full else []) + ([(full, in_f - full, in_f - full)] if full < in_f else [])
 
 
 class _Inputs:
-    """The recorded inputs of one linear, batch by batch (they are divided by the scales in place)."""
+    """The recorded inputs of one linear, batch by batch (replaced by inputs / s once s is folded)."""
 
     def __init__(self):
         self.batches: list[torch.Tensor] = []
@@ -126,9 +127,10 @@ def apply_scale(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> N
 def search_clip(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, sym: bool, n_grid: int = 20,
                 max_shrink: float = 0.5, n_tokens: int = 512) -> torch.Tensor:
     """Per (row, group) clipping threshold of a [out, in] weight given its [tokens, in] inputs: the
-    shrunk absmax minimising the mean squared error of the group's partial products sum_k x_k w_k over
-    the tokens (every len//n_tokens-th token, as the reference). Returns [out, in] thresholds (each
-    group's value repeated over its columns). The partial products are one batched matmul per group."""
+    shrunk absmax minimising the mean over tokens of (x_g . (Q(clip(w_g)) - w_g))^2, the squared error
+    of the group's partial product (every len//n_tokens-th token, as the reference). That mean is
+    d^T (X_g^T X_g / T) d with d = Q(clip(w_g)) - w_g, computed from each group's Gram matrix (the
+    reference's value with fewer operations). Returns [out, in] thresholds, each group's repeated."""
     x = x[:: max(1, x.shape[0] // n_tokens)].float()
     w = w.float()
     out_f, in_f = w.shape
@@ -136,18 +138,18 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, sy
     for start, width, size in _spans(in_f, group_size):
         groups = width // size
         xg = x[:, start : start + width].reshape(-1, groups, size).transpose(0, 1)  # groups, tokens, size
-        wg = w[:, start : start + width].reshape(out_f, groups, size)
-        org_max = wg.abs().amax(dim=-1, keepdim=True)  # out, groups, 1
-        org_out = torch.bmm(xg, wg.permute(1, 2, 0))  # groups, tokens, out
+        gram = torch.bmm(xg.transpose(1, 2), xg) / xg.shape[1]  # groups, size, size
+        wg = w[:, start : start + width].reshape(out_f, groups, size).transpose(0, 1)  # groups, out, size
+        org_max = wg.abs().amax(dim=-1, keepdim=True)  # groups, out, 1
         best_max, min_err = org_max.clone(), torch.full_like(org_max, float("inf"))
         for i in range(int(max_shrink * n_grid)):
             max_val = org_max * (1 - i / n_grid)
             cur = torch.maximum(torch.minimum(wg, max_val), -max_val)
-            q = _fake_quant_rows(cur.reshape(-1, size), bits, sym).reshape(cur.shape)
-            err = (torch.bmm(xg, q.permute(1, 2, 0)) - org_out).pow(2).mean(dim=1).T[..., None]  # out, groups, 1
+            d = _fake_quant_rows(cur.reshape(-1, size), bits, sym).reshape(cur.shape) - wg
+            err = (torch.bmm(d, gram) * d).sum(dim=-1, keepdim=True)  # groups, out, 1
             better = err < min_err
             min_err[better], best_max[better] = err[better], max_val[better]
-        best_all[:, start : start + width] = best_max.expand(wg.shape).reshape(out_f, width)
+        best_all[:, start : start + width] = best_max.expand(wg.shape).transpose(0, 1).reshape(out_f, width)
     return best_all
 
 

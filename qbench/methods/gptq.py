@@ -121,12 +121,10 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int, group_size: 
             elif grids is not None and col % group_size == 0:
                 scale, zero = find_params(WT[col : col + group_size].T, bits, sym)
                 grids.append((scale, zero))
-            w = W1[i]
-            q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
-            codes[col] = q
-            err = (w - scale * (q - zero)) / Hinv1[i, i]
+            w, q, err = W1[i], codes[col], err_t[col]  # views: results are written in place (fewer kernels)
+            torch.clamp(torch.round(w / scale) + zero, 0, maxq, out=q)
+            torch.div(w - scale * (q - zero), Hinv1[i, i], out=err)
             W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)
-            err_t[col] = err
         WT[i2:] -= Hinv[i1:i2, i2:].T @ err_t[i1:i2]  # lazy batch update of the later columns
     row_loss = err_t.pow(2).sum(dim=0) / 2
 

@@ -109,7 +109,12 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     index = path / f"{WEIGHTS}.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [WEIGHTS]
+    if index.is_file():  # sharded
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / WEIGHTS).is_file():
+        files = [WEIGHTS]
+    else:  # older AutoGPTQ names, e.g. gptq_model-4bit-128g.safetensors
+        files = sorted(p.name for p in path.glob("*.safetensors"))
     tensors = {}
     for name in files:
         tensors.update(load_file(str(path / name)))

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The published GPU figures in one batch (reports/ and README): run on the GPU machine from the repo
+# root after `source qbench/bench/gpu_env.sh`, with OUT set to a folder that survives the call.
+#     OUT=/tmp/out bash qbench/bench/gpu_publish.sh [leaderboard|g64|noact|formats|gguf]...
+# Parts, in priority order (each a named sweep or multirun; records go to $OUT/<part>/runs.jsonl):
+#   leaderboard  sweeps/gpu.yaml: every method at 4 bits, RTN/GPTQ/AWQ at 3 too, group size 128,
+#                WikiText-2 + C4, KLD, speed, VRAM, cost on hardware=h100
+#   g64          RTN/GPTQ(act-order)/AWQ at bits 3,4, group size 64 (issue 3's table), ppl only
+#   noact        GPTQ without act-order at bits 3,4, group sizes 128, 64 (issue 3's table), ppl only
+#   formats      sweeps/formats.yaml: LLM.int8()/NF4/FP4/FP8 variants, ppl only
+#   gguf         GGUF block types and mixes, ppl only
+set -uo pipefail
+OUT=${OUT:?set OUT}
+PPL=(model=smollm2-135m device=cuda "eval.ppl.datasets=[wikitext2,c4]" quiet=true wandb.mode=disabled)
+CALIB=(calib=c4 calib.nsamples=128 calib.seqlen=null calib.seed=0)
+qb() { python3 -m qbench.cli "$@"; }
+parts=("$@"); [ ${#parts[@]} -gt 0 ] || parts=(leaderboard g64 noact formats gguf)
+for part in "${parts[@]}"; do
+  echo "=== $part $(date -u +%H:%M:%S)"
+  case $part in
+    leaderboard) qb sweep sweeps/gpu.yaml "results_dir=$OUT/leaderboard" hardware=h100 wandb.mode=disabled ;;
+    g64) qb -m method=rtn,gptq,awq bits=3,4 group_size=64 method.sym=false "${CALIB[@]}" "${PPL[@]}" "results_dir=$OUT/g64" ;;
+    noact) qb -m method=gptq bits=3,4 group_size=128,64 method.act_order=false "${CALIB[@]}" "${PPL[@]}" "results_dir=$OUT/g64" ;;
+    formats) qb sweep sweeps/formats.yaml "results_dir=$OUT/formats" wandb.mode=disabled ;;
+    gguf) qb -m method=gguf method.type=Q4_0,Q4_1,Q5_0,Q5_1,Q8_0,Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q3_K_M,Q4_K_M,Q5_K_M "${PPL[@]}" "results_dir=$OUT/gguf" ;;
+    *) echo "unknown part $part" ;;
+  esac
+done
+echo "=== done $(date -u +%H:%M:%S)"
