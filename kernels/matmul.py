@@ -82,7 +82,14 @@ def _sm_count(device: torch.device) -> int:
 
 
 def candidate_configs(M: int, N: int, K: int, device: torch.device) -> list[dict]:
-    """Configs worth timing for this shape (Hopper-sized tiles; split-K sized from the SM count)."""
+    """Configs worth timing for this shape (Hopper-sized tiles; split-K sized from the SM count), then
+    small unpipelined fallbacks: formats with many gathered loads (NF4 with double quant) can exceed
+    shared memory when every gather is pipelined over 3-4 stages."""
+    bm = 1 if M == 1 else 16 if M <= 16 else 32
+    return _fast_configs(M, N, K, device) + [_cfg(bm, 64, 64, 4, 1, group_m=1), _cfg(bm, 32, 32, 4, 1, group_m=1)]
+
+
+def _fast_configs(M: int, N: int, K: int, device: torch.device) -> list[dict]:
     if M <= 16:
         bm = 1 if M == 1 else 16
         tiles = [(128, 128, 4, 3), (64, 128, 4, 3), (256, 64, 8, 3), (128, 256, 8, 2)] if bm == 1 else \

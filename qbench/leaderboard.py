@@ -65,12 +65,28 @@ def columns(records: list[dict]) -> list[tuple]:
     return cols + [c for c in SPEED if c[0] in have and any(_values(r).get(c[0]) is not None for r in records)]
 
 
+def _method_defaults(name: str) -> dict:
+    try:
+        from qbench.sweep import method_meta
+
+        return method_meta(name)
+    except (OSError, ValueError):
+        return {}
+
+
 def _label(rec: dict) -> str:
     if rec.get("method") == "fp16":
         return "fp16 (baseline)"
     parts = [rec["method"]] + ([f"w{rec['bits']}"] if rec.get("bits") is not None else [])
     method = (rec.get("config") or {}).get("method") or {}
-    parts += [str(method.get(k)) for k in (method.get("choices") or {}) if method.get(k) is not None]  # e.g. gguf Q4_K_M
+    defaults = _method_defaults(rec["method"])
+    for k in method.get("choices") or {}:  # e.g. gguf Q4_K_M, fp8 e4m3; switches only where not the default
+        value = method.get(k)
+        if isinstance(value, bool):
+            if k not in defaults or defaults[k] != value:
+                parts.append(f"{k}={'on' if value else 'off'}")
+        elif value is not None:
+            parts.append(str(value))
     if rec.get("group_size") is not None:
         parts.append(f"g{rec['group_size']}")
     if rec.get("calib"):
@@ -154,6 +170,12 @@ def settings_lines(section: dict) -> list[str]:
         lines.append(f"KLD vs the baseline over the first {key['kld']['windows'] or 'all'} WikiText-2 windows, {how}")
     if key.get("speed"):
         lines.append(f"speed: {json.dumps(key['speed'])}" + ("" if key.get("device") == "cuda" else " — measured on a CPU (tiny)"))
+    hardware = sorted({(r.get("config") or {}).get("hardware", {}).get("name") for r in section["rows"]} - {None})
+    prices = sorted({(r.get("config") or {}).get("hardware", {}).get("usd_per_hour") for r in section["rows"]} - {None})
+    if hardware and any("usd_per_mtok_b1" in r.get("metrics", {}) for r in section["rows"]):
+        lines.append(f"cost: hardware={', '.join(hardware)} at ${', '.join(map(str, prices))}/GPU-hour, an illustrative "
+                     "on-demand price from conf/hardware (edit it to yours); fits GPU = smallest listed GPU holding "
+                     "weights + KV cache")
     dates = sorted(str(r.get("finished_at") or r.get("started_at"))[:10] for r in section["rows"])
     lines.append(f"records: {len(section['rows'])}, run {dates[0]} .. {dates[-1]}")
     return lines

@@ -7,11 +7,12 @@ sweep goes on and no other run's record is lost.
 """
 
 import copy
+import json
 import time
 import traceback
 import uuid
 
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from qbench import config as qconfig
 from qbench.records import append_record, environment, now, read_records, records_path
@@ -36,7 +37,7 @@ def eval_key(cfg: DictConfig, device: str, dtype) -> dict:
     from qbench.data import perplexity_source
 
     ppl = cfg.eval.ppl
-    return {
+    key = {
         "model": str(cfg.model),
         "device": device,
         "dtype": str(dtype).replace("torch.", ""),
@@ -46,6 +47,7 @@ def eval_key(cfg: DictConfig, device: str, dtype) -> dict:
         "data": {name: perplexity_source(name, cfg.data_dir) for name in ppl.datasets},
         **_extra_eval_key(cfg),
     }
+    return json.loads(json.dumps(key, default=str))  # as the record stores it, so lookups compare equal
 
 
 def _extra_eval_key(cfg: DictConfig) -> dict:
@@ -58,7 +60,7 @@ def _extra_eval_key(cfg: DictConfig) -> dict:
     if ev.get("kld"):
         key["kld"] = {"topk": int(ev.kld_topk), "windows": ev.kld_windows}
     if ev.get("speed"):
-        key["speed"] = dict(ev.speed_opts)
+        key["speed"] = OmegaConf.to_container(ev.speed_opts, resolve=True)
     return key
 
 

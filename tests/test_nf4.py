@@ -155,3 +155,29 @@ def test_config_defaults(cfg_factory):
         cfg = cfg_factory(f"method={method}")
         validate(cfg)
         assert (resolved_bits(cfg), resolved_group_size(cfg)) == (bits, group_size)
+
+
+def test_unpipelined_fallback_configs_compute_the_same():
+    """The tuner's last resort for NF4 with double quant (whose gathers overflow shared memory when
+    pipelined at Hopper tile sizes, seen on an H200 at M=2048, K=N=576) must give the same product."""
+    pytest.importorskip("triton")
+    from qbench.kernels.matmul import candidate_configs
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(6)
+    linear = torch.nn.Linear(128, 48, bias=False).to(device)
+    layer = Linear4bit.from_linear(linear, "nf4", 64, True, kernel="torch")
+    for m in (1, 4, 80):
+        x = torch.randn(m, 128, device=device)
+        for config in candidate_configs(m, 48, 128, torch.device(device))[-2:]:
+            assert config["num_stages"] == 1
+            y = nf4_matmul_of(layer, x, config)
+            torch.testing.assert_close(y, layer.forward_torch(x), rtol=1e-4, atol=1e-4)
+
+
+def nf4_matmul_of(layer, x, config):
+    from qbench.kernels import nf4_matmul
+    from qbench.quant.nf4 import _on_device
+
+    return nf4_matmul(x, layer.packed, layer.absmax, _on_device(layer.quant_type, x.device), layer.out_features,
+                      layer.blocksize, layer.absmax2, _on_device("dynamic", x.device), layer.offset_value, config=config)

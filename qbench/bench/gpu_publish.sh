@@ -18,11 +18,17 @@ parts=("$@"); [ ${#parts[@]} -gt 0 ] || parts=(leaderboard g64 noact formats ggu
 for part in "${parts[@]}"; do
   echo "=== $part $(date -u +%H:%M:%S)"
   case $part in
-    leaderboard) qb sweep sweeps/gpu.yaml "results_dir=$OUT/leaderboard" hardware=h100 wandb.mode=disabled ;;
+    leaderboard) qb sweep sweeps/gpu.yaml "results_dir=$OUT/leaderboard" "hardware=${HARDWARE:-h100}" wandb.mode=disabled ;;
+    leaderboard-rest)  # the sweep's runs after the first 8 (a session that ran out of call time resumes here)
+      LB=(model=smollm2-135m device=cuda "eval.ppl.datasets=[wikitext2,c4]" "eval.tasks=[]" eval.kld=true eval.speed=true
+          eval.speed_opts.new_tokens=64 eval.speed_opts.repeats=3 "eval.speed_opts.batch_sizes=[1,32]" eval.kld_windows=8
+          quiet=true "results_dir=$OUT/leaderboard" "hardware=${HARDWARE:-h100}" wandb.mode=disabled)
+      qb -m method=nf4,fp4 bits=4 "${LB[@]}"; [ -n "${FORMATS_ONLY:-}" ] || qb -m method=rtn,gptq,awq bits=3 "${LB[@]}" ;;
+    awq64-4) qb method=awq bits=4 group_size=64 method.sym=false "${CALIB[@]}" "${PPL[@]}" "results_dir=$OUT/g64" ;;
     g64) qb -m method=rtn,gptq,awq bits=3,4 group_size=64 method.sym=false "${CALIB[@]}" "${PPL[@]}" "results_dir=$OUT/g64" ;;
     noact) qb -m method=gptq bits=3,4 group_size=128,64 method.act_order=false "${CALIB[@]}" "${PPL[@]}" "results_dir=$OUT/g64" ;;
     formats) qb sweep sweeps/formats.yaml "results_dir=$OUT/formats" wandb.mode=disabled ;;
-    gguf) qb -m method=gguf method.type=Q4_0,Q4_1,Q5_0,Q5_1,Q8_0,Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q3_K_M,Q4_K_M,Q5_K_M "${PPL[@]}" "results_dir=$OUT/gguf" ;;
+    gguf) qb -m method=gguf method.type=${GGUF_TYPES:-Q4_0,Q4_1,Q5_0,Q5_1,Q8_0,Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q3_K_M,Q4_K_M,Q5_K_M} "${PPL[@]}" "results_dir=$OUT/gguf" ;;
     *) echo "unknown part $part" ;;
   esac
 done
