@@ -30,3 +30,19 @@ def test_truncated_last_line_is_ignored(tmp_path):
     with open(tmp_path / "runs.jsonl", "a") as f:
         f.write('{"run_id": 2, "trunc')
     assert [r["run_id"] for r in read_records(tmp_path)] == [1]
+
+
+def test_baseline_is_found_again_when_eval_settings_hold_lists(cfg_factory):
+    """A list-valued eval setting (speed batch sizes) once went into the record as a string, so the
+    next run of the sweep never found its baseline and evaluated fp16 again before every run."""
+    import torch
+
+    from qbench.records import append_record
+    from qbench.runner import eval_key, find_baseline
+
+    cfg = cfg_factory("eval.speed=true", "eval.speed_opts.batch_sizes=[1,32]", "eval.kld=true")
+    key = eval_key(cfg, "cpu", torch.float32)
+    assert key["speed"]["batch_sizes"] == [1, 32]
+    append_record(cfg.results_dir, {"run_id": "b", "method": "fp16", "status": "ok", "eval_key": key})
+    found = find_baseline(cfg.results_dir, eval_key(cfg, "cpu", torch.float32))
+    assert found is not None and found["run_id"] == "b"
