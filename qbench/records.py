@@ -64,14 +64,17 @@ def read_records(path: str | Path) -> list[dict]:
     return records
 
 
-def git_sha() -> str | None:
-    """The commit of the qbench source tree, when it is a git checkout."""
-    here = Path(__file__).resolve().parent
+def git_sha(path: str | Path | None = None) -> str | None:
+    """The commit of the qbench source tree when it is a git checkout; else $QBENCH_GIT_SHA (a copy of
+    the tree without .git, e.g. on a remote GPU machine) or None."""
+    here = Path(path) if path is not None else Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
-        return None
+        out = None
+    if out is not None and out.returncode == 0 and out.stdout.strip():
+        return out.stdout.strip()
+    return os.environ.get("QBENCH_GIT_SHA") or None  # outside a checkout git prints "HEAD" and fails
 
 
 def environment(device: str | None = None) -> dict:

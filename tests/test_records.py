@@ -1,5 +1,6 @@
 import json
 import multiprocessing as mp
+from pathlib import Path
 
 from qbench.records import append_record, read_records
 
@@ -46,3 +47,14 @@ def test_baseline_is_found_again_when_eval_settings_hold_lists(cfg_factory):
     append_record(cfg.results_dir, {"run_id": "b", "method": "fp16", "status": "ok", "eval_key": key})
     found = find_baseline(cfg.results_dir, eval_key(cfg, "cpu", torch.float32))
     assert found is not None and found["run_id"] == "b"
+
+
+def test_git_sha_outside_a_checkout_is_none_or_the_given_sha(tmp_path, monkeypatch):
+    from qbench.records import git_sha
+
+    monkeypatch.delenv("QBENCH_GIT_SHA", raising=False)
+    assert git_sha(tmp_path) is None  # git prints "HEAD" there and fails: never record that
+    monkeypatch.setenv("QBENCH_GIT_SHA", "abc123")
+    assert git_sha(tmp_path) == "abc123"
+    if (Path(__file__).resolve().parents[1] / ".git").exists():
+        assert git_sha() not in (None, "HEAD", "abc123")  # this checkout's own commit wins
