@@ -4,7 +4,7 @@
 #     OUT=/tmp/out bash qbench/bench/gpu_publish.sh [leaderboard|g64|noact|formats|gguf]...
 # Parts, in priority order (each a named sweep or multirun; records go to $OUT/<part>/runs.jsonl):
 #   leaderboard  sweeps/gpu.yaml: every method at 4 bits, RTN/GPTQ/AWQ at 3 too, group size 128,
-#                WikiText-2 + C4, KLD, speed, VRAM, cost on hardware=h100
+#                WikiText-2 + C4, KLD, speed, VRAM, cost on hardware=$HARDWARE (default h100)
 #   g64          RTN/GPTQ(act-order)/AWQ at bits 3,4, group size 64 (issue 3's table), ppl only
 #   noact        GPTQ without act-order at bits 3,4, group sizes 128, 64 (issue 3's table), ppl only
 #   formats      sweeps/formats.yaml: LLM.int8()/NF4/FP4/FP8 variants, ppl only
@@ -19,12 +19,6 @@ for part in "${parts[@]}"; do
   echo "=== $part $(date -u +%H:%M:%S)"
   case $part in
     leaderboard) qb sweep sweeps/gpu.yaml "results_dir=$OUT/leaderboard" "hardware=${HARDWARE:-h100}" wandb.mode=disabled ;;
-    leaderboard-rest)  # the sweep's runs after the first 8 (a session that ran out of call time resumes here)
-      LB=(model=smollm2-135m device=cuda "eval.ppl.datasets=[wikitext2,c4]" "eval.tasks=[]" eval.kld=true eval.speed=true
-          eval.speed_opts.new_tokens=64 eval.speed_opts.repeats=3 "eval.speed_opts.batch_sizes=[1,32]" eval.kld_windows=8
-          quiet=true "results_dir=$OUT/leaderboard" "hardware=${HARDWARE:-h100}" wandb.mode=disabled)
-      qb -m method=nf4,fp4 bits=4 "${LB[@]}"; [ -n "${FORMATS_ONLY:-}" ] || qb -m method=rtn,gptq,awq bits=3 "${LB[@]}" ;;
-    awq64-4) qb method=awq bits=4 group_size=64 method.sym=false "${CALIB[@]}" "${PPL[@]}" "results_dir=$OUT/g64" ;;
     g64) qb -m method=rtn,gptq,awq bits=3,4 group_size=64 method.sym=false "${CALIB[@]}" "${PPL[@]}" "results_dir=$OUT/g64" ;;
     noact) qb -m method=gptq bits=3,4 group_size=128,64 method.act_order=false "${CALIB[@]}" "${PPL[@]}" "results_dir=$OUT/g64" ;;
     formats) qb sweep sweeps/formats.yaml "results_dir=$OUT/formats" wandb.mode=disabled ;;
