@@ -6,9 +6,18 @@ written to memory. Two shapes of the same kernel:
   tl.dot; the K range is split over SPLIT_K programs that add into a float32 output (split-K), which
   fills the GPU when N alone gives too few tiles;
 - prefill: a tiled GEMM (BLOCK_M 64/128) with grouped tile order for L2 reuse, tl.dot on the tensor cores.
+Two more candidates compete with it in the tuner: a format's own decode kernel (`fast`, e.g.
+kernels/wint.py for 2/4/8-bit integers), and for M > 4 "dequantize, then cuBLAS": dequant_kernel
+writes W^T once in the activation dtype (the same dequant device functions, one pass over the packed
+bytes) and torch.matmul multiplies. At prefill sizes the fused GEMM dequantizes every weight tile
+once per row-tile of M (16 times at M=2048 with 128-row tiles) and feeds the tensor cores from
+registers, while the one-pass dequantization costs about (2 + packed bytes) per weight of memory
+traffic, a small fraction of a large matmul.
 Candidate configs are generated from the shape and the SM count (no shape is hard-coded) and timed
 once per shape by kernels/tune.py.
 """
+
+import functools
 
 import torch
 import triton
@@ -72,12 +81,42 @@ def dequant_matmul_kernel(x_ptr, out_ptr, p0, p1, p2, p3, p4, f0,
         tl.store(out, acc, mask=omask)
 
 
+@triton.jit
+def dequant_kernel(out_ptr, p0, p1, p2, p3, p4, f0, N, K, i0,
+                   FMT: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out [K, N] = W^T, dequantized from the packed bytes, in out's dtype."""
+    k0 = tl.program_id(0) * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if FMT == 0:
+        w = dequant_wint(p0, p1, p2, p3, offs_k, offs_n, k0, N, K, i0, C0, C1, C2, BLOCK_K)
+    elif FMT == 1:
+        w = dequant_nf4(p0, p1, p2, p3, p4, f0, offs_k, offs_n, N, K, C0, C1)
+    else:
+        w = dequant_gguf(p0, offs_k, offs_n, N, K, i0, C0)
+    mask = (offs_k < K)[:, None] & (offs_n < N)[None, :]
+    tl.store(out_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize_t(fmt: int, K: int, N: int, ptrs: tuple, consts: tuple, i0: int = 0, f0: float = 0.0,
+                 dtype=torch.float16, device=None, block_n: int = 64, block_k: int = 64) -> torch.Tensor:
+    """W^T [K, N] in dtype from the packed weight (Triton; the prefill path of dequant_matmul)."""
+    p = tuple(ptrs) + (None,) * (5 - len(ptrs))
+    c = tuple(consts) + (0,) * (3 - len(consts))
+    out = torch.empty((K, N), dtype=dtype, device=device if device is not None else ptrs[0].device)
+    grid = (triton.cdiv(K, block_k), triton.cdiv(N, block_n))
+    dequant_kernel[grid](out, *p, f0, N, K, i0, FMT=fmt, C0=c[0], C1=c[1], C2=c[2], BLOCK_N=block_n, BLOCK_K=block_k)
+    return out
+
+
 def _cfg(bm, bn, bk, warps, stages, split=1, group_m=8):
     return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "GROUP_M": group_m,
             "num_warps": warps, "num_stages": stages}
 
 
-def _sm_count(device: torch.device) -> int:
+@functools.cache
+def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
@@ -86,7 +125,9 @@ def candidate_configs(M: int, N: int, K: int, device: torch.device) -> list[dict
     small unpipelined fallbacks: formats with many gathered loads (NF4 with double quant) can exceed
     shared memory when every gather is pipelined over 3-4 stages."""
     bm = 1 if M == 1 else 16 if M <= 16 else 32
-    return _fast_configs(M, N, K, device) + [_cfg(bm, 64, 64, 4, 1, group_m=1), _cfg(bm, 32, 32, 4, 1, group_m=1)]
+    dequant = [{"KERNEL": "dequant_cublas", "BLOCK_N": 64, "BLOCK_K": 64},
+               {"KERNEL": "dequant_cublas", "BLOCK_N": 128, "BLOCK_K": 32}] if M > 4 else []
+    return _fast_configs(M, N, K, device) + dequant + [_cfg(bm, 64, 64, 4, 1, group_m=1), _cfg(bm, 32, 32, 4, 1, group_m=1)]
 
 
 def _fast_configs(M: int, N: int, K: int, device: torch.device) -> list[dict]:
@@ -98,7 +139,7 @@ def _fast_configs(M: int, N: int, K: int, device: torch.device) -> list[dict]:
         for bn, bk, warps, stages in tiles:
             blocks = triton.cdiv(N, bn)
             k_tiles = triton.cdiv(K, bk)
-            want = max(1, (4 * _sm_count(device)) // blocks)  # about four programs per SM
+            want = max(1, (4 * sm_count(device)) // blocks)  # about four programs per SM
             split = min(1 << (want.bit_length() - 1), k_tiles)
             for s in sorted({1, max(split // 2, 1), split, min(2 * split, k_tiles)}):
                 configs.append(_cfg(bm, bn, bk, warps, stages, split=s, group_m=1))
@@ -110,8 +151,12 @@ def _fast_configs(M: int, N: int, K: int, device: torch.device) -> list[dict]:
 
 
 def dequant_matmul(fmt: int, x: torch.Tensor, N: int, ptrs: tuple, consts: tuple, i0: int = 0, f0: float = 0.0,
-                   name: str = "dequant_matmul", config: dict | None = None) -> torch.Tensor:
-    """x [..., K] (fp16/bf16/fp32) times the dequantized [N, K] weight -> [..., N] in x's dtype."""
+                   name: str = "dequant_matmul", config: dict | None = None, fast: tuple | None = None) -> torch.Tensor:
+    """x [..., K] (fp16/bf16/fp32) times the dequantized [N, K] weight -> [..., N] in x's dtype.
+
+    fast: (make_configs, run) of the format's own decode kernel: make_configs() -> list of configs with a
+    "KERNEL" key, built only when a shape is tuned; run(config, x2d) -> [M, N]. They compete with the
+    skeleton's configs in the tuner."""
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
@@ -121,16 +166,23 @@ def dequant_matmul(fmt: int, x: torch.Tensor, N: int, ptrs: tuple, consts: tuple
     c = tuple(consts) + (0,) * (3 - len(consts))
 
     def run(cfg):
+        kind = cfg.get("KERNEL", "tiled")
+        if kind == "dequant_cublas":
+            wt = dequantize_t(fmt, K, N, ptrs, consts, i0, f0, x.dtype, x.device, cfg["BLOCK_N"], cfg["BLOCK_K"])
+            return x2 @ wt
+        if kind != "tiled":
+            return fast[1](cfg, x2)
         split = cfg["SPLIT_K"]
         out = torch.zeros((M, N), dtype=torch.float32, device=x.device) if split > 1 else \
             torch.empty((M, N), dtype=x.dtype, device=x.device)
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split)
         dequant_matmul_kernel[grid](x2, out, *p, f0, M, N, K, x2.stride(0), out.stride(0), i0, split,
                                     FMT=fmt, C0=c[0], C1=c[1], C2=c[2], ATOMIC=split > 1,
-                                    **{k: v for k, v in cfg.items() if k != "SPLIT_K"})
+                                    **{k: v for k, v in cfg.items() if k not in ("SPLIT_K", "KERNEL")})
         return out.to(x.dtype)
 
     if config is None:
         key = (fmt, c, m_bucket(M), N, K, str(x.dtype))
-        config = pick(name, key, lambda: candidate_configs(M, N, K, x.device), run, x.device)
+        config = pick(name, key, lambda: ([] if fast is None else fast[0]()) + candidate_configs(M, N, K, x.device),
+                      run, x.device)
     return run(config).reshape(*x.shape[:-1], N)

@@ -76,7 +76,7 @@ def w8a8_kernel(xq_ptr, sx_ptr, wq_ptr, sw_ptr, out_ptr, x16_ptr, oidx_ptr, wo_p
                 M, N, K, n_out, stride_xq, stride_x16, stride_om, SPLIT_K,
                 IS_INT: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_OUTLIERS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                GROUP_M: tl.constexpr, ATOMIC: tl.constexpr):
+                GROUP_M: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -97,9 +97,13 @@ def w8a8_kernel(xq_ptr, sx_ptr, wq_ptr, sw_ptr, out_ptr, x16_ptr, oidx_ptr, wo_p
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if IS_INT else tl.float32)
     for t in range(pid_k * per_split, t_end):
         offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
-        kmask = offs_k < K
-        a = tl.load(xq_ptr + offs_m[:, None] * stride_xq + offs_k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(wq_ptr + offs_n[None, :] * K + offs_k[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0)
+        if EVEN_K:  # no K mask: the loads stay unpredicated along K (vectorized, pipelined)
+            a = tl.load(xq_ptr + offs_m[:, None] * stride_xq + offs_k[None, :], mask=mmask[:, None], other=0.0)
+            b = tl.load(wq_ptr + offs_n[None, :] * K + offs_k[:, None], mask=nmask[None, :], other=0.0)
+        else:
+            kmask = offs_k < K
+            a = tl.load(xq_ptr + offs_m[:, None] * stride_xq + offs_k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(wq_ptr + offs_n[None, :] * K + offs_k[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0)
         if IS_INT:
             acc += tl.dot(a, b, out_dtype=tl.int32)
         else:
@@ -125,6 +129,37 @@ def w8a8_kernel(xq_ptr, sx_ptr, wq_ptr, sw_ptr, out_ptr, x16_ptr, oidx_ptr, wo_p
         tl.store(out, y, mask=mmask[:, None] & nmask[None, :])
 
 
+@triton.jit
+def w8a8_tma_kernel(xq_desc, sx_ptr, wq_desc, sw_ptr, out_ptr, M, N, K, stride_om,
+                    IS_INT: tl.constexpr, PER_CHANNEL: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """Prefill variant without outlier columns: both operands through tensor descriptors (TMA on
+    Hopper: bulk asynchronous tile copies, zero fill outside the matrix, so no masks in the loop)."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % rows
+    pid_n = (pid % per_group) // rows
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if IS_INT else tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = xq_desc.load([pid_m * BLOCK_M, k0])
+        b = wq_desc.load([pid_n * BLOCK_N, k0])
+        if IS_INT:
+            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+        else:
+            acc = tl.dot(a, b.T, acc)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask = offs_m < M
+    nmask = offs_n < N
+    sw = tl.load(sw_ptr + offs_n, mask=nmask, other=0.0) if PER_CHANNEL else tl.load(sw_ptr)
+    y = acc.to(tl.float32) * tl.load(sx_ptr + offs_m, mask=mmask, other=0.0)[:, None] * sw
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y, mask=mmask[:, None] & nmask[None, :])
+
+
 def _cfg(bm, bn, bk, warps, stages, split=1, group_m=8):
     return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "GROUP_M": group_m,
             "num_warps": warps, "num_stages": stages}
@@ -141,8 +176,11 @@ def candidate_configs(M: int, N: int, K: int, device: torch.device) -> list[dict
             for s in sorted({1, split, min(2 * split, k_tiles)}):
                 configs.append(_cfg(16, bn, bk, warps, stages, split=s, group_m=1))
         return configs
-    return [_cfg(128, 128, 128, 8, 3), _cfg(128, 256, 128, 8, 3), _cfg(128, 128, 128, 4, 4), _cfg(64, 128, 128, 4, 4),
-            _cfg(128, 256, 64, 8, 4)]
+    tma = [dict(_cfg(bm, bn, bk, w, st), KERNEL="tma") for bm, bn, bk, w, st in
+           [(128, 256, 128, 8, 3), (128, 256, 128, 8, 4), (128, 128, 128, 8, 4), (128, 128, 256, 8, 3), (256, 128, 128, 8, 3)]]
+    return tma + [_cfg(128, 128, 128, 8, 3), _cfg(128, 256, 128, 8, 3), _cfg(128, 128, 128, 4, 4), _cfg(64, 128, 128, 4, 4),
+            _cfg(128, 256, 64, 8, 4), _cfg(128, 256, 128, 8, 4), _cfg(256, 128, 128, 8, 3), _cfg(128, 128, 256, 8, 3),
+            _cfg(128, 256, 128, 8, 3, group_m=16)]
 
 
 def _w8a8(x, w_q, w_scale, act_dtype, outlier_idx=None, w_outlier=None, config=None, name="w8a8"):
@@ -164,6 +202,8 @@ def _w8a8(x, w_q, w_scale, act_dtype, outlier_idx=None, w_outlier=None, config=N
 
     def run(cfg):
         xq, sx = quantize_rows(x2, act_dtype, keep)
+        if cfg.get("KERNEL") == "tma":
+            return _run_tma(cfg, xq, sx, w_q, w_scale, is_int, per_channel, x.dtype)
         split = cfg["SPLIT_K"]
         out = torch.zeros((M, N), dtype=torch.float32, device=x.device) if split > 1 else \
             torch.empty((M, N), dtype=x.dtype, device=x.device)
@@ -171,13 +211,31 @@ def _w8a8(x, w_q, w_scale, act_dtype, outlier_idx=None, w_outlier=None, config=N
         w8a8_kernel[grid](xq, sx, w_q, w_scale, out, x2 if has_out else None, outlier_idx if has_out else None,
                           w_outlier if has_out else None, M, N, K, outlier_idx.numel() if has_out else 0,
                           xq.stride(0), x2.stride(0), out.stride(0), split, IS_INT=is_int, PER_CHANNEL=per_channel,
-                          HAS_OUTLIERS=has_out, ATOMIC=split > 1, **{k: v for k, v in cfg.items() if k != "SPLIT_K"})
+                          HAS_OUTLIERS=has_out, ATOMIC=split > 1, EVEN_K=K % cfg["BLOCK_K"] == 0,
+                          **{k: v for k, v in cfg.items() if k != "SPLIT_K"})
         return out.to(x.dtype)
 
+    tma_ok = not has_out and K % 16 == 0 and w_q.data_ptr() % 16 == 0  # TMA: 16-byte aligned rows and base
     if config is None:
         key = (m_bucket(M), N, K, str(x.dtype), str(w_q.dtype), per_channel, has_out)
-        config = pick(name, key, lambda: candidate_configs(M, N, K, x.device), run, x.device)
+        config = pick(name, key, lambda: [c for c in candidate_configs(M, N, K, x.device)
+                                          if tma_ok or c.get("KERNEL") != "tma"], run, x.device)
     return run(config).reshape(*x.shape[:-1], N)
+
+
+def _run_tma(cfg, xq, sx, w_q, w_scale, is_int, per_channel, out_dtype):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    (M, K), N = xq.shape, w_q.shape[0]
+    out = torch.empty((M, N), dtype=out_dtype, device=xq.device)
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    xq_desc = TensorDescriptor.from_tensor(xq, [bm, bk])
+    wq_desc = TensorDescriptor.from_tensor(w_q, [bn, bk])
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    w8a8_tma_kernel[grid](xq_desc, sx, wq_desc, w_scale, out, M, N, K, out.stride(0), IS_INT=is_int,
+                          PER_CHANNEL=per_channel, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
+                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out
 
 
 def int8_matmul(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, outlier_idx: torch.Tensor | None = None,

@@ -6,11 +6,24 @@ Layout (qbench/quant/qlinear.py, packing.py), K = in_features, N = out_features:
     scales  [G, N] fp16
     g_idx   [K] int32 or None            None: group k // group_size (act-order passes the permutation)
     W[n, k] = (q[k, n] - z[g_idx[k], n]) * scales[g_idx[k], n]
+
+Two kernels, chosen per shape by the tuner (kernels/tune.py) among their configs:
+- the generic dequantize-matmul skeleton (kernels/matmul.py): every bit width, act-order, any M;
+- wint_decode_kernel below, for decode (M <= 16) with 2, 4 or 8 bits and no act-order. It unpacks
+  a whole int32 word into its 32/bits codes with shifts, turns codes into floats with the exponent
+  trick (code | 0x4B000000 read as float32 is 2**23 + code, exact, no int->float conversion
+  instruction) and folds the zero point into that one subtraction; the scale is applied once per
+  group on the partial sum. DOT=False reduces on the CUDA cores (M = 1..4, one program row per
+  token); DOT=True pads the tokens to 16 and uses tl.dot on fp16/bf16 values of (q - z), which are
+  exact integers. The K range is split over SPLIT_K programs that add into a float32 output.
 """
 
 import torch
+import triton
+import triton.language as tl
 
-from qbench.kernels.matmul import WINT, dequant_matmul
+from qbench.kernels.dequant import stream_codes
+from qbench.kernels.matmul import WINT, dequant_matmul, sm_count
 
 
 def is_default_g_idx(g_idx: torch.Tensor, group_size: int) -> bool:
@@ -19,6 +32,100 @@ def is_default_g_idx(g_idx: torch.Tensor, group_size: int) -> bool:
     size = K if group_size <= 0 else group_size
     default = torch.arange(K, device=g_idx.device, dtype=torch.int32) // size
     return bool(torch.equal(g_idx.to(torch.int32), default))
+
+
+@triton.jit
+def wint_decode_kernel(x_ptr, out_ptr, qweight, qzeros, scales, M, N, K, stride_xm, stride_om, n_zero_words,
+                       SPLIT_K, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, DOT: tl.constexpr, ATOMIC: tl.constexpr):
+    PER: tl.constexpr = 32 // BITS  # codes per int32 word
+    WORDS: tl.constexpr = BLOCK_K // PER
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    offs_w = tl.arange(0, WORDS)
+    offs_p = tl.arange(0, PER)
+    shifts = (offs_p * BITS).to(tl.uint32)
+    n_words = tl.cdiv(K, PER)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    t_end = tl.minimum(pid_k * per_split + per_split, k_tiles)
+    if DOT:
+        offs_m = tl.arange(0, 16)
+        acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+    else:
+        m = tl.program_id(2)
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for t in range(pid_k * per_split, t_end):
+        k0 = t * BLOCK_K
+        word = k0 // PER + offs_w
+        words = tl.load(qweight + word[:, None] * N + offs_n[None, :],
+                        mask=(word < n_words)[:, None] & nmask[None, :], other=0).to(tl.uint32, bitcast=True)
+        q3 = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)  # [WORDS, PER, BLOCK_N]
+        g = 0 if GROUP == 0 else k0 // GROUP  # the launcher makes BLOCK_K divide the group
+        s = tl.load(scales + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
+        z = stream_codes(qzeros + g * n_zero_words, offs_n, 1, n_zero_words, nmask, BITS)
+        offs_k = k0 + offs_w[:, None] * PER + offs_p[None, :]  # [WORDS, PER]
+        if DOT:
+            # 0x6400 as fp16 is 1024 and its 10 mantissa bits hold the code: 1024 + q, exact.
+            w16 = ((q3 | 0x6400).to(tl.uint16).to(tl.float16, bitcast=True) - (z + 1024.0).to(tl.float16)[None, None, :])
+            w = tl.reshape(w16, (BLOCK_K, BLOCK_N))
+            kk = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
+                        mask=(offs_m < M)[:, None] & (kk < K)[None, :], other=0.0)
+            if x_ptr.dtype.element_ty == tl.float32:
+                part = tl.dot(x, w.to(tl.float32), input_precision="ieee")
+            else:
+                part = tl.dot(x, w.to(x_ptr.dtype.element_ty))
+            acc += part * s[None, :]
+        else:
+            # 0x4B000000 as float32 is 2**23; its 23 mantissa bits hold the code: 2**23 + q, exact.
+            wf = (q3 | 0x4B000000).to(tl.float32, bitcast=True) - (z + 8388608.0)[None, None, :]
+            x = tl.load(x_ptr + m * stride_xm + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+            part = tl.sum(tl.sum(x[:, :, None] * wf, axis=1), axis=0)
+            acc += part * s
+    if DOT:
+        out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+        omask = (offs_m < M)[:, None] & nmask[None, :]
+    else:
+        out = out_ptr + m * stride_om + offs_n
+        omask = nmask
+    if ATOMIC:
+        tl.atomic_add(out, acc, mask=omask)
+    else:
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+def decode_configs(M: int, N: int, K: int, bits: int, group: int, device: torch.device) -> list[dict]:
+    """Configs of wint_decode_kernel for this shape (empty where it does not apply)."""
+    if M > 16 or bits not in (2, 4, 8):
+        return []
+    configs = []
+    for dot in ((False, True) if M <= 4 else (True,)):
+        for bn, bk, warps in ((128, 128, 4), (256, 128, 8), (256, 64, 4), (64, 256, 4), (512, 64, 8)):
+            if group and group % bk:
+                continue
+            k_tiles = triton.cdiv(K, bk)
+            programs = triton.cdiv(N, bn) * (1 if dot else M)
+            want = max(1, (4 * sm_count(device)) // programs)  # about four programs per SM
+            split = min(1 << (want.bit_length() - 1), k_tiles)
+            for s in sorted({1, max(split // 2, 1), split}):
+                configs.append({"KERNEL": "wint_decode", "DOT": dot, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": s,
+                                "num_warps": warps, "num_stages": 3})
+    return configs
+
+
+def run_decode(cfg: dict, x2: torch.Tensor, qweight, qzeros, scales, bits: int, group: int, N: int) -> torch.Tensor:
+    M, K = x2.shape
+    split = cfg["SPLIT_K"]
+    out = torch.zeros((M, N), dtype=torch.float32, device=x2.device) if split > 1 else \
+        torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]), split, 1 if cfg["DOT"] else M)
+    wint_decode_kernel[grid](x2, out, qweight, qzeros, scales, M, N, K, x2.stride(0), out.stride(0), qzeros.shape[1],
+                             split, BITS=bits, GROUP=group, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                             DOT=cfg["DOT"], ATOMIC=split > 1, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out.to(x2.dtype)
 
 
 def wint_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
@@ -30,4 +137,10 @@ def wint_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
     group = 0 if group_size <= 0 or group_size >= K else group_size
     act_order = g_idx is not None
     ptrs = (qweight, qzeros, scales, g_idx) if act_order else (qweight, qzeros, scales)
-    return dequant_matmul(WINT, x, N, ptrs, (bits, group, act_order), i0=qzeros.shape[1], name="wint", config=config)
+    M = x.numel() // K if K else 0
+    fast = None
+    if not act_order:
+        fast = (lambda: decode_configs(M, N, K, bits, group, x.device),
+                lambda cfg, x2: run_decode(cfg, x2, qweight, qzeros, scales, bits, group, N))
+    return dequant_matmul(WINT, x, N, ptrs, (bits, group, act_order), i0=qzeros.shape[1], name="wint",
+                          config=config, fast=fast)

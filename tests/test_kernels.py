@@ -78,6 +78,43 @@ def test_wint_single_output_column_fp16():
     check(layer, 3, DOT16, dtype=torch.float16, tol=2e-3, seed=seed)  # fp16 operands on the tensor-core path
 
 
+def wint_decode_cfg(dot: bool, split: int, block_k: int = 32) -> dict:
+    return {"KERNEL": "wint_decode", "DOT": dot, "BLOCK_N": 16, "BLOCK_K": block_k, "SPLIT_K": split,
+            "num_warps": 4, "num_stages": 2}
+
+
+@pytest.mark.parametrize("bits,group_size", [(2, 32), (4, 64), (8, -1), (4, 32)])
+def test_wint_decode_kernel(bits, group_size):
+    """The exponent-trick decode kernel: CUDA-core rows (M=1, 3) and tl.dot (M=1, 16), with and without
+    split-K; K=200 ends inside a word row, N=37 inside a column tile."""
+    seed = fresh_seed()
+    layer = make_layer(37, 200 if group_size != 64 else 192, bits, group_size)
+    check(layer, 1, wint_decode_cfg(False, 1), seed=seed)
+    check(layer, 3, wint_decode_cfg(False, 3), seed=seed)
+    check(layer, 1, wint_decode_cfg(True, 2), seed=seed)
+    check(layer, 16, wint_decode_cfg(True, 1, block_k=64 if group_size in (-1, 64) else 32), seed=seed)
+    check(layer, 16, wint_decode_cfg(True, 3), dtype=torch.float16, tol=2e-3, seed=seed)
+    check(layer, 2, wint_decode_cfg(False, 1), dtype=torch.bfloat16, tol=1e-2, seed=seed)
+    if DEVICE == "cuda":  # the interpreter's bf16 tl.dot is wrong (the skeleton's too), so GPU only
+        check(layer, 2, wint_decode_cfg(True, 1), dtype=torch.bfloat16, tol=1e-2, seed=seed)
+
+
+def test_wint_dequant_then_cublas():
+    """The prefill candidate "dequantize W^T, then torch.matmul", for a straddling 3-bit stream and act-order."""
+    seed = fresh_seed()
+    for bits, act_order in [(3, False), (4, True)]:
+        layer = make_layer(37, 96, bits, 32, act_order=act_order)
+        check(layer, 17, {"KERNEL": "dequant_cublas", "BLOCK_N": 16, "BLOCK_K": 32}, seed=seed)
+
+
+def test_default_config_choice_is_correct():
+    """With no config given, the first candidate runs (CPU) or the tuner picks (GPU): both must be right."""
+    seed = fresh_seed()
+    layer = make_layer(40, 128, 4, 128)
+    for M in (1, 5, 17):
+        check(layer, M, None, seed=seed)
+
+
 def test_quantlinear_forward_triton_matches_torch():
     fresh_seed()
     layer = QuantLinear.from_quantized(rtn_quantize(torch.randn(40, 72), 4, 32, False), torch.randn(40)).to(DEVICE)

@@ -18,6 +18,7 @@ from qbench.kernels import fp8_matmul, gguf_matmul, int8_matmul, nf4_matmul  # n
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GEMV = dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=32, SPLIT_K=2, GROUP_M=1, num_warps=4, num_stages=2)
 TILED = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=1, GROUP_M=2, num_warps=4, num_stages=2)
+DEQUANT_CUBLAS = {"KERNEL": "dequant_cublas", "BLOCK_N": 16, "BLOCK_K": 32}
 DOT_SPLIT = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=2, GROUP_M=1, num_warps=4, num_stages=2)
 NF4_TABLE = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
              -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
@@ -74,11 +75,34 @@ def test_nf4(double_quant):
     else:
         stored = absmax
     w = nf4_dequant(packed, absmax, lut, N * K, bs).view(N, K)
-    for M, cfg in [(1, GEMV), (3, DOT_SPLIT), (17, TILED)]:
+    for M, cfg in [(1, GEMV), (3, DOT_SPLIT), (17, TILED), (17, DEQUANT_CUBLAS)]:
         x = torch.randn(M, K)
         y = nf4_matmul(x.to(DEVICE), packed.to(DEVICE), stored.to(DEVICE), lut.to(DEVICE), N, bs, config=cfg, **extra)
         err = rel_err(y.cpu(), x.double() @ w.double().T)
         assert err < 1e-5, f"rel err {err:.2e} (seed {seed}, M={M})"
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4_decode_kernel(double_quant):
+    """The word-at-a-time NF4 decode kernel (rows of whole blocks): M=1 and 3, with and without split-K."""
+    seed = fresh_seed()
+    N, K, bs = 9, 192, 64
+    lut = torch.tensor(NF4_TABLE)
+    packed, absmax = nf4_pack(torch.randn(N, K), lut, bs)
+    extra, stored = {}, absmax
+    if double_quant:
+        code2 = torch.linspace(-1, 1, 256)
+        absmax2 = torch.tensor([0.7])
+        stored = torch.randint(0, 256, absmax.shape, dtype=torch.uint8)
+        absmax = code2[stored.long()] * absmax2 + 0.25
+        extra = dict(absmax2=absmax2.to(DEVICE), code2=code2.to(DEVICE), offset=0.25)
+    w = nf4_dequant(packed, absmax, lut, N * K, bs).view(N, K)
+    for M, split, bk in [(1, 1, 64), (3, 2, 64), (1, 3, 128)]:
+        cfg = {"KERNEL": "nf4_decode", "BLOCK_N": 8, "BLOCK_K": bk, "SPLIT_K": split, "num_warps": 4, "num_stages": 2}
+        x = torch.randn(M, K)
+        y = nf4_matmul(x.to(DEVICE), packed.to(DEVICE), stored.to(DEVICE), lut.to(DEVICE), N, bs, config=cfg, **extra)
+        err = rel_err(y.cpu(), x.double() @ w.double().T)
+        assert err < 1e-5, f"rel err {err:.2e} (seed {seed}, M={M}, split={split})"
 
 
 # ---- GGUF blocks, checked against gguf-py's numpy dequantizer ------------------------------------
@@ -101,7 +125,7 @@ def test_gguf(qtype):
     w = torch.from_numpy(gguf.quants.dequantize(raw.numpy(), getattr(gguf.GGMLQuantizationType, qtype.upper())).copy())
     assert w.shape == (N, K)
     tile = dict(GEMV, BLOCK_K=64)
-    for M, cfg in [(1, tile), (17, dict(TILED, BLOCK_K=64))]:
+    for M, cfg in [(1, tile), (17, dict(TILED, BLOCK_K=64)), (17, dict(DEQUANT_CUBLAS, BLOCK_K=64))]:
         x = torch.randn(M, K)
         y = gguf_matmul(x.to(DEVICE), raw.to(DEVICE), qtype, config=cfg)
         err = rel_err(y.cpu(), x.double() @ w.double().T)
@@ -159,3 +183,29 @@ def test_fp8(wdtype, per_channel):
         err = rel_err(y, ref)
         assert err < 1e-5, f"rel err {err:.2e} (seed {seed}, M={M})"
         assert rel_err(y, x.double() @ w.double().T) < 0.15
+
+
+@pytest.mark.parametrize("act", ["int8", "fp8"])
+def test_w8a8_tensor_descriptor_kernel(act):
+    """The prefill variant that loads both operands through tensor descriptors (TMA on Hopper): ragged
+    M and N (zero fill outside the matrix), K=112 ends inside a 64-wide K tile."""
+    seed = fresh_seed()
+    N, K, M = 21, 112, 19
+    w = torch.randn(N, K)
+    x = torch.randn(M, K)
+    cfg = dict(TILED, BLOCK_K=64, KERNEL="tma")
+    if act == "int8":
+        w_scale = w.abs().amax(1) / 127
+        w_q = round_away(w / w_scale[:, None]).to(torch.int8)
+        sx = x.abs().amax(1) / 127
+        xq = round_away(x / sx[:, None]).clamp(-127, 127)
+        y = int8_matmul(x.to(DEVICE), w_q.to(DEVICE), w_scale.to(DEVICE), config=cfg).cpu()
+    else:
+        w_scale = w.abs().amax(1) / 448
+        w_q = (w / w_scale[:, None]).to(torch.float8_e4m3fn)
+        sx = x.abs().amax(1) / 448
+        xq = (x / sx[:, None]).to(torch.float8_e4m3fn)
+        y = fp8_matmul(x.to(DEVICE), w_q.to(DEVICE), w_scale.to(DEVICE), config=cfg).cpu()
+    ref = (xq.double() @ w_q.double().T) * sx[:, None].double() * w_scale.double()
+    err = rel_err(y, ref)
+    assert err < 1e-5, f"{act}: rel err {err:.2e} (seed {seed})"

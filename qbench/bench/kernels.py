@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from qbench.kernels.tune import last_pick
+
 SHAPES = [(8192, 28672), (28672, 8192), (4096, 4096), (4096, 14336), (14336, 4096)]  # (K, N), target shapes first
 MS = [1, 16, 128, 2048]
 FORMATS = ["w4a16", "w3a16", "w8a16", "nf4", "fp8", "int8", "q4_k", "w2a16", "q4_0", "q8_0"]
@@ -30,6 +32,15 @@ BIG = [(8192, 28672), (28672, 8192)]  # the shapes the targets are judged on
 
 
 def bench(fn) -> float:
+    """GPU time of one call (ms): CUDA graph replay with an L2 flush before each call, flush subtracted."""
+    from qbench.kernels.tune import gpu_time_ms
+
+    return gpu_time_ms(fn, reps=10, replays=7)
+
+
+def bench_eager(fn) -> float:
+    """Wall time of one eager call as a Python caller sees it: median of triton's do_bench (L2 flushed
+    before each call); for calls shorter than the launch cost this measures the launch."""
     import triton
 
     return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
@@ -101,7 +112,8 @@ def gguf_reference(raw: torch.Tensor, fmt: str) -> torch.Tensor:
 def peers(K: int, N: int, dev) -> dict:
     """name -> function(x fp16 [M, K]) -> time in ms or None, each on its own random weights."""
     w16 = torch.randn(N, K, device=dev, dtype=torch.float16)
-    out = {"fp16": lambda x: bench(lambda: torch.nn.functional.linear(x, w16))}
+    out = {"fp16": lambda x: bench(lambda: torch.nn.functional.linear(x, w16)),
+           "fp16_eager": lambda x: bench_eager(lambda: torch.nn.functional.linear(x, w16))}
     try:
         w4 = torch.randint(0, 16, (N, K), device=dev, dtype=torch.int32)
         packed = torch.ops.aten._convert_weight_to_int4pack((w4[:, ::2] << 4 | w4[:, 1::2]).to(torch.uint8), 8)
@@ -151,7 +163,24 @@ def copy_bandwidth(dev) -> float:
     return 2 * a.numel() * 2 / ms / 1e6  # GB/s, bytes read + written
 
 
+def describe(choice) -> str:
+    """A short name for the kernel the tuner picked: fused skeleton (gemv/dot/gemm), a format's decode
+    kernel, TMA W8A8, or dequantize-then-cuBLAS."""
+    if choice is None:
+        return "-"
+    cfg = choice[1]
+    kind = cfg.get("KERNEL", "tiled")
+    if kind == "tiled":
+        bm = cfg["BLOCK_M"]
+        kind = "gemv" if bm == 1 else "dot16" if bm == 16 else "gemm"
+    elif kind == "wint_decode":
+        kind = "decode-dot" if cfg["DOT"] else "decode"
+    split = cfg.get("SPLIT_K", 1)
+    return kind + (f" splitK{split}" if split > 1 else "")
+
+
 def sweep(shapes, ms_list, formats, dev, env, rows, out_json):
+    """Appends one row per (shape, format, M) to rows and rewrites out_json after each."""
     for K, N in shapes:
         peer, peer_cache = peers(K, N, dev), {}
         for fmt in formats:
@@ -159,23 +188,27 @@ def sweep(shapes, ms_list, formats, dev, env, rows, out_json):
             for M in ms_list:
                 x = torch.randn(M, K, device=dev, dtype=torch.float16)
                 y = call(x)
+                path = describe(last_pick())
                 want = x.float() @ ref.T
                 err = ((y.float() - want).norm() / want.norm()).item()
                 tol = 0.05 if fmt in ("fp8", "int8") else 5e-3  # activation quantization for W8A8
                 if not err < tol:
                     raise AssertionError(f"{fmt} K={K} N={N} M={M}: rel err {err:.3e} vs torch reference")
                 ms = bench(lambda: call(x))
+                ms_eager = bench_eager(lambda: call(x))
                 if M not in peer_cache:
                     peer_cache[M] = {name: safe(f, x) for name, f in peer.items()}
                 p = peer_cache[M]
                 nbytes = wbytes + M * K * 2 + M * N * 2
-                row = dict(format=fmt, group_size=group, K=K, N=N, M=M, ms=ms, rel_err=err, fp16_ms=p["fp16"],
+                row = dict(format=fmt, group_size=group, K=K, N=N, M=M, path=path, ms=ms, ms_eager=ms_eager, rel_err=err,
+                           fp16_ms=p["fp16"], fp16_ms_eager=p["fp16_eager"],
                            speedup_vs_fp16=p["fp16"] / ms, gbps=nbytes / ms / 1e6, tflops=2 * M * N * K / ms / 1e9,
                            pct_copy_bw=100 * nbytes / ms / 1e6 / env["copy_gbps"], tinygemm_ms=p.get("tinygemm"),
                            int_mm_ms=p.get("int_mm"), scaled_mm_ms=p.get("scaled_mm"), gpu=env["gpu"],
                            torch=env["torch"], triton=env["triton"])
                 rows.append(row)
-                print(f"{fmt:6} K={K:5} N={N:5} M={M:4}  {ms:8.4f} ms  fp16 {p['fp16']:8.4f}  x{row['speedup_vs_fp16']:5.2f}"
+                print(f"{fmt:6} K={K:5} N={N:5} M={M:4}  {ms:8.4f} ms (eager {ms_eager:7.4f})  fp16 {p['fp16']:8.4f}"
+                      f"  x{row['speedup_vs_fp16']:5.2f}"
                       f"  {row['pct_copy_bw']:5.1f}% bw  err {err:.1e}", flush=True)
                 out_json.write_text(json.dumps(rows, indent=1))
             del call, ref
@@ -277,17 +310,22 @@ def write_report(path_md: Path, env: dict, rows: list, e2e: list) -> None:
     lines = [f"# Kernel benchmark: {env['gpu']}", "",
              f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, {env['date']}. "
              f"Copy bandwidth (read + write) measured in this run: {env['copy_gbps']:.0f} GB/s. "
-             "Times: median of triton.testing.do_bench (L2 flushed before each call), whole calls "
-             "(activation quantization, split-K zeroing and casts included). Generated by `python -m qbench.bench.kernels`.", "",
+             "Times (`ms`, and every peer's): GPU time of one whole call (activation quantization, split-K zeroing, "
+             "casts and any dequantization pass included), measured as CUDA-graph replays of 10 calls, each after a "
+             "256 MiB write that evicts L2, minus the same graph of writes alone; median of 7 replays. `eager ms` is "
+             "triton.testing.do_bench of the same call from Python (L2 flushed too): where it is larger, the call is "
+             "bound by Python/launch overhead, not by the GPU. `path` is the kernel the tuner chose for that shape. "
+             "Generated by `python -m qbench.bench.kernels`.", "",
              "## Targets (judged on the Llama-3-70B MLP shapes, K x N)", "", "| target | measured | met |", "| --- | --- | --- |"]
     lines += [f"| {t} | {m} | {'yes' if ok else '**no**'} |" for t, m, ok in targets(rows)]
     lines += ["", "## End-to-end decode, batch 1 (tokens/s, eager transformers, random weights)", "",
               "| model | fp16 | W4A16 g128 (our kernels) | speedup |", "| --- | --- | --- | --- |"]
     lines += [f"| {e['model']} | {e['fp16_tok_s']:.1f} | {e['w4a16_tok_s']:.1f} | {e['speedup']:.2f}x |" for e in e2e]
-    lines += ["", "## All rows", "", "| format | group | K | N | M | ms | fp16 ms | x fp16 | GB/s | % copy bw | TFLOP/s "
-              "| tinygemm ms | _int_mm ms | _scaled_mm ms |", "| " + " | ".join(["---"] * 14) + " |"]
+    lines += ["", "## All rows", "", "| format | group | K | N | M | path | ms | eager ms | fp16 ms | x fp16 | GB/s | % copy bw "
+              "| TFLOP/s | tinygemm ms | _int_mm ms | _scaled_mm ms |", "| " + " | ".join(["---"] * 16) + " |"]
     for r in rows:
-        lines.append(f"| {r['format']} | {r['group_size']} | {r['K']} | {r['N']} | {r['M']} | {r['ms']:.4f} | {r['fp16_ms']:.4f} "
+        lines.append(f"| {r['format']} | {r['group_size']} | {r['K']} | {r['N']} | {r['M']} | {r.get('path', '-')} "
+                     f"| {r['ms']:.4f} | {fmt_ms(r.get('ms_eager'))} | {r['fp16_ms']:.4f} "
                      f"| {r['speedup_vs_fp16']:.2f} | {r['gbps']:.0f} | {r['pct_copy_bw']:.1f} | {r['tflops']:.1f} "
                      f"| {fmt_ms(r['tinygemm_ms'])} | {fmt_ms(r['int_mm_ms'])} | {fmt_ms(r['scaled_mm_ms'])} |")
     path_md.write_text("\n".join(lines) + "\n")
@@ -299,10 +337,13 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: one shape, M in {1, 2048}, SmolLM2 e2e only")
     ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--shapes", choices=["all", "big"], default="all", help="big: only the two Llama-3-70B MLP shapes")
+    ap.add_argument("--ms", default=",".join(map(str, MS)), help="token counts M, comma-separated")
     ap.add_argument("--out", default="reports/kernels")
     ap.add_argument("--no-e2e", action="store_true", help="kernel rows only")
     ap.add_argument("--e2e-only", action="store_true", help="end-to-end decode only (kernel rows kept from an earlier run)")
     ap.add_argument("--steps", type=int, default=64, help="decode steps timed end to end")
+    ap.add_argument("--append", action="store_true", help="keep the rows of an earlier run of this GPU (other shapes)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("qbench.bench.kernels needs a CUDA GPU")
@@ -316,8 +357,10 @@ def main(argv=None) -> None:
                python=platform.python_version(), date=time.strftime("%Y-%m-%d"), copy_gbps=copy_bandwidth(dev))
     print(f"{gpu}: copy {env['copy_gbps']:.0f} GB/s; torch {env['torch']}, triton {env['triton']}", flush=True)
     if not args.e2e_only:
-        shapes, ms_list = ([(4096, 4096)], [1, 2048]) if args.quick else (SHAPES, MS)
-        sweep(shapes, ms_list, args.formats.split(","), dev, env, [], rows_json)
+        shapes, ms_list = ([(4096, 4096)], [1, 2048]) if args.quick else \
+            (BIG if args.shapes == "big" else SHAPES, [int(m) for m in args.ms.split(",")])
+        rows = json.loads(rows_json.read_text()) if args.append and rows_json.is_file() else []
+        sweep(shapes, ms_list, args.formats.split(","), dev, env, rows, rows_json)
     if not args.no_e2e:
         models = ["smollm2-135m (random weights)"] + ([] if args.quick else ["llama-3-8b shape (random weights)"])
         e2e = end_to_end(dev, 16 if args.quick else args.steps, models)
