@@ -50,7 +50,7 @@ def _save(device_name: str) -> None:
 
 _NAMES: dict[int, str] = {}
 _FAST: dict[tuple, dict] = {}  # (device index, name, key) -> config: the per-call lookup, no string building
-_FLUSH: dict[int, torch.Tensor] = {}
+_FLUSH: dict[int, tuple] = {}  # device -> (256 MiB buffer, CUDA graph of flushes, flushes in it)
 _LAST: list = [None]  # (name, config) of the latest pick, for benchmark reports
 
 
@@ -61,37 +61,40 @@ def last_pick():
 
 def gpu_time_ms(fn, reps: int = 8, replays: int = 5) -> float:
     """GPU time of one fn() call, free of Python launch overhead: fn is captured `reps` times in a CUDA
-    graph, each call after a 256 MiB write that evicts L2 (as triton's do_bench flushes), and the same
-    graph of writes alone is subtracted. Median over `replays` replays. fn must not synchronize."""
+    graph, each call after a 256 MiB write that evicts L2 (as triton's do_bench flushes), and a graph
+    of the writes alone is subtracted. Median over `replays` replays. fn must not synchronize."""
     dev = torch.cuda.current_device()
     if dev not in _FLUSH:
-        _FLUSH[dev] = torch.empty(1 << 28, dtype=torch.int8, device="cuda")
-    flush = _FLUSH[dev]
+        buf = torch.empty(1 << 28, dtype=torch.int8, device="cuda")
+        flush_only = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(flush_only):
+            for _ in range(reps):
+                buf.zero_()
+        _FLUSH[dev] = (buf, flush_only, reps)
+    buf, flush_only, flush_reps = _FLUSH[dev]
     fn()  # compile and warm up outside the capture
     torch.cuda.synchronize()
-    graphs = []
-    for with_fn in (True, False):
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(reps):
-                flush.zero_()
-                if with_fn:
-                    fn()
-        graphs.append(g)
-    medians = []
-    for g in graphs:
-        g.replay()  # warm
-        times = []
-        for _ in range(replays):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            g.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        medians.append(sorted(times)[len(times) // 2])
-    del graphs
-    return max(medians[0] - medians[1], 0.0) / reps
+    with_fn = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(with_fn):
+        for _ in range(reps):
+            buf.zero_()
+            fn()
+    ms = [_replay_ms(g, replays) / n for g, n in ((with_fn, reps), (flush_only, flush_reps))]
+    del with_fn
+    return max(ms[0] - ms[1], 0.0)
+
+
+def _replay_ms(graph, replays: int) -> float:
+    graph.replay()  # warm
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
 
 
 def _out_of_resources(err: Exception) -> bool:

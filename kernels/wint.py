@@ -9,13 +9,13 @@ Layout (qbench/quant/qlinear.py, packing.py), K = in_features, N = out_features:
 
 Two kernels, chosen per shape by the tuner (kernels/tune.py) among their configs:
 - the generic dequantize-matmul skeleton (kernels/matmul.py): every bit width, act-order, any M;
-- wint_decode_kernel below, for decode (M <= 16) with 2, 4 or 8 bits and no act-order. It unpacks
-  a whole int32 word into its 32/bits codes with shifts, turns codes into floats with the exponent
-  trick (code | 0x4B000000 read as float32 is 2**23 + code, exact, no int->float conversion
-  instruction) and folds the zero point into that one subtraction; the scale is applied once per
-  group on the partial sum. DOT=False reduces on the CUDA cores (M = 1..4, one program row per
-  token); DOT=True pads the tokens to 16 and uses tl.dot on fp16/bf16 values of (q - z), which are
-  exact integers. The K range is split over SPLIT_K programs that add into a float32 output.
+- wint_decode_kernel below, for decode (M <= 4) with 2, 4 or 8 bits and no act-order, on the CUDA
+  cores, one program row per token. It unpacks a whole int32 word into its 32/bits codes with
+  shifts, turns codes into floats with the exponent trick (code | 0x4B000000 read as float32 is
+  2**23 + code, exact, no int->float conversion instruction) and folds the zero point into that one
+  subtraction; the scale is applied once per group on the partial sum. The K range is split over
+  SPLIT_K programs that add into a float32 output. (A tl.dot variant that padded the tokens to 16
+  lost to the skeleton's tl.dot path at every decode shape on the H100 and was removed.)
 """
 
 import torch
@@ -35,13 +35,14 @@ def is_default_g_idx(g_idx: torch.Tensor, group_size: int) -> bool:
 
 
 @triton.jit
-def wint_decode_kernel(x_ptr, out_ptr, qweight, qzeros, scales, M, N, K, stride_xm, stride_om, n_zero_words,
+def wint_decode_kernel(x_ptr, out_ptr, qweight, qzeros, scales, N, K, stride_xm, stride_om, n_zero_words,
                        SPLIT_K, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, DOT: tl.constexpr, ATOMIC: tl.constexpr):
+                       BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr):
     PER: tl.constexpr = 32 // BITS  # codes per int32 word
     WORDS: tl.constexpr = BLOCK_K // PER
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    m = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
     offs_w = tl.arange(0, WORDS)
@@ -51,12 +52,7 @@ def wint_decode_kernel(x_ptr, out_ptr, qweight, qzeros, scales, M, N, K, stride_
     k_tiles = tl.cdiv(K, BLOCK_K)
     per_split = tl.cdiv(k_tiles, SPLIT_K)
     t_end = tl.minimum(pid_k * per_split + per_split, k_tiles)
-    if DOT:
-        offs_m = tl.arange(0, 16)
-        acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
-    else:
-        m = tl.program_id(2)
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for t in range(pid_k * per_split, t_end):
         k0 = t * BLOCK_K
         word = k0 // PER + offs_w
@@ -66,53 +62,32 @@ def wint_decode_kernel(x_ptr, out_ptr, qweight, qzeros, scales, M, N, K, stride_
         g = 0 if GROUP == 0 else k0 // GROUP  # the launcher makes BLOCK_K divide the group
         s = tl.load(scales + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
         z = stream_codes(qzeros + g * n_zero_words, offs_n, 1, n_zero_words, nmask, BITS)
+        # 0x4B000000 as float32 is 2**23; its 23 mantissa bits hold the code: 2**23 + q, exact.
+        wf = (q3 | 0x4B000000).to(tl.float32, bitcast=True) - (z + 8388608.0)[None, None, :]
         offs_k = k0 + offs_w[:, None] * PER + offs_p[None, :]  # [WORDS, PER]
-        if DOT:
-            # 0x6400 as fp16 is 1024 and its 10 mantissa bits hold the code: 1024 + q, exact.
-            w16 = ((q3 | 0x6400).to(tl.uint16).to(tl.float16, bitcast=True) - (z + 1024.0).to(tl.float16)[None, None, :])
-            w = tl.reshape(w16, (BLOCK_K, BLOCK_N))
-            kk = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
-                        mask=(offs_m < M)[:, None] & (kk < K)[None, :], other=0.0)
-            if x_ptr.dtype.element_ty == tl.float32:
-                part = tl.dot(x, w.to(tl.float32), input_precision="ieee")
-            else:
-                part = tl.dot(x, w.to(x_ptr.dtype.element_ty))
-            acc += part * s[None, :]
-        else:
-            # 0x4B000000 as float32 is 2**23; its 23 mantissa bits hold the code: 2**23 + q, exact.
-            wf = (q3 | 0x4B000000).to(tl.float32, bitcast=True) - (z + 8388608.0)[None, None, :]
-            x = tl.load(x_ptr + m * stride_xm + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-            part = tl.sum(tl.sum(x[:, :, None] * wf, axis=1), axis=0)
-            acc += part * s
-    if DOT:
-        out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-        omask = (offs_m < M)[:, None] & nmask[None, :]
-    else:
-        out = out_ptr + m * stride_om + offs_n
-        omask = nmask
+        x = tl.load(x_ptr + m * stride_xm + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+        acc += tl.sum(tl.sum(x[:, :, None] * wf, axis=1), axis=0) * s
+    out = out_ptr + m * stride_om + offs_n
     if ATOMIC:
-        tl.atomic_add(out, acc, mask=omask)
+        tl.atomic_add(out, acc, mask=nmask)
     else:
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=omask)
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=nmask)
 
 
 def decode_configs(M: int, N: int, K: int, bits: int, group: int, device: torch.device) -> list[dict]:
     """Configs of wint_decode_kernel for this shape (empty where it does not apply)."""
-    if M > 16 or bits not in (2, 4, 8):
+    if M > 4 or bits not in (2, 4, 8):
         return []
     configs = []
-    for dot in ((False, True) if M <= 4 else (True,)):
-        for bn, bk, warps in ((128, 128, 4), (256, 128, 8), (256, 64, 4), (64, 256, 4), (512, 64, 8)):
-            if group and group % bk:
-                continue
-            k_tiles = triton.cdiv(K, bk)
-            programs = triton.cdiv(N, bn) * (1 if dot else M)
-            want = max(1, (4 * sm_count(device)) // programs)  # about four programs per SM
-            split = min(1 << (want.bit_length() - 1), k_tiles)
-            for s in sorted({1, max(split // 2, 1), split}):
-                configs.append({"KERNEL": "wint_decode", "DOT": dot, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": s,
-                                "num_warps": warps, "num_stages": 3})
+    for bn, bk, warps in ((128, 128, 4), (256, 128, 8), (256, 64, 4), (64, 256, 4), (512, 64, 8)):
+        if group and group % bk:
+            continue
+        k_tiles = triton.cdiv(K, bk)
+        want = max(1, (4 * sm_count(device)) // (triton.cdiv(N, bn) * M))  # about four programs per SM
+        split = min(1 << (want.bit_length() - 1), k_tiles)
+        for s in sorted({1, max(split // 2, 1), split}):
+            configs.append({"KERNEL": "wint_decode", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": s,
+                            "num_warps": warps, "num_stages": 3})
     return configs
 
 
@@ -121,10 +96,10 @@ def run_decode(cfg: dict, x2: torch.Tensor, qweight, qzeros, scales, bits: int, 
     split = cfg["SPLIT_K"]
     out = torch.zeros((M, N), dtype=torch.float32, device=x2.device) if split > 1 else \
         torch.empty((M, N), dtype=x2.dtype, device=x2.device)
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]), split, 1 if cfg["DOT"] else M)
-    wint_decode_kernel[grid](x2, out, qweight, qzeros, scales, M, N, K, x2.stride(0), out.stride(0), qzeros.shape[1],
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]), split, M)
+    wint_decode_kernel[grid](x2, out, qweight, qzeros, scales, N, K, x2.stride(0), out.stride(0), qzeros.shape[1],
                              split, BITS=bits, GROUP=group, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                             DOT=cfg["DOT"], ATOMIC=split > 1, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                             ATOMIC=split > 1, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out.to(x2.dtype)
 
 

@@ -159,7 +159,7 @@ def safe(fn, x):
 def copy_bandwidth(dev) -> float:
     a = torch.randn(1 << 28, device=dev, dtype=torch.float16)  # 512 MiB
     b = torch.empty_like(a)
-    ms = bench(lambda: b.copy_(a))
+    ms = bench_eager(lambda: b.copy_(a))  # 0.2 ms of GPU work: no launch-overhead issue
     return 2 * a.numel() * 2 / ms / 1e6  # GB/s, bytes read + written
 
 
@@ -174,16 +174,23 @@ def describe(choice) -> str:
         bm = cfg["BLOCK_M"]
         kind = "gemv" if bm == 1 else "dot16" if bm == 16 else "gemm"
     elif kind == "wint_decode":
-        kind = "decode-dot" if cfg["DOT"] else "decode"
+        kind = "decode"
     split = cfg.get("SPLIT_K", 1)
     return kind + (f" splitK{split}" if split > 1 else "")
 
 
-def sweep(shapes, ms_list, formats, dev, env, rows, out_json):
-    """Appends one row per (shape, format, M) to rows and rewrites out_json after each."""
+def sweep(shapes, ms_list, formats, dev, env, rows, out_json, deadline=float("inf")):
+    """Appends one row per (shape, format, M) to rows and rewrites out_json after each; starts no new
+    shape or format after time.time() passes deadline (the rows measured so far are kept)."""
     for K, N in shapes:
+        if time.time() > deadline:
+            print(f"deadline: shape {K}x{N} and later not measured", flush=True)
+            return
         peer, peer_cache = peers(K, N, dev), {}
         for fmt in formats:
+            if time.time() > deadline:
+                print(f"deadline: {fmt} on {K}x{N} and later not measured", flush=True)
+                break
             call, ref, wbytes, group = make_format(fmt, K, N, dev)
             for M in ms_list:
                 x = torch.randn(M, K, device=dev, dtype=torch.float16)
@@ -337,13 +344,17 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: one shape, M in {1, 2048}, SmolLM2 e2e only")
     ap.add_argument("--formats", default=",".join(FORMATS))
-    ap.add_argument("--shapes", choices=["all", "big"], default="all", help="big: only the two Llama-3-70B MLP shapes")
+    ap.add_argument("--shapes", choices=["all", "big", "rest"], default="all",
+                    help="big: the two Llama-3-70B MLP shapes; rest: all but 8192x28672 (28672x8192 first)")
     ap.add_argument("--ms", default=",".join(map(str, MS)), help="token counts M, comma-separated")
     ap.add_argument("--out", default="reports/kernels")
     ap.add_argument("--no-e2e", action="store_true", help="kernel rows only")
     ap.add_argument("--e2e-only", action="store_true", help="end-to-end decode only (kernel rows kept from an earlier run)")
     ap.add_argument("--steps", type=int, default=64, help="decode steps timed end to end")
     ap.add_argument("--append", action="store_true", help="keep the rows of an earlier run of this GPU (other shapes)")
+    ap.add_argument("--budget-s", type=float, default=float("inf"),
+                    help="start no new shape/format after this many seconds (the report covers what was measured)")
+    ap.add_argument("--e2e-first", action="store_true", help="run end to end after the first shape, before the others")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("qbench.bench.kernels needs a CUDA GPU")
@@ -356,15 +367,33 @@ def main(argv=None) -> None:
     env = dict(gpu=gpu, torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
                python=platform.python_version(), date=time.strftime("%Y-%m-%d"), copy_gbps=copy_bandwidth(dev))
     print(f"{gpu}: copy {env['copy_gbps']:.0f} GB/s; torch {env['torch']}, triton {env['triton']}", flush=True)
-    if not args.e2e_only:
-        shapes, ms_list = ([(4096, 4096)], [1, 2048]) if args.quick else \
-            (BIG if args.shapes == "big" else SHAPES, [int(m) for m in args.ms.split(",")])
-        rows = json.loads(rows_json.read_text()) if args.append and rows_json.is_file() else []
-        sweep(shapes, ms_list, args.formats.split(","), dev, env, rows, rows_json)
-    if not args.no_e2e:
+    deadline = time.time() + args.budget_s
+    shapes, ms_list = ([(4096, 4096)], [1, 2048]) if args.quick else \
+        (BIG if args.shapes == "big" else SHAPES, [int(m) for m in args.ms.split(",")])
+    if args.shapes == "rest":
+        shapes = [s for s in SHAPES if s not in BIG or s == BIG[1]]
+    rows = []
+    if args.append and rows_json.is_file():  # earlier rows of other shapes; % of copy bw against this run's copy
+        measured = set(shapes) if not args.e2e_only else set()
+        rows = [r for r in json.loads(rows_json.read_text()) if (r["K"], r["N"]) not in measured]
+        for r in rows:
+            r["pct_copy_bw"] = 100 * r["gbps"] / env["copy_gbps"]
+
+    def run_e2e():
         models = ["smollm2-135m (random weights)"] + ([] if args.quick else ["llama-3-8b shape (random weights)"])
         e2e = end_to_end(dev, 16 if args.quick else args.steps, models)
         e2e_json.write_text(json.dumps({"env": env, "e2e": e2e}, indent=1))
+
+    if not args.e2e_only:
+        first, rest = (shapes[:1], shapes[1:]) if args.e2e_first else (shapes, [])
+        sweep(first, ms_list, args.formats.split(","), dev, env, rows, rows_json, deadline)
+        if args.e2e_first and not args.no_e2e:
+            run_e2e()
+        sweep(rest, ms_list, args.formats.split(","), dev, env, rows, rows_json, deadline)
+        if not args.e2e_first and not args.no_e2e:
+            run_e2e()
+    elif not args.no_e2e:
+        run_e2e()
     rows = json.loads(rows_json.read_text()) if rows_json.is_file() else []
     e2e = json.loads(e2e_json.read_text())["e2e"] if e2e_json.is_file() else []
     write_report(out / f"{slug}.md", env, rows, e2e)
