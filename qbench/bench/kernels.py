@@ -344,8 +344,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: one shape, M in {1, 2048}, SmolLM2 e2e only")
     ap.add_argument("--formats", default=",".join(FORMATS))
-    ap.add_argument("--shapes", choices=["all", "big", "rest"], default="all",
-                    help="big: the two Llama-3-70B MLP shapes; rest: all but 8192x28672 (28672x8192 first)")
+    ap.add_argument("--shapes", default="all",
+                    help="all | big (the two Llama-3-70B MLP shapes) | rest (all but 8192x28672) | KxN[,KxN...]")
     ap.add_argument("--ms", default=",".join(map(str, MS)), help="token counts M, comma-separated")
     ap.add_argument("--out", default="reports/kernels")
     ap.add_argument("--no-e2e", action="store_true", help="kernel rows only")
@@ -372,6 +372,8 @@ def main(argv=None) -> None:
         (BIG if args.shapes == "big" else SHAPES, [int(m) for m in args.ms.split(",")])
     if args.shapes == "rest":
         shapes = [s for s in SHAPES if s not in BIG or s == BIG[1]]
+    elif "x" in args.shapes:
+        shapes = [tuple(int(v) for v in kn.split("x")) for kn in args.shapes.split(",")]
     rows = []
     if args.append and rows_json.is_file():  # earlier rows of other shapes; % of copy bw against this run's copy
         measured = set(shapes) if not args.e2e_only else set()
