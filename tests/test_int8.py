@@ -142,3 +142,21 @@ def test_as_accurate_as_bitsandbytes_llm_int8_with_planted_outliers():
     err_bnb = ((theirs - ref).norm() / ref.norm()).item()
     assert err_bnb < 1e-2 and err_ours <= err_bnb * 1.02
     assert ((ours - theirs).norm() / ref.norm()).item() < 5e-3  # the same algorithm, not just as good
+
+
+def test_int8_study_variants_bracket_llm_int8():
+    """The error-decomposition variants of qbench.bench.int8_study: weights-only equals x @ the int8
+    weights; with int8 on both sides and planted outliers the paper's eq. 3 (outlier columns on the
+    original weights) is at least as accurate as LLM.int8() with int8 outlier weights."""
+    from qbench.bench.int8_study import Int8Variant
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 40, bias=False)
+    x = torch.randn(32, 96)
+    x[:, 5] *= 30
+    ours = Int8Linear(lin.weight.data, None, 6.0, "torch")
+    assert torch.allclose(Int8Variant(lin, True, False)(x), x @ ours.dequantize().T, atol=1e-5)
+    assert torch.equal(Int8Variant(lin, False, False)(x), x @ lin.weight.data.T)
+    ref = x @ lin.weight.data.T
+    err = lambda y: ((y - ref).norm() / ref.norm()).item()  # noqa: E731
+    assert err(Int8Variant(lin, True, True)(x)) <= err(ours(x)) * 1.001
