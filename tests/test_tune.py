@@ -1,0 +1,51 @@
+"""The kernel autotuner's choice logic (kernels/tune.py), with the GPU timing replaced by a fake:
+the fastest config wins, configs that run out of GPU resources are skipped, a call that cannot be
+captured in a CUDA graph is timed eagerly, and any other error is raised."""
+
+import pytest
+
+pytest.importorskip("triton")
+
+from qbench.kernels import tune  # noqa: E402
+
+
+class OutOfResources(Exception):
+    pass
+
+
+def test_fastest_wins_and_out_of_resources_is_skipped(monkeypatch):
+    times = {1: 0.3, 2: 0.1, 3: None, 4: 0.2}
+
+    current = {}
+
+    def run(config):
+        if times[config["id"]] is None:
+            raise OutOfResources("out of resource: shared memory")
+        current["ms"] = times[config["id"]]
+
+    monkeypatch.setattr(tune, "gpu_time_ms", lambda fn, **_: (fn(), current["ms"])[1])
+    chosen = tune._tune("k", (1,), [{"id": i} for i in times], run)
+    assert chosen == {"id": 2}
+    with pytest.raises(RuntimeError, match="no config"):
+        tune._tune("k", (1,), [{"id": 3}], run)
+
+
+def test_capture_failure_falls_back_to_eager_timing(monkeypatch):
+    import triton
+
+    def no_capture(fn, **_):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(tune, "gpu_time_ms", no_capture)
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **_: (fn(), {1: 0.5, 2: 0.2}[last["id"]])[1])
+    last = {}
+    assert tune._tune("k", (1,), [{"id": 1}, {"id": 2}], lambda c: last.update(c)) == {"id": 2}
+
+    def broken(config):
+        raise ValueError("a real bug")
+    with pytest.raises(ValueError, match="a real bug"):
+        tune._tune("k", (1,), [{"id": 1}], broken)
+
+
+def test_m_bucket():
+    assert [tune.m_bucket(m) for m in (1, 2, 3, 16, 17, 5000)] == [1, 2, 4, 16, 32, 4096]
