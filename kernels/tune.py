@@ -11,6 +11,7 @@ timed: the first config is used.
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -97,6 +98,14 @@ def _replay_ms(graph, replays: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _compile_error(err: Exception) -> bool:
+    try:
+        from triton.compiler.errors import CompilationError
+    except ImportError:
+        return False
+    return isinstance(err, CompilationError)
+
+
 def _out_of_resources(err: Exception) -> bool:
     return "OutOfResources" in type(err).__name__ or "out of resource" in str(err)
 
@@ -132,6 +141,10 @@ def _tune(name: str, key: tuple, configs: list[dict], run) -> dict:
             ms = gpu_time_ms(lambda: run(config))
         except Exception as err:  # a config that does not fit (shared memory, registers) is skipped
             if _out_of_resources(err):
+                continue
+            if _compile_error(err):  # a candidate this GPU's compiler rejects: skipped, said aloud
+                warnings.warn(f"qbench tuner: {name} config {config} does not compile here, skipped: "
+                              f"{str(err).splitlines()[0][:200]}")
                 continue
             # Anything else may be the graph capture itself (a call that cannot be captured): time the
             # call eagerly instead; a real error in the call raises again here.

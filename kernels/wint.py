@@ -9,9 +9,10 @@ Layout (qbench/quant/qlinear.py, packing.py), K = in_features, N = out_features:
 
 Two kernels, chosen per shape by the tuner (kernels/tune.py) among their configs:
 - the generic dequantize-matmul skeleton (kernels/matmul.py): every bit width, act-order, any M;
-- wint_decode_kernel below, for decode (M <= 4) with 2, 4 or 8 bits and no act-order, on the CUDA
+- wint_decode_kernel below, for decode (M <= 4) with 2, 3, 4 or 8 bits and no act-order, on the CUDA
   cores, one program row per token. It unpacks a whole int32 word into its 32/bits codes with
-  shifts, turns codes into floats with the exponent trick (code | 0x4B000000 read as float32 is
+  shifts (3 bits: a 24-bit slice of a 3-word chunk into 8 codes, see unpack3), turns codes into
+  floats with the exponent trick (code | 0x4B000000 read as float32 is
   2**23 + code, exact, no int->float conversion instruction) and folds the zero point into that one
   subtraction; the scale is applied once per group on the partial sum. The K range is split over
   SPLIT_K programs that add into a float32 output. (A tl.dot variant that padded the tokens to 16
@@ -35,10 +36,36 @@ def is_default_g_idx(g_idx: torch.Tensor, group_size: int) -> bool:
 
 
 @triton.jit
+def unpack3(qweight, k0, offs_n, nmask, N, K, BLOCK_K: tl.constexpr):
+    """3-bit codes k0 .. k0+BLOCK_K-1 of columns offs_n -> uint32 [BLOCK_K // 8, 8, BLOCK_N].
+
+    32 codes fill exactly 3 words (96 bits), so a chunk of 32 codes starting at a multiple of 32 is
+    words 3c, 3c+1, 3c+2. Each chunk is cut into four 24-bit slices of 8 codes (bits 0-23, 24-47,
+    48-71, 72-95), assembled with a few shifts per slice; the codes then come off a slice with
+    constant shifts, as for 2/4/8 bits, instead of a pair of loads per code."""
+    CHUNKS: tl.constexpr = BLOCK_K // 32
+    c = k0 // 32 + tl.arange(0, CHUNKS)
+    n_words = tl.cdiv(K * 3, 32)
+    mask = nmask[None, :]
+    base = qweight + (3 * c)[:, None] * N + offs_n[None, :]
+    w0 = tl.load(base, mask=mask & (3 * c < n_words)[:, None], other=0).to(tl.uint32, bitcast=True)
+    w1 = tl.load(base + N, mask=mask & (3 * c + 1 < n_words)[:, None], other=0).to(tl.uint32, bitcast=True)
+    w2 = tl.load(base + 2 * N, mask=mask & (3 * c + 2 < n_words)[:, None], other=0).to(tl.uint32, bitcast=True)
+    v0 = w0 & 0xFFFFFF
+    v1 = (w0 >> 24) | ((w1 & 0xFFFF) << 8)
+    v2 = (w1 >> 16) | ((w2 & 0xFF) << 16)
+    v3 = w2 >> 8
+    v = tl.join(tl.join(v0, v1), tl.join(v2, v3))  # [CHUNKS, BLOCK_N, 2, 2]: v[..., q, p] = slice 2p + q
+    v = tl.reshape(tl.permute(v, (0, 3, 2, 1)), (CHUNKS * 4, offs_n.shape[0]))  # slice index 4c + 2p + q
+    shifts = (tl.arange(0, 8) * 3).to(tl.uint32)
+    return (v[:, None, :] >> shifts[None, :, None]) & 7
+
+
+@triton.jit
 def wint_decode_kernel(x_ptr, out_ptr, qweight, qzeros, scales, N, K, stride_xm, stride_om, n_zero_words,
                        SPLIT_K, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr):
-    PER: tl.constexpr = 32 // BITS  # codes per int32 word
+    PER: tl.constexpr = 8 if BITS == 3 else 32 // BITS  # codes per word (3 bits: per 24-bit slice)
     WORDS: tl.constexpr = BLOCK_K // PER
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -55,10 +82,13 @@ def wint_decode_kernel(x_ptr, out_ptr, qweight, qzeros, scales, N, K, stride_xm,
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for t in range(pid_k * per_split, t_end):
         k0 = t * BLOCK_K
-        word = k0 // PER + offs_w
-        words = tl.load(qweight + word[:, None] * N + offs_n[None, :],
-                        mask=(word < n_words)[:, None] & nmask[None, :], other=0).to(tl.uint32, bitcast=True)
-        q3 = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)  # [WORDS, PER, BLOCK_N]
+        if BITS == 3:
+            q3 = unpack3(qweight, k0, offs_n, nmask, N, K, BLOCK_K)  # [BLOCK_K // 8, 8, BLOCK_N]
+        else:
+            word = k0 // PER + offs_w
+            words = tl.load(qweight + word[:, None] * N + offs_n[None, :],
+                            mask=(word < n_words)[:, None] & nmask[None, :], other=0).to(tl.uint32, bitcast=True)
+            q3 = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)  # [WORDS, PER, BLOCK_N]
         g = 0 if GROUP == 0 else k0 // GROUP  # the launcher makes BLOCK_K divide the group
         s = tl.load(scales + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
         z = stream_codes(qzeros + g * n_zero_words, offs_n, 1, n_zero_words, nmask, BITS)
@@ -76,7 +106,7 @@ def wint_decode_kernel(x_ptr, out_ptr, qweight, qzeros, scales, N, K, stride_xm,
 
 def decode_configs(M: int, N: int, K: int, bits: int, group: int, device: torch.device) -> list[dict]:
     """Configs of wint_decode_kernel for this shape (empty where it does not apply)."""
-    if M > 4 or bits not in (2, 4, 8):
+    if M > 4 or bits not in (2, 3, 4, 8):
         return []
     configs = []
     for bn, bk, warps in ((128, 128, 4), (256, 128, 8), (256, 64, 4), (64, 256, 4), (512, 64, 8)):

@@ -82,7 +82,7 @@ def wint_decode_cfg(split: int, block_k: int = 32) -> dict:
     return {"KERNEL": "wint_decode", "BLOCK_N": 16, "BLOCK_K": block_k, "SPLIT_K": split, "num_warps": 4, "num_stages": 2}
 
 
-@pytest.mark.parametrize("bits,group_size", [(2, 32), (4, 64), (8, -1), (4, 32)])
+@pytest.mark.parametrize("bits,group_size", [(2, 32), (4, 64), (8, -1), (4, 32), (3, 32), (3, 64), (3, -1)])
 def test_wint_decode_kernel(bits, group_size):
     """The exponent-trick decode kernel, M = 1 and 3 token rows, with and without split-K, float32,
     float16 and bfloat16 activations; K=200 ends inside a word row, N=37 inside a column tile."""

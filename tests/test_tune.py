@@ -49,3 +49,16 @@ def test_capture_failure_falls_back_to_eager_timing(monkeypatch):
 
 def test_m_bucket():
     assert [tune.m_bucket(m) for m in (1, 2, 3, 16, 17, 5000)] == [1, 2, 4, 16, 32, 4096]
+
+
+def test_config_that_does_not_compile_is_skipped_with_a_warning(monkeypatch):
+    class FakeCompilationError(Exception):
+        pass
+
+    def run(config):
+        if config["id"] == 1:
+            raise FakeCompilationError("unsupported layout conversion")
+    monkeypatch.setattr(tune, "gpu_time_ms", lambda fn, **_: (fn(), 0.1)[1])
+    monkeypatch.setattr(tune, "_compile_error", lambda err: isinstance(err, FakeCompilationError))
+    with pytest.warns(UserWarning, match="does not compile here, skipped: unsupported layout"):
+        assert tune._tune("k", (1,), [{"id": 1}, {"id": 2}], run) == {"id": 2}
