@@ -129,3 +129,16 @@ def dequant_gguf(raw, offs_k, offs_n, N, K, row_bytes, QTYPE: tl.constexpr):
         q = tl.where(e % 64 < 32, qb & 15, qb >> 4)
         w = _f16_le(blk, mask) * (sc * q).to(tl.float32) - _f16_le(blk + 2, mask) * mn.to(tl.float32)
     return w
+
+
+@triton.jit
+def dequant_tile(p0, p1, p2, p3, p4, f0, offs_k, offs_n, k0, N, K, i0,
+                 FMT: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The [BLOCK_K, BLOCK_N] tile of W^T of format FMT (0 WINT, 1 NF4/FP4, 2 GGUF), float32."""
+    if FMT == 0:
+        w = dequant_wint(p0, p1, p2, p3, offs_k, offs_n, k0, N, K, i0, C0, C1, C2, BLOCK_K)
+    elif FMT == 1:
+        w = dequant_nf4(p0, p1, p2, p3, p4, f0, offs_k, offs_n, N, K, C0, C1)
+    else:
+        w = dequant_gguf(p0, offs_k, offs_n, N, K, i0, C0)
+    return w

@@ -23,10 +23,22 @@ import torch
 import triton
 import triton.language as tl
 
-from qbench.kernels.dequant import dequant_gguf, dequant_nf4, dequant_wint
+from qbench.kernels.dequant import dequant_tile
 from qbench.kernels.tune import m_bucket, pick
 
 WINT, NF4, GGUF = 0, 1, 2
+
+
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of program pid: GROUP_M row tiles walk the column tiles together, so a
+    column tile of W is reused from L2 by GROUP_M row tiles (Triton's matmul tutorial order)."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    rows = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % rows, (pid % per_group) // rows
 
 
 @triton.jit
@@ -37,13 +49,7 @@ def dequant_matmul_kernel(x_ptr, out_ptr, p0, p1, p2, p3, p4, f0,
                           GROUP_M: tl.constexpr, ATOMIC: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n  # GROUP_M row-tiles walk the N tiles together (L2 reuse of W)
-    first_m = (pid // per_group) * GROUP_M
-    rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % rows
-    pid_n = (pid % per_group) // rows
+    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask = offs_m < M
@@ -55,12 +61,7 @@ def dequant_matmul_kernel(x_ptr, out_ptr, p0, p1, p2, p3, p4, f0,
     for t in range(pid_k * per_split, t_end):
         k0 = t * BLOCK_K
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        if FMT == 0:
-            w = dequant_wint(p0, p1, p2, p3, offs_k, offs_n, k0, N, K, i0, C0, C1, C2, BLOCK_K)
-        elif FMT == 1:
-            w = dequant_nf4(p0, p1, p2, p3, p4, f0, offs_k, offs_n, N, K, C0, C1)
-        else:
-            w = dequant_gguf(p0, offs_k, offs_n, N, K, i0, C0)
+        w = dequant_tile(p0, p1, p2, p3, p4, f0, offs_k, offs_n, k0, N, K, i0, FMT, C0, C1, C2, BLOCK_K)
         kmask = offs_k < K
         if BLOCK_M == 1:
             xk = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],
@@ -89,12 +90,7 @@ def dequant_kernel(out_ptr, p0, p1, p2, p3, p4, f0, N, K, i0,
     k0 = tl.program_id(0) * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    if FMT == 0:
-        w = dequant_wint(p0, p1, p2, p3, offs_k, offs_n, k0, N, K, i0, C0, C1, C2, BLOCK_K)
-    elif FMT == 1:
-        w = dequant_nf4(p0, p1, p2, p3, p4, f0, offs_k, offs_n, N, K, C0, C1)
-    else:
-        w = dequant_gguf(p0, offs_k, offs_n, N, K, i0, C0)
+    w = dequant_tile(p0, p1, p2, p3, p4, f0, offs_k, offs_n, k0, N, K, i0, FMT, C0, C1, C2, BLOCK_K)
     mask = (offs_k < K)[:, None] & (offs_n < N)[None, :]
     tl.store(out_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from qbench.kernels.matmul import grouped_tile
 from qbench.kernels.tune import m_bucket, pick
 
 INT8_MAX, E4M3_MAX = 127.0, 448.0
@@ -79,13 +80,7 @@ def w8a8_kernel(xq_ptr, sx_ptr, wq_ptr, sw_ptr, out_ptr, x16_ptr, oidx_ptr, wo_p
                 GROUP_M: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % rows
-    pid_n = (pid % per_group) // rows
+    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask = offs_m < M
@@ -136,13 +131,7 @@ def w8a8_tma_kernel(xq_desc, sx_ptr, wq_desc, sw_ptr, out_ptr, M, N, K, stride_o
     """Prefill variant without outlier columns: both operands through tensor descriptors (TMA on
     Hopper: bulk asynchronous tile copies, zero fill outside the matrix, so no masks in the loop)."""
     pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % rows
-    pid_n = (pid % per_group) // rows
+    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if IS_INT else tl.float32)
     for k0 in range(0, K, BLOCK_K):
         a = xq_desc.load([pid_m * BLOCK_M, k0])
