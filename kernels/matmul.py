@@ -7,7 +7,7 @@ written to memory. Two shapes of the same kernel:
   fills the GPU when N alone gives too few tiles;
 - prefill: a tiled GEMM (BLOCK_M 64/128) with grouped tile order for L2 reuse, tl.dot on the tensor cores.
 Two more candidates compete with it in the tuner: a format's own decode kernel (`fast`, e.g.
-kernels/wint.py for 2/4/8-bit integers), and for M > 4 "dequantize, then cuBLAS": dequant_kernel
+kernels/wint.py, kernels/nf4.py), and for M > 4 "dequantize, then cuBLAS": dequant_kernel
 writes W^T once in the activation dtype (the same dequant device functions, one pass over the packed
 bytes) and torch.matmul multiplies. At prefill sizes the fused GEMM dequantizes every weight tile
 once per row-tile of M (16 times at M=2048 with 128-row tiles) and feeds the tensor cores from
