@@ -78,8 +78,9 @@ def test_wint_single_output_column_fp16():
     check(layer, 3, DOT16, dtype=torch.float16, tol=2e-3, seed=seed)  # fp16 operands on the tensor-core path
 
 
-def wint_decode_cfg(split: int, block_k: int = 32) -> dict:
-    return {"KERNEL": "wint_decode", "BLOCK_N": 16, "BLOCK_K": block_k, "SPLIT_K": split, "num_warps": 4, "num_stages": 2}
+def wint_decode_cfg(split: int, block_k: int = 32, in_place: bool = False) -> dict:
+    return {"KERNEL": "wint_decode", "BLOCK_N": 16, "BLOCK_K": block_k, "SPLIT_K": split, "num_warps": 4,
+            "num_stages": 2, "IN_PLACE": in_place}
 
 
 @pytest.mark.parametrize("bits,group_size", [(2, 32), (4, 64), (8, -1), (4, 32), (3, 32), (3, 64), (3, -1)])
@@ -93,6 +94,9 @@ def test_wint_decode_kernel(bits, group_size):
     check(layer, 1, wint_decode_cfg(2, block_k=64 if group_size in (-1, 64) else 32), seed=seed)
     check(layer, 2, wint_decode_cfg(2), dtype=torch.float16, tol=2e-3, seed=seed)
     check(layer, 4, wint_decode_cfg(1), dtype=torch.bfloat16, tol=1e-2, seed=seed)
+    if bits != 3:  # codes read in place (no shift below bit 23), x pre-scaled by powers of two
+        check(layer, 1, wint_decode_cfg(1, in_place=True), seed=seed)
+        check(layer, 3, wint_decode_cfg(2, in_place=True), dtype=torch.float16, tol=2e-3, seed=seed)
 
 
 def test_wint_dequant_then_cublas():
