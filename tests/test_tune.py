@@ -62,3 +62,10 @@ def test_config_that_does_not_compile_is_skipped_with_a_warning(monkeypatch):
     monkeypatch.setattr(tune, "_compile_error", lambda err: isinstance(err, FakeCompilationError))
     with pytest.warns(UserWarning, match="does not compile here, skipped: unsupported layout"):
         assert tune._tune("k", (1,), [{"id": 1}, {"id": 2}], run) == {"id": 2}
+
+
+def test_tuning_frees_the_flush_buffer(monkeypatch):
+    monkeypatch.setitem(tune._FLUSH, 0, ("256 MiB buffer", "graph", 8))
+    monkeypatch.setattr(tune, "gpu_time_ms", lambda fn, **_: (fn(), 0.1)[1])
+    tune._tune("k", (1,), [{"id": 1}], lambda c: None)
+    assert tune._FLUSH == {}
