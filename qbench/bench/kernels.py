@@ -356,6 +356,8 @@ def main(argv=None) -> None:
                     help="start no new shape/format after this many seconds (the report covers what was measured)")
     ap.add_argument("--e2e-first", action="store_true", help="run end to end after the first shape, before the others")
     args = ap.parse_args(argv)
+    if args.shapes not in ("all", "big", "rest") and not re.fullmatch(r"\d+x\d+(,\d+x\d+)*", args.shapes):
+        ap.error(f"--shapes {args.shapes!r}: use all, big, rest or KxN[,KxN...] (e.g. 4096x14336)")
     if not torch.cuda.is_available():
         raise SystemExit("qbench.bench.kernels needs a CUDA GPU")
     dev = torch.device("cuda")
