@@ -9,6 +9,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
+# Without a GPU, Triton kernels run in its interpreter; this must be set before any module that
+# defines a @triton.jit kernel is imported, whichever test file happens to import one first.
+try:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:
+    pass
+
 # Tests never reach the hub: data comes from the data root (../shared/data unless set).
 os.environ.setdefault("QBENCH_DATA_DIR", str(SHARED_DATA))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
