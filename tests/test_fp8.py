@@ -3,15 +3,12 @@ SmolLM2 perplexity against its unquantized baseline."""
 
 import copy
 import math
-import os
 
 import pytest
 import torch
 
 from qbench.quant.fp8 import FORMATS, FP8Linear, quantize_fp8, quantize_tokens
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton-path test runs the kernels interpreted
 
 # (mantissa bits, smallest normal exponent, largest finite value) of the OCP FP8 formats
 SPECS = {"e4m3": (3, -6, 448.0), "e5m2": (2, -14, 57344.0)}

@@ -1,14 +1,10 @@
 """GGUFLinear with kernel=triton: the Triton kernel reads our blocks and agrees with the torch path.
 
-CPU: Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported), small shapes."""
-
-import os
+CPU: Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py), small shapes."""
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
 from qbench.quant.gguf_linear import GGUFLinear  # noqa: E402

@@ -2,15 +2,12 @@
 counting, and SmolLM2 perplexity against its unquantized baseline."""
 
 import copy
-import os
 
 import pytest
 import torch
 
 from qbench.quant.int8 import Int8Linear, int8_matmul, quantize_rows
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton-path test runs the kernels interpreted
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:

@@ -10,8 +10,6 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any triton.jit runs
 pytest.importorskip("triton")
 
 from qbench.kernels import is_default_g_idx, wint_matmul  # noqa: E402

@@ -9,8 +9,6 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
 from qbench.kernels import fp8_matmul, gguf_matmul, int8_matmul, nf4_matmul  # noqa: E402

@@ -2,13 +2,10 @@
 layout by hand, and the Linear4bit module."""
 
 import copy
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton-path test runs the kernels interpreted
 
 from qbench.quant.nf4 import DYNAMIC_MAP, Linear4bit, code_book, dequantize_dynamic, quantize_4bit, quantize_dynamic
 
