@@ -146,11 +146,34 @@ def _tune(name: str, key: tuple, configs: list[dict], run) -> dict:
         release_flush()
 
 
+def _reference(configs: list[dict], run):
+    """The output of the last candidate (the simplest config of each list: the tested fallback), or None."""
+    try:
+        out = run(configs[-1])
+    except Exception:  # noqa: BLE001 - then candidates are only timed, as before
+        return None
+    return out if isinstance(out, torch.Tensor) else None
+
+
+def _agrees(out, reference: torch.Tensor) -> bool:
+    """Same result up to rounding and summation order (relative error of the norm below 1 %)."""
+    if not isinstance(out, torch.Tensor) or out.shape != reference.shape:
+        return False
+    diff = (out.float() - reference.float()).norm()
+    return bool(torch.isfinite(diff)) and diff.item() <= 1e-2 * max(reference.float().norm().item(), 1e-30)
+
+
 def _tune_all(name: str, key: tuple, configs: list[dict], run) -> dict:
     best, best_ms = None, float("inf")
     verbose = os.environ.get("QBENCH_TUNE_VERBOSE", "0") not in ("", "0")  # print every candidate's time
+    # A fast candidate with a wrong result must never win: each is checked against the simplest config's output.
+    reference = _reference(configs, run)
     for config in configs:
         try:
+            if reference is not None and not _agrees(run(config), reference):
+                warnings.warn(f"qbench tuner: {name} config {config} disagrees with {configs[-1]} "
+                              f"(relative difference above 1 %), skipped")
+                continue
             ms = gpu_time_ms(lambda: run(config))
         except Exception as err:  # a config that does not fit (shared memory, registers) is skipped
             if _out_of_resources(err):

@@ -28,6 +28,7 @@ import triton.language as tl
 
 from qbench.kernels.dequant import stream_codes
 from qbench.kernels.matmul import WINT, dequant_matmul, sm_count
+from qbench.kernels.wint_h2 import h2_decode_configs, run_h2_decode
 
 
 def is_default_g_idx(g_idx: torch.Tensor, group_size: int) -> bool:
@@ -162,7 +163,13 @@ def wint_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
     M = x.numel() // K if K else 0
     fast = None
     if not act_order:
-        fast = (lambda: decode_configs(M, N, K, bits, group, x.device),
-                lambda cfg, x2: run_decode(cfg, x2, qweight, qzeros, scales, bits, group, N))
+        def configs():
+            n_sm = sm_count(x.device)
+            return h2_decode_configs(M, N, K, bits, group, x.dtype, n_sm) + decode_configs(M, N, K, bits, group, x.device)
+
+        def run(cfg, x2):
+            launch = run_h2_decode if cfg["KERNEL"] == "wint_h2" else run_decode
+            return launch(cfg, x2, qweight, qzeros, scales, bits, group, N)
+        fast = (configs, run)
     return dequant_matmul(WINT, x, N, ptrs, (bits, group, act_order), i0=qzeros.shape[1], name="wint",
                           config=config, fast=fast)

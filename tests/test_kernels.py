@@ -97,6 +97,38 @@ def test_wint_decode_kernel(bits, group_size):
         check(layer, 3, wint_decode_cfg(2, in_place=True), dtype=torch.float16, tol=2e-3, seed=seed)
 
 
+def h2_cfg(split: int, block_k: int = 32, block_n: int = 16, chain: int = 2) -> dict:
+    return {"KERNEL": "wint_h2", "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "CHAIN": chain,
+            "num_warps": 4, "num_stages": 2}
+
+
+@pytest.mark.parametrize("bits,group_size", [(2, 32), (3, 32), (3, -1), (4, 32), (4, 64), (8, -1), (8, 32)])
+def test_wint_h2_decode_kernel(bits, group_size):
+    """The fp16x2 decode kernel (fp16 activations): M = 1 and 3, split-K, chains of 1 and 2 words; K=200
+    ends inside a word row (a 3-word chunk at 3 bits) and N=37 inside a column tile (masked); K=256,
+    N=32 fill the tiles (no masks). On the CPU its inline PTX step is replaced by the same fp16
+    operations (wint_h2.pair_fma)."""
+    seed = fresh_seed()
+    chain = 1 if bits == 3 else 2  # 3 bits: one 32-code chunk per row already
+    for N, K in ((37, 200 if group_size != 64 else 192), (32, 256)):
+        layer = make_layer(N, K, bits, group_size)
+        check(layer, 1, h2_cfg(1, chain=chain), dtype=torch.float16, tol=2e-3, seed=seed)
+        check(layer, 3, h2_cfg(2, chain=1), dtype=torch.float16, tol=2e-3, seed=seed)
+        check(layer, 1, h2_cfg(3, block_k=64, chain=chain) if group_size in (-1, 64) else h2_cfg(3, chain=chain),
+              dtype=torch.float16, tol=2e-3, seed=seed)
+
+
+def test_wint_h2_decode_large_activations():
+    """Activations of 1000 and weights of many levels: the fp16 partial sums hold x * (q - z) / 2**bits,
+    never x * (q - z), so they stay finite where x * (q - z) for 8-bit codes would pass 65504."""
+    seed = fresh_seed()
+    layer = make_layer(16, 64, 8, -1)
+    x = torch.full((1, 64), 1000.0, device=DEVICE, dtype=torch.float16)
+    ref = x.double() @ layer.dequantize(torch.float64).T
+    y = wint_matmul(x, layer.qweight, layer.qzeros, layer.scales, None, 8, -1, config=h2_cfg(1, block_k=64))
+    assert rel_err(y, ref) < 2e-3, f"seed {seed}"
+
+
 def test_wint_dequant_then_cublas():
     """The prefill candidate "dequantize W^T, then torch.matmul", for a straddling 3-bit stream and act-order."""
     seed = fresh_seed()

@@ -69,3 +69,22 @@ def test_tuning_frees_the_flush_buffer(monkeypatch):
     monkeypatch.setattr(tune, "gpu_time_ms", lambda fn, **_: (fn(), 0.1)[1])
     tune._tune("k", (1,), [{"id": 1}], lambda c: None)
     assert tune._FLUSH == {}
+
+
+def test_candidate_with_a_wrong_result_is_skipped(monkeypatch):
+    """A fast config whose output disagrees with the simplest config's (the last of the list) never wins."""
+    import torch
+
+    outputs = {1: torch.ones(4) * 2, 2: torch.ones(4) * (1 + 1e-4), 3: torch.ones(4)}
+    times = {1: 0.01, 2: 0.2, 3: 0.3}
+    current = {}
+
+    def run(config):
+        current["ms"] = times[config["id"]]
+        return outputs[config["id"]]
+    monkeypatch.setattr(tune, "gpu_time_ms", lambda fn, **_: (fn(), current["ms"])[1])
+    with pytest.warns(UserWarning, match="disagrees"):
+        assert tune._tune("k", (1,), [{"id": i} for i in (1, 2, 3)], run) == {"id": 2}
+    outputs[1] = torch.full((4,), float("nan"))
+    with pytest.warns(UserWarning, match="disagrees"):
+        assert tune._tune("k", (1,), [{"id": i} for i in (1, 2, 3)], run) == {"id": 2}

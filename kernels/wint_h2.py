@@ -1,0 +1,205 @@
+"""W{2,3,4,8}A16 decode with fp16 activations on packed half2 arithmetic: two weights per instruction.
+
+Same packed layout as kernels/wint.py (GPTQ: qweight [K*bits/32, N] int32, codes along K). The
+exponent-trick decode kernel there spends about 6.5 instructions per weight at fp32 rate and is bound
+by them, not by memory (reports/kernels/NOTES.md). Here one int32 word of 32/bits codes is cut into
+pairs (code j, code j + half) at bits (bits*j, bits*j + 16): one shift and one lop3,
+    t = ((word >> bits*j) & (mask | mask << 16)) | 0x64006400,
+give both codes as the fp16 pair (1024 + q_j, 1024 + q_{j+half}), exact. Then, on both halves at once,
+    w = (t - (1024 + z)) * s          sub.f16x2 (exact: small integers), mul.f16x2
+    acc = w * (x_j, x_{j+half}) + acc fma.rn.f16x2
+so a pair of weights costs 2.5 instructions plus its share of the shift. The fp16 sum covers one word
+(8 weights at 4 bits) and then goes to float32; the scale is applied to each weight in fp16 (as a
+dequantized fp16 weight would be) so the fp16 partial sums never hold x * (q - z) unscaled, which
+overflows fp16 for activations above a few hundred.
+
+The pair step is one inline-PTX block (`pair_fma`). Triton's CPU interpreter cannot run inline
+assembly, so under TRITON_INTERPRET=1 the same step is computed with Triton fp16 operations on the same
+packed registers (PTX=False); everything around it (packing of x, zeros and scales, masks, groups,
+split-K) is the same code in both modes.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from qbench.kernels.dequant import stream_codes
+from qbench.kernels.tune import interpreted
+
+MAGIC = 0x64006400  # two fp16 1024.0: a code OR-ed into the low mantissa bits reads as 1024 + code
+
+
+@triton.jit
+def _h2(u):
+    """uint32 -> (low fp16, high fp16)."""
+    lo = (u & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
+    hi = (u >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
+    return lo, hi
+
+
+@triton.jit
+def _u32(lo, hi):
+    """(fp16, fp16) -> uint32 with lo in bits 0-15."""
+    return lo.to(tl.uint16, bitcast=True).to(tl.uint32) | (hi.to(tl.uint16, bitcast=True).to(tl.uint32) << 16)
+
+
+@triton.jit
+def pair_fma(t, mask2, xp, zz, acc, PTX: tl.constexpr):
+    """acc + ((t & mask2 | ONE) - zz) * xp on fp16 pairs packed in uint32 (ONE: two fp16 1.0)."""
+    if PTX:
+        out = tl.inline_asm_elementwise(
+            """{
+            .reg .b32 d;
+            lop3.b32 d, $1, $2, 0x3C003C00, 0xEA;
+            sub.f16x2 d, d, $4;
+            fma.rn.f16x2 $0, d, $3, $5;
+            }""",
+            "=r,r,r,r,r,r", [t, mask2, xp, zz, acc], dtype=tl.uint32, is_pure=True, pack=1)
+    else:
+        t_lo, t_hi = _h2((t & mask2) | 0x3C003C00)
+        z_lo, z_hi = _h2(zz)
+        x_lo, x_hi = _h2(xp)
+        a_lo, a_hi = _h2(acc)
+        d_lo = (t_lo - z_lo).to(tl.float32)  # exact: multiples of 2**-BITS below 1
+        d_hi = (t_hi - z_hi).to(tl.float32)
+        # the fma's product is exact in float32; one rounding to fp16, as fma.rn.f16x2
+        out = _u32((d_lo * x_lo.to(tl.float32) + a_lo.to(tl.float32)).to(tl.float16),
+                   (d_hi * x_hi.to(tl.float32) + a_hi.to(tl.float32)).to(tl.float16))
+    return out
+
+
+@triton.jit
+def load_rows(qweight, row, offs_n, nmask, N, n_rows, EVEN: tl.constexpr):
+    """qweight[row, offs_n] as uint32 [len(row), BLOCK_N] (0 outside the matrix)."""
+    ptrs = qweight + row[:, None] * N + offs_n[None, :]
+    if EVEN:  # K and N are multiples of the tile: no masks
+        words = tl.load(ptrs)
+    else:
+        words = tl.load(ptrs, mask=(row < n_rows)[:, None] & nmask[None, :], other=0)
+    return words.to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def code_pair(src, pos, k_lo, k_hi, xrow, K, mask2, zz, part, TOP: tl.constexpr, EVEN: tl.constexpr,
+              PTX: tl.constexpr):
+    """part + x * (q - z) / UNIT for the pair of codes at bits pos and 16 + pos of src, whose inputs are
+    k_lo and k_hi: both codes are moved to bit TOP of their half, then pair_fma."""
+    if pos == TOP:
+        t = src
+    elif pos < TOP:
+        t = src << (TOP - pos)
+    else:
+        t = src >> (pos - TOP)
+    if EVEN:
+        x_lo = tl.load(xrow + k_lo)
+        x_hi = tl.load(xrow + k_hi)
+    else:
+        x_lo = tl.load(xrow + k_lo, mask=k_lo < K, other=0.0)
+        x_hi = tl.load(xrow + k_hi, mask=k_hi < K, other=0.0)
+    return pair_fma(t, mask2, _u32(x_lo, x_hi)[:, None], zz, part, PTX)
+
+
+@triton.jit
+def slice_pair3(va, vb, ka, kb, xrow, K, mask2, zz, part, EVEN: tl.constexpr, PTX: tl.constexpr):
+    """Two 24-bit slices of eight 3-bit codes (inputs ka.. and kb..): codes 0-4 of both are the pairs of
+    (va & 0xFFFF) | vb << 16 at bits 3i, codes 5-7 those of the same built from va >> 15, vb >> 15."""
+    lo = (va & 0xFFFF) | (vb << 16)
+    hi = ((va >> 15) & 0xFFFF) | ((vb >> 15) << 16)
+    for i in tl.static_range(5):
+        part = code_pair(lo, 3 * i, ka + i, kb + i, xrow, K, mask2, zz, part, 6, EVEN, PTX)
+    for i in tl.static_range(3):
+        part = code_pair(hi, 3 * i, ka + 5 + i, kb + 5 + i, xrow, K, mask2, zz, part, 6, EVEN, PTX)
+    return part
+
+
+@triton.jit
+def wint_h2_decode_kernel(x_ptr, out_ptr, qweight, qzeros, scales, N, K, stride_xm, stride_om, n_zero_words,
+                          SPLIT_K, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr, PTX: tl.constexpr, EVEN: tl.constexpr = False,
+                          CHAIN: tl.constexpr = 2):
+    PER: tl.constexpr = 32 if BITS == 3 else 32 // BITS  # codes per row: a word, or a 3-word chunk at 3 bits
+    HALF: tl.constexpr = PER // 2  # pairs per word
+    ROWS: tl.constexpr = BLOCK_K // PER // CHAIN  # words (chunks) of a column per chained slab
+    # A code at fp16 mantissa bits TOP..TOP+BITS-1, OR-ed into 1.0, reads as 1 + q / UNIT (exact). TOP is
+    # the highest multiple of BITS that fits, so one of the pair positions needs no shift.
+    TOP: tl.constexpr = (10 - BITS) // BITS * BITS
+    UNIT: tl.constexpr = 1 << (10 - TOP)
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    offs_r = tl.arange(0, ROWS)
+    mask2 = tl.full((1, 1), (((1 << BITS) - 1) << TOP) * 0x00010001, tl.uint32)  # the code's bits in both halves
+    n_words = tl.cdiv(K * BITS, 32)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    t_end = tl.minimum(pid_k * per_split + per_split, k_tiles)
+    xrow = x_ptr + m * stride_xm
+    acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)  # reduced over the rows once, after the loop
+    for t in range(pid_k * per_split, t_end):
+        k0 = t * BLOCK_K
+        g = 0 if GROUP == 0 else k0 // GROUP  # the launcher makes BLOCK_K divide the group
+        if EVEN:
+            s = tl.load(scales + g * N + offs_n).to(tl.float32)
+        else:
+            s = tl.load(scales + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
+        z = stream_codes(qzeros + g * n_zero_words, offs_n, 1, n_zero_words, nmask, BITS)
+        z1 = (1.0 + z / UNIT).to(tl.float16)  # 1 + z / UNIT, exact
+        zz = _u32(z1, z1)[None, :]
+        part = tl.zeros((ROWS, BLOCK_N), dtype=tl.uint32)  # fp16 pair sums over CHAIN rows of a column
+        for c in tl.static_range(CHAIN):
+            row = k0 // PER + c * ROWS + offs_r
+            k = row * PER
+            if BITS == 3:  # chunk = words 3r, 3r+1, 3r+2 = four 24-bit slices v0..v3 of 8 codes
+                w0 = load_rows(qweight, 3 * row, offs_n, nmask, N, n_words, EVEN)
+                w1 = load_rows(qweight, 3 * row + 1, offs_n, nmask, N, n_words, EVEN)
+                w2 = load_rows(qweight, 3 * row + 2, offs_n, nmask, N, n_words, EVEN)
+                part = slice_pair3(w0, (w0 >> 24) | (w1 << 8), k, k + 8, xrow, K, mask2, zz, part, EVEN, PTX)
+                part = slice_pair3((w1 >> 16) | (w2 << 16), w2 >> 8, k + 16, k + 24, xrow, K, mask2, zz, part,
+                                   EVEN, PTX)
+            else:  # codes j and j + HALF of a word sit at bits BITS*j and 16 + BITS*j
+                words = load_rows(qweight, row, offs_n, nmask, N, n_words, EVEN)
+                for j in tl.static_range(HALF):
+                    part = code_pair(words, BITS * j, k + j, k + j + HALF, xrow, K, mask2, zz, part, TOP, EVEN, PTX)
+        p_lo, p_hi = _h2(part)  # sum of x * (q - z) / UNIT over the chained rows, in two halves
+        acc += (p_lo.to(tl.float32) + p_hi.to(tl.float32)) * (s * UNIT)[None, :]
+    res = tl.sum(acc, axis=0)
+    out = out_ptr + m * stride_om + offs_n
+    if ATOMIC:
+        tl.atomic_add(out, res, mask=nmask)
+    else:
+        tl.store(out, res.to(out_ptr.dtype.element_ty), mask=nmask)
+
+
+def h2_decode_configs(M: int, N: int, K: int, bits: int, group: int, dtype: torch.dtype, n_sm: int) -> list[dict]:
+    """Configs of wint_h2_decode_kernel for this shape (empty where it does not apply: fp16 only)."""
+    if M > 4 or bits not in (2, 3, 4, 8) or dtype != torch.float16:
+        return []
+    per = 32 if bits == 3 else 32 // bits  # codes per row of the kernel
+    configs = []
+    for bn, bk, warps, chain in ((128, 128, 4, 2), (256, 128, 8, 2), (256, 128, 8, 4), (256, 64, 4, 2),
+                                 (128, 256, 8, 2), (512, 64, 8, 2), (128, 128, 4, 1), (256, 128, 8, 1)):
+        if (group and group % bk) or bk // per < chain or (bits == 3) != (chain == 1):
+            continue
+        k_tiles = triton.cdiv(K, bk)
+        want = max(1, (4 * n_sm) // (triton.cdiv(N, bn) * M))  # about four programs per SM
+        split = min(1 << (want.bit_length() - 1), k_tiles)
+        for s in sorted({1, max(split // 2, 1), split}):
+            configs.append({"KERNEL": "wint_h2", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": s, "CHAIN": chain,
+                            "num_warps": warps, "num_stages": 3})
+    return configs
+
+
+def run_h2_decode(cfg: dict, x2: torch.Tensor, qweight, qzeros, scales, bits: int, group: int, N: int) -> torch.Tensor:
+    M, K = x2.shape
+    split = cfg["SPLIT_K"]
+    out = torch.zeros((M, N), dtype=torch.float32, device=x2.device) if split > 1 else \
+        torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]), split, M)
+    wint_h2_decode_kernel[grid](x2, out, qweight, qzeros, scales, N, K, x2.stride(0), out.stride(0), qzeros.shape[1],
+                                split, BITS=bits, GROUP=group, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                                CHAIN=cfg["CHAIN"], ATOMIC=split > 1, PTX=not interpreted(), EVEN=K % cfg["BLOCK_K"] == 0 and N % cfg["BLOCK_N"] == 0,
+                                num_warps=cfg["num_warps"],
+                                num_stages=cfg["num_stages"])
+    return out.to(x2.dtype)
