@@ -116,7 +116,7 @@ def slice_pair3(va, vb, ka, kb, xrow, K, mask2, zz, part, EVEN: tl.constexpr, PT
 def wint_h2_decode_kernel(x_ptr, out_ptr, qweight, qzeros, scales, N, K, stride_xm, stride_om, n_zero_words,
                           SPLIT_K, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr, PTX: tl.constexpr, EVEN: tl.constexpr = False,
-                          CHAIN: tl.constexpr = 2):
+                          CHAIN: tl.constexpr = 2, STAGES: tl.constexpr = 1):
     PER: tl.constexpr = 32 if BITS == 3 else 32 // BITS  # codes per row: a word, or a 3-word chunk at 3 bits
     HALF: tl.constexpr = PER // 2  # pairs per word
     ROWS: tl.constexpr = BLOCK_K // PER // CHAIN  # words (chunks) of a column per chained slab
@@ -137,7 +137,7 @@ def wint_h2_decode_kernel(x_ptr, out_ptr, qweight, qzeros, scales, N, K, stride_
     t_end = tl.minimum(pid_k * per_split + per_split, k_tiles)
     xrow = x_ptr + m * stride_xm
     acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)  # reduced over the rows once, after the loop
-    for t in range(pid_k * per_split, t_end):
+    for t in tl.range(pid_k * per_split, t_end, num_stages=STAGES):
         k0 = t * BLOCK_K
         g = 0 if GROUP == 0 else k0 // GROUP  # the launcher makes BLOCK_K divide the group
         if EVEN:
@@ -173,21 +173,33 @@ def wint_h2_decode_kernel(x_ptr, out_ptr, qweight, qzeros, scales, N, K, stride_
 
 
 def h2_decode_configs(M: int, N: int, K: int, bits: int, group: int, dtype: torch.dtype, n_sm: int) -> list[dict]:
-    """Configs of wint_h2_decode_kernel for this shape (empty where it does not apply: fp16 only)."""
+    """Configs of wint_h2_decode_kernel for this shape (empty where it does not apply: fp16 only).
+
+    Two families: wide column tiles whose K range is split over about four programs per SM (float32
+    atomics, then a cast), and narrow column tiles that each run the whole K range (no split-K, no
+    zeroing or cast pass), which need the loads of later tiles in flight: STAGES > 1 pipelines
+    them through shared memory (cp.async)."""
     if M > 4 or bits not in (2, 3, 4, 8) or dtype != torch.float16:
         return []
     per = 32 if bits == 3 else 32 // bits  # codes per row of the kernel
+    chain = 1 if bits == 3 else 2
     configs = []
-    for bn, bk, warps, chain in ((128, 128, 4, 2), (256, 128, 8, 2), (256, 128, 8, 4), (256, 64, 4, 2),
-                                 (128, 256, 8, 2), (512, 64, 8, 2), (128, 128, 4, 1), (256, 128, 8, 1)):
-        if (group and group % bk) or bk // per < chain or (bits == 3) != (chain == 1):
-            continue
+
+    def add(bn, bk, warps, splits, stages):
+        if (group and group % bk) or bk // per < chain:
+            return
+        for s in sorted(splits):
+            for st in stages:
+                configs.append({"KERNEL": "wint_h2", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": s, "CHAIN": chain,
+                                "STAGES": st, "num_warps": warps, "num_stages": 1})
+
+    for bn, bk, warps in ((512, 64, 8), (256, 128, 8), (1024, 64, 8), (512, 128, 8)):
         k_tiles = triton.cdiv(K, bk)
         want = max(1, (4 * n_sm) // (triton.cdiv(N, bn) * M))  # about four programs per SM
         split = min(1 << (want.bit_length() - 1), k_tiles)
-        for s in sorted({1, max(split // 2, 1), split}):
-            configs.append({"KERNEL": "wint_h2", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": s, "CHAIN": chain,
-                            "num_warps": warps, "num_stages": 3})
+        add(bn, bk, warps, {max(split // 2, 1), split, min(2 * split, k_tiles)}, (1, 3))
+    for bn in (32, 64, 128):
+        add(bn, 128, 4, {1}, (3, 4))
     return configs
 
 
@@ -199,7 +211,7 @@ def run_h2_decode(cfg: dict, x2: torch.Tensor, qweight, qzeros, scales, bits: in
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), split, M)
     wint_h2_decode_kernel[grid](x2, out, qweight, qzeros, scales, N, K, x2.stride(0), out.stride(0), qzeros.shape[1],
                                 split, BITS=bits, GROUP=group, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                                CHAIN=cfg["CHAIN"], ATOMIC=split > 1, PTX=not interpreted(), EVEN=K % cfg["BLOCK_K"] == 0 and N % cfg["BLOCK_N"] == 0,
+                                CHAIN=cfg["CHAIN"], STAGES=cfg.get("STAGES", 1), ATOMIC=split > 1, PTX=not interpreted(), EVEN=K % cfg["BLOCK_K"] == 0 and N % cfg["BLOCK_N"] == 0,
                                 num_warps=cfg["num_warps"],
                                 num_stages=cfg["num_stages"])
     return out.to(x2.dtype)

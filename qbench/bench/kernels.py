@@ -212,7 +212,7 @@ def sweep(shapes, ms_list, formats, dev, env, rows, out_json, deadline=float("in
                            speedup_vs_fp16=p["fp16"] / ms, gbps=nbytes / ms / 1e6, tflops=2 * M * N * K / ms / 1e9,
                            pct_copy_bw=100 * nbytes / ms / 1e6 / env["copy_gbps"], tinygemm_ms=p.get("tinygemm"),
                            int_mm_ms=p.get("int_mm"), scaled_mm_ms=p.get("scaled_mm"), gpu=env["gpu"],
-                           torch=env["torch"], triton=env["triton"])
+                           torch=env["torch"], triton=env["triton"], date=env["date"])
                 rows.append(row)
                 print(f"{fmt:6} K={K:5} N={N:5} M={M:4}  {ms:8.4f} ms (eager {ms_eager:7.4f})  fp16 {p['fp16']:8.4f}"
                       f"  x{row['speedup_vs_fp16']:5.2f}"
@@ -351,7 +351,8 @@ def main(argv=None) -> None:
     ap.add_argument("--no-e2e", action="store_true", help="kernel rows only")
     ap.add_argument("--e2e-only", action="store_true", help="end-to-end decode only (kernel rows kept from an earlier run)")
     ap.add_argument("--steps", type=int, default=64, help="decode steps timed end to end")
-    ap.add_argument("--append", action="store_true", help="keep the rows of an earlier run of this GPU (other shapes)")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the rows of an earlier run of this GPU that this run does not measure (shape, format, M)")
     ap.add_argument("--budget-s", type=float, default=float("inf"),
                     help="start no new shape/format after this many seconds (the report covers what was measured)")
     ap.add_argument("--e2e-first", action="store_true", help="run end to end after the first shape, before the others")
@@ -378,8 +379,9 @@ def main(argv=None) -> None:
         shapes = [tuple(int(v) for v in kn.split("x")) for kn in args.shapes.split(",")]
     rows = []
     if args.append and rows_json.is_file():  # earlier rows of other shapes; % of copy bw against this run's copy
-        measured = set(shapes) if not args.e2e_only else set()
-        rows = [r for r in json.loads(rows_json.read_text()) if (r["K"], r["N"]) not in measured]
+        fmts = args.formats.split(",")
+        measured = {(K, N, f, M) for K, N in shapes for f in fmts for M in ms_list} if not args.e2e_only else set()
+        rows = [r for r in json.loads(rows_json.read_text()) if (r["K"], r["N"], r["format"], r["M"]) not in measured]
         for r in rows:
             r["pct_copy_bw"] = 100 * r["gbps"] / env["copy_gbps"]
 
