@@ -113,9 +113,9 @@ def slice_pair3(va, vb, ka, kb, xrow, K, mask2, zz, part, EVEN: tl.constexpr, PT
 
 
 @triton.jit
-def wint_h2_decode_kernel(x_ptr, out_ptr, qweight, qzeros, scales, N, K, stride_xm, stride_om, n_zero_words,
-                          SPLIT_K, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr, PTX: tl.constexpr, EVEN: tl.constexpr = False,
+def wint_h2_decode_kernel(x_ptr, out_ptr, qweight, qzeros, scales, partials, counters, N, K, stride_xm, stride_om,
+                          n_zero_words, SPLIT_K, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, PTX: tl.constexpr, EVEN: tl.constexpr = False,
                           CHAIN: tl.constexpr = 2, STAGES: tl.constexpr = 1):
     PER: tl.constexpr = 32 if BITS == 3 else 32 // BITS  # codes per row: a word, or a 3-word chunk at 3 bits
     HALF: tl.constexpr = PER // 2  # pairs per word
@@ -166,52 +166,73 @@ def wint_h2_decode_kernel(x_ptr, out_ptr, qweight, qzeros, scales, N, K, stride_
         acc += (p_lo.to(tl.float32) + p_hi.to(tl.float32)) * (s * UNIT)[None, :]
     res = tl.sum(acc, axis=0)
     out = out_ptr + m * stride_om + offs_n
-    if ATOMIC:
-        tl.atomic_add(out, res, mask=nmask)
-    else:
+    if SPLIT_K == 1:
         tl.store(out, res.to(out_ptr.dtype.element_ty), mask=nmask)
+    else:
+        # Split-K without a zeroing pass or a cast pass (two kernel boundaries, about a third of a
+        # 60 us call): each split stores its float32 partial, and the last split of this column tile to
+        # finish (a counter, left at 0 again for the next call) adds them up and writes the output.
+        M = tl.num_programs(2)
+        n_tiles = tl.num_programs(0)
+        tl.store(partials + (pid_k * M + m) * N + offs_n, res, mask=nmask)
+        tl.debug_barrier()  # every thread's partial is written before the counter says so
+        ticket = counters + m * n_tiles + pid_n
+        arrived = tl.atomic_add(ticket, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for k in range(0, SPLIT_K):
+                total += tl.load(partials + (k * M + m) * N + offs_n, mask=nmask, other=0.0, cache_modifier=".cg")
+            tl.store(out, total.to(out_ptr.dtype.element_ty), mask=nmask)
+            tl.atomic_xchg(ticket, 0)
 
 
 def h2_decode_configs(M: int, N: int, K: int, bits: int, group: int, dtype: torch.dtype, n_sm: int) -> list[dict]:
     """Configs of wint_h2_decode_kernel for this shape (empty where it does not apply: fp16 only).
 
-    Two families: wide column tiles whose K range is split over about four programs per SM (float32
-    atomics, then a cast), and narrow column tiles that each run the whole K range (no split-K, no
-    zeroing or cast pass), which need the loads of later tiles in flight: STAGES > 1 pipelines
-    them through shared memory (cp.async)."""
+    Wide column tiles (8 warps) whose K range is split so that the programs fill the GPU in about one
+    wave (two to four per SM: an 8-warp program of 64-100 registers leaves room for two to four),
+    with and without pipelined loads (STAGES 3: cp.async through shared memory). Narrow tiles that
+    run the whole K range each (no split) lost by 1.3-5x on the H100 and are not tried."""
     if M > 4 or bits not in (2, 3, 4, 8) or dtype != torch.float16:
         return []
     per = 32 if bits == 3 else 32 // bits  # codes per row of the kernel
     chain = 1 if bits == 3 else 2
     configs = []
-
-    def add(bn, bk, warps, splits, stages):
+    for bn, bk in ((512, 64), (256, 128), (1024, 64), (512, 128)):
         if (group and group % bk) or bk // per < chain:
-            return
-        for s in sorted(splits):
-            for st in stages:
-                configs.append({"KERNEL": "wint_h2", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": s, "CHAIN": chain,
-                                "STAGES": st, "num_warps": warps, "num_stages": 1})
-
-    for bn, bk, warps in ((512, 64, 8), (256, 128, 8), (1024, 64, 8), (512, 128, 8)):
+            continue
         k_tiles = triton.cdiv(K, bk)
-        want = max(1, (4 * n_sm) // (triton.cdiv(N, bn) * M))  # about four programs per SM
-        split = min(1 << (want.bit_length() - 1), k_tiles)
-        add(bn, bk, warps, {max(split // 2, 1), split, min(2 * split, k_tiles)}, (1, 3))
-    for bn in (32, 64, 128):
-        add(bn, 128, 4, {1}, (3, 4))
+        tiles = triton.cdiv(N, bn) * M
+        splits = {min(max(round(c * n_sm / tiles), 1), k_tiles) for c in (2, 3, 4, 8)}
+        for split in sorted(splits):
+            for stages in (1, 3):
+                configs.append({"KERNEL": "wint_h2", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "CHAIN": chain,
+                                "STAGES": stages, "num_warps": 8, "num_stages": 1})
     return configs
+
+
+_COUNTERS: dict = {}  # device -> int32 zeros, one arrival counter per (token, column tile); kernels leave them 0
+
+
+def split_counters(device: torch.device, n: int) -> torch.Tensor:
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[device] = buf
+    return buf
 
 
 def run_h2_decode(cfg: dict, x2: torch.Tensor, qweight, qzeros, scales, bits: int, group: int, N: int) -> torch.Tensor:
     M, K = x2.shape
     split = cfg["SPLIT_K"]
-    out = torch.zeros((M, N), dtype=torch.float32, device=x2.device) if split > 1 else \
-        torch.empty((M, N), dtype=x2.dtype, device=x2.device)
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]), split, M)
-    wint_h2_decode_kernel[grid](x2, out, qweight, qzeros, scales, N, K, x2.stride(0), out.stride(0), qzeros.shape[1],
-                                split, BITS=bits, GROUP=group, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                                CHAIN=cfg["CHAIN"], STAGES=cfg.get("STAGES", 1), ATOMIC=split > 1, PTX=not interpreted(), EVEN=K % cfg["BLOCK_K"] == 0 and N % cfg["BLOCK_N"] == 0,
-                                num_warps=cfg["num_warps"],
-                                num_stages=cfg["num_stages"])
-    return out.to(x2.dtype)
+    n_tiles = triton.cdiv(N, cfg["BLOCK_N"])
+    out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    partials = torch.empty((split, M, N), dtype=torch.float32, device=x2.device) if split > 1 else out
+    counters = split_counters(x2.device, M * n_tiles) if split > 1 else out
+    grid = (n_tiles, split, M)
+    wint_h2_decode_kernel[grid](x2, out, qweight, qzeros, scales, partials, counters, N, K, x2.stride(0), out.stride(0),
+                                qzeros.shape[1], split, BITS=bits, GROUP=group, BLOCK_N=cfg["BLOCK_N"],
+                                BLOCK_K=cfg["BLOCK_K"], CHAIN=cfg["CHAIN"], STAGES=cfg.get("STAGES", 1),
+                                PTX=not interpreted(), EVEN=K % cfg["BLOCK_K"] == 0 and N % cfg["BLOCK_N"] == 0,
+                                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out
