@@ -69,6 +69,29 @@ def pair_fma(t, mask2, xp, zz, acc, PTX: tl.constexpr):
 
 
 @triton.jit
+def byte_pair_fma(a, b, sel, mask2, xp, zz, acc, PTX: tl.constexpr):
+    """pair_fma of t = prmt(a, b, sel): byte sel & 7 of (a, b) into byte 0, byte (sel >> 8) & 7 into byte 2
+    (bytes 0-3 are a's, 4-7 b's; bytes 1 and 3 are masked off by mask2)."""
+    if PTX:
+        out = tl.inline_asm_elementwise(
+            """{
+            .reg .b32 d;
+            prmt.b32 d, $1, $2, $3;
+            lop3.b32 d, d, $4, 0x3C003C00, 0xEA;
+            sub.f16x2 d, d, $6;
+            fma.rn.f16x2 $0, d, $5, $7;
+            }""",
+            "=r,r,r,r,r,r,r,r", [a, b, sel, mask2, xp, zz, acc], dtype=tl.uint32, is_pure=True, pack=1)
+    else:
+        s0 = sel & 7
+        s2 = (sel >> 8) & 7
+        lo = tl.where(s0 < 4, a >> (8 * (s0 & 3)), b >> (8 * (s0 & 3))) & 0xFF
+        hi = tl.where(s2 < 4, a >> (8 * (s2 & 3)), b >> (8 * (s2 & 3))) & 0xFF
+        out = pair_fma(lo | (hi << 16), mask2, xp, zz, acc, PTX)
+    return out
+
+
+@triton.jit
 def load_rows(qweight, row, offs_n, nmask, N, n_rows, EVEN: tl.constexpr):
     """qweight[row, offs_n] as uint32 [len(row), BLOCK_N] (0 outside the matrix)."""
     ptrs = qweight + row[:, None] * N + offs_n[None, :]
@@ -116,7 +139,7 @@ def slice_pair3(va, vb, ka, kb, xrow, K, mask2, zz, part, EVEN: tl.constexpr, PT
 def wint_h2_decode_kernel(x_ptr, out_ptr, qweight, qzeros, scales, partials, counters, N, K, stride_xm, stride_om,
                           n_zero_words, SPLIT_K, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_K: tl.constexpr, PTX: tl.constexpr, EVEN: tl.constexpr = False,
-                          CHAIN: tl.constexpr = 2, STAGES: tl.constexpr = 1):
+                          CHAIN: tl.constexpr = 2, STAGES: tl.constexpr = 1, BYTE_PAIRS: tl.constexpr = False):
     PER: tl.constexpr = 32 if BITS == 3 else 32 // BITS  # codes per row: a word, or a 3-word chunk at 3 bits
     HALF: tl.constexpr = PER // 2  # pairs per word
     ROWS: tl.constexpr = BLOCK_K // PER // CHAIN  # words (chunks) of a column per chained slab
@@ -158,6 +181,22 @@ def wint_h2_decode_kernel(x_ptr, out_ptr, qweight, qzeros, scales, partials, cou
                 part = slice_pair3(w0, (w0 >> 24) | (w1 << 8), k, k + 8, xrow, K, mask2, zz, part, EVEN, PTX)
                 part = slice_pair3((w1 >> 16) | (w2 << 16), w2 >> 8, k + 16, k + 24, xrow, K, mask2, zz, part,
                                    EVEN, PTX)
+            elif BYTE_PAIRS:  # 4/8 bits, even K: pair codes (2i, 2i+1), whose inputs are one int32 of x
+                words = load_rows(qweight, row, offs_n, nmask, N, n_words, EVEN)
+                xw = x_ptr.to(tl.pointer_type(tl.uint32)) + m * (stride_xm // 2) + row * (PER // 2)
+                if BITS == 4:  # byte i = codes 2i (low nibble) and 2i+1: high nibble of byte i of word << 4, and of word
+                    shifted = words << 4
+                for i in tl.static_range(HALF):
+                    if EVEN:
+                        xp = tl.load(xw + i)
+                    else:
+                        xp = tl.load(xw + i, mask=k + 2 * i < K, other=0)
+                    if BITS == 4:
+                        part = byte_pair_fma(shifted, words, tl.full((1, 1), i | ((4 + i) << 8), tl.uint32), mask2,
+                                             xp[:, None], zz, part, PTX)
+                    else:  # bytes 2i and 2i+1
+                        part = byte_pair_fma(words, words, tl.full((1, 1), (2 * i) | ((2 * i + 1) << 8), tl.uint32),
+                                             mask2, xp[:, None], zz, part, PTX)
             else:  # codes j and j + HALF of a word sit at bits BITS*j and 16 + BITS*j
                 words = load_rows(qweight, row, offs_n, nmask, N, n_words, EVEN)
                 for j in tl.static_range(HALF):
@@ -206,8 +245,9 @@ def h2_decode_configs(M: int, N: int, K: int, bits: int, group: int, dtype: torc
         splits = {min(max(round(c * n_sm / tiles), 1), k_tiles) for c in (2, 3, 4, 8)}
         for split in sorted(splits):
             for stages in (1, 3):
-                configs.append({"KERNEL": "wint_h2", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "CHAIN": chain,
-                                "STAGES": stages, "num_warps": 8, "num_stages": 1})
+                for byte_pairs in ((False, True) if bits in (4, 8) and K % 2 == 0 else (False,)):
+                    configs.append({"KERNEL": "wint_h2", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "CHAIN": chain,
+                                    "STAGES": stages, "BYTE_PAIRS": byte_pairs, "num_warps": 8, "num_stages": 1})
     return configs
 
 
@@ -230,9 +270,13 @@ def run_h2_decode(cfg: dict, x2: torch.Tensor, qweight, qzeros, scales, bits: in
     partials = torch.empty((split, M, N), dtype=torch.float32, device=x2.device) if split > 1 else out
     counters = split_counters(x2.device, M * n_tiles) if split > 1 else out
     grid = (n_tiles, split, M)
+    # x read as int32 pairs: needs an even K and row stride and a 4-byte aligned start
+    byte_pairs = cfg.get("BYTE_PAIRS", False) and bits in (4, 8) and K % 2 == 0 and x2.stride(0) % 2 == 0 \
+        and x2.data_ptr() % 4 == 0
     wint_h2_decode_kernel[grid](x2, out, qweight, qzeros, scales, partials, counters, N, K, x2.stride(0), out.stride(0),
                                 qzeros.shape[1], split, BITS=bits, GROUP=group, BLOCK_N=cfg["BLOCK_N"],
                                 BLOCK_K=cfg["BLOCK_K"], CHAIN=cfg["CHAIN"], STAGES=cfg.get("STAGES", 1),
                                 PTX=not interpreted(), EVEN=K % cfg["BLOCK_K"] == 0 and N % cfg["BLOCK_N"] == 0,
+                                BYTE_PAIRS=byte_pairs,
                                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out

@@ -97,9 +97,9 @@ def test_wint_decode_kernel(bits, group_size):
         check(layer, 3, wint_decode_cfg(2, in_place=True), dtype=torch.float16, tol=2e-3, seed=seed)
 
 
-def h2_cfg(split: int, block_k: int = 32, block_n: int = 16, chain: int = 2, stages: int = 1) -> dict:
+def h2_cfg(split: int, block_k: int = 32, block_n: int = 16, chain: int = 2, stages: int = 1, byte_pairs=False) -> dict:
     return {"KERNEL": "wint_h2", "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "CHAIN": chain,
-            "STAGES": stages, "num_warps": 4, "num_stages": 1}
+            "STAGES": stages, "BYTE_PAIRS": byte_pairs, "num_warps": 4, "num_stages": 1}
 
 
 @pytest.mark.parametrize("bits,group_size", [(2, 32), (3, 32), (3, -1), (4, 32), (4, 64), (8, -1), (8, 32)])
@@ -113,6 +113,9 @@ def test_wint_h2_decode_kernel(bits, group_size):
     for N, K in ((37, 200 if group_size != 64 else 192), (32, 256)):
         layer = make_layer(N, K, bits, group_size)
         check(layer, 1, h2_cfg(1, chain=chain), dtype=torch.float16, tol=2e-3, seed=seed)
+        if bits in (4, 8):  # codes paired within a byte (prmt), x read as int32 pairs
+            check(layer, 1, h2_cfg(1, byte_pairs=True), dtype=torch.float16, tol=2e-3, seed=seed)
+            check(layer, 3, h2_cfg(3, chain=1, byte_pairs=True), dtype=torch.float16, tol=2e-3, seed=seed)
         check(layer, 3, h2_cfg(2, chain=1, stages=3), dtype=torch.float16, tol=2e-3, seed=seed)  # pipelined loop
         check(layer, 1, h2_cfg(3, block_k=64, chain=chain) if group_size in (-1, 64) else h2_cfg(3, chain=chain),
               dtype=torch.float16, tol=2e-3, seed=seed)

@@ -1,0 +1,95 @@
+"""Time every candidate config of the fp16x2 integer decode kernel (kernels/wint_h2.py) on one GPU.
+
+    python -m qbench.bench.decode_sweep [--bits 4,3] [--shapes 8192x28672,28672x8192] [--group 128]
+
+For each (bits, shape) at M=1: random packed weights, each candidate checked against a torch
+dequantize-then-matmul reference, then its GPU time (kernels/tune.gpu_time_ms, L2 flushed); prints the
+candidates sorted by time and the fp16 matmul time of the same shape. A tool for choosing the tuner's
+candidate list, not part of the report.
+"""
+
+import argparse
+
+import torch
+
+from qbench.kernels.matmul import sm_count
+from qbench.kernels.tune import gpu_time_ms
+from qbench.kernels.wint_h2 import h2_decode_configs, run_h2_decode
+
+
+def wide_grid(N: int, K: int, bits: int, group: int, n_sm: int) -> list[dict]:
+    """More configs than the tuner tries: tile, warps, programs per SM, pipeline depth, pairing."""
+    per = 32 if bits == 3 else 32 // bits
+    chain = 1 if bits == 3 else 2
+    out = []
+    for bn, bk, warps in ((512, 64, 8), (1024, 64, 8), (512, 128, 8), (256, 128, 8), (512, 64, 4), (256, 64, 4)):
+        if group % bk or bk // per < chain:
+            continue
+        tiles = -(-N // bn)
+        for c in (2, 3, 4, 6, 8):
+            split = min(max(round(c * n_sm / tiles), 1), -(-K // bk))
+            for stages in (1, 2, 3, 4):
+                for bp in ((False, True) if bits in (4, 8) else (False,)):
+                    out.append({"KERNEL": "wint_h2", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "CHAIN": chain,
+                                "STAGES": stages, "BYTE_PAIRS": bp, "num_warps": warps, "num_stages": 1})
+    return out
+
+
+def packed_weights(K: int, N: int, bits: int, group: int, dev):
+    """Random GPTQ-layout tensors and the fp32 [N, K] weight they encode."""
+    G = K // group
+    codes = torch.randint(0, 1 << bits, (K, N), device=dev, dtype=torch.int64)
+    zeros = torch.randint(0, 1 << bits, (G, N), device=dev, dtype=torch.int64)
+    scales = (torch.rand(G, N, device=dev) * 0.02 + 0.001).half()
+
+    def pack(v, axis_len):  # little-endian bit stream of `bits`-bit codes along dim 0
+        bitpos = torch.arange(axis_len, device=dev) * bits
+        words = torch.zeros((-(-axis_len * bits // 32), v.shape[1]), dtype=torch.int64, device=dev)
+        for b in range(bits):
+            bit = ((v >> b) & 1) << ((bitpos + b) % 32)[:, None]
+            words.index_add_(0, (bitpos + b) // 32, bit)
+        return (words - ((words >> 31) << 32)).to(torch.int32)
+
+    qweight = pack(codes, K)
+    qzeros = pack(zeros.T.contiguous(), N).T.contiguous()
+    w = ((codes.float() - zeros.float().repeat_interleave(group, 0)) * scales.float().repeat_interleave(group, 0)).T
+    return qweight, qzeros, scales, w
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bits", default="4,3")
+    ap.add_argument("--shapes", default="8192x28672,28672x8192")
+    ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--wide", action="store_true", help="a wider grid than the tuner's candidates")
+    args = ap.parse_args(argv)
+    dev = torch.device("cuda")
+    for bits in map(int, args.bits.split(",")):
+        for K, N in (tuple(map(int, s.split("x"))) for s in args.shapes.split(",")):
+            qweight, qzeros, scales, w = packed_weights(K, N, bits, args.group, dev)
+            x = torch.randn(1, K, device=dev, dtype=torch.float16)
+            want = x.float() @ w.T
+            wh = w.T.contiguous().half()
+            fp16_ms = gpu_time_ms(lambda: x @ wh)
+            results = []
+            grid = wide_grid(N, K, bits, args.group, sm_count(dev)) if args.wide else \
+                h2_decode_configs(1, N, K, bits, args.group, x.dtype, sm_count(dev))
+            for cfg in grid:
+                y = run_h2_decode(cfg, x, qweight, qzeros, scales, bits, args.group, N)
+                err = ((y.float() - want).norm() / want.norm()).item()
+                if not err < 5e-3:
+                    print(f"WRONG {err:.2e} {cfg}")
+                    continue
+                ms = gpu_time_ms(lambda: run_h2_decode(cfg, x, qweight, qzeros, scales, bits, args.group, N))
+                results.append((ms, cfg))
+            results.sort(key=lambda r: r[0])
+            print(f"W{bits}A16 g{args.group} K={K} N={N} M=1: fp16 matmul {fp16_ms:.4f} ms; {len(results)} configs")
+            for ms, cfg in results[:args.top]:
+                short = {k: v for k, v in cfg.items() if k not in ("KERNEL", "CHAIN", "num_stages")}
+                print(f"  {ms:.4f} ms  x{fp16_ms / ms:.2f}  {short}", flush=True)
+            del qweight, qzeros, scales, w, wh
+
+
+if __name__ == "__main__":
+    main()
