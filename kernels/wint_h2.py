@@ -228,26 +228,27 @@ def wint_h2_decode_kernel(x_ptr, out_ptr, qweight, qzeros, scales, partials, cou
 def h2_decode_configs(M: int, N: int, K: int, bits: int, group: int, dtype: torch.dtype, n_sm: int) -> list[dict]:
     """Configs of wint_h2_decode_kernel for this shape (empty where it does not apply: fp16 only).
 
-    Wide column tiles (8 warps) whose K range is split so that the programs fill the GPU in about one
-    wave (two to four per SM: an 8-warp program of 64-100 registers leaves room for two to four),
-    with and without pipelined loads (STAGES 3: cp.async through shared memory). Narrow tiles that
-    run the whole K range each (no split) lost by 1.3-5x on the H100 and are not tried."""
+    Chosen from `python -m qbench.bench.decode_sweep --wide` on the H100 (240 configs per shape): the
+    K range split so that two to four programs per SM fill the GPU in one wave, loads pipelined two
+    or three tiles ahead (cp.async), 64-row K tiles, and at 4/8 bits codes paired within a byte
+    (BYTE_PAIRS), which won every one of the top 14 places on both Llama-3-70B MLP shapes. Tiles
+    that run the whole K range each (no split) lost by 1.3-5x and are not tried."""
     if M > 4 or bits not in (2, 3, 4, 8) or dtype != torch.float16:
         return []
     per = 32 if bits == 3 else 32 // bits  # codes per row of the kernel
     chain = 1 if bits == 3 else 2
+    byte_pairs = bits in (4, 8) and K % 2 == 0
     configs = []
-    for bn, bk in ((512, 64), (256, 128), (1024, 64), (512, 128)):
+    small = 64 if not group or group % 64 == 0 else 32  # a K tile must lie inside one group (g32: 32)
+    for bn, bk, warps in ((512, small, 4), (256, small, 4), (1024, small, 8), (512, 128, 8)):
         if (group and group % bk) or bk // per < chain:
             continue
         k_tiles = triton.cdiv(K, bk)
         tiles = triton.cdiv(N, bn) * M
-        splits = {min(max(round(c * n_sm / tiles), 1), k_tiles) for c in (2, 3, 4, 8)}
-        for split in sorted(splits):
-            for stages in (1, 3):
-                for byte_pairs in ((False, True) if bits in (4, 8) and K % 2 == 0 else (False,)):
-                    configs.append({"KERNEL": "wint_h2", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "CHAIN": chain,
-                                    "STAGES": stages, "BYTE_PAIRS": byte_pairs, "num_warps": 8, "num_stages": 1})
+        for split in sorted({min(max(round(c * n_sm / tiles), 1), k_tiles) for c in (2, 3, 4)}):
+            for stages in (2, 3):
+                configs.append({"KERNEL": "wint_h2", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "CHAIN": chain,
+                                "STAGES": stages, "BYTE_PAIRS": byte_pairs, "num_warps": warps, "num_stages": 1})
     return configs
 
 
