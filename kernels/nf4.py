@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from qbench.kernels.matmul import NF4, dequant_matmul, sm_count
+from qbench.kernels.nf4_h2 import nf4_h2_configs, run_nf4_h2
 
 
 @triton.jit
@@ -105,5 +106,13 @@ def nf4_matmul(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, lut: 
                                     BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], ATOMIC=split > 1,
                                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
             return out.to(x2.dtype)
-        fast = (lambda: decode_configs(M, N, K, blocksize, x.device), run_decode)
+        def configs():
+            h2 = nf4_h2_configs(M, N, K, blocksize, x.dtype, sm_count(x.device))
+            return h2 + decode_configs(M, N, K, blocksize, x.device)[:2 if h2 else None]
+
+        def run(cfg, x2):
+            if cfg["KERNEL"] == "nf4_h2":
+                return run_nf4_h2(cfg, x2, words, am, lut32, absmax2, code2, offset, N, blocksize)
+            return run_decode(cfg, x2)
+        fast = (configs, run)
     return dequant_matmul(NF4, x, N, ptrs, (blocksize, double), f0=float(offset), name="nf4", config=config, fast=fast)

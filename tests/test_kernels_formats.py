@@ -103,6 +103,35 @@ def test_nf4_decode_kernel(double_quant):
         assert err < 1e-5, f"rel err {err:.2e} (seed {seed}, M={M}, split={split})"
 
 
+@pytest.mark.parametrize("double_quant,table", [(False, "nf4"), (True, "nf4"), (False, "fp4")])
+def test_nf4_h2_decode_kernel(double_quant, table):
+    """The register-table fp16x2 NF4/FP4 decode kernel (fp16 activations): M=1 and 3, split-K, block
+    tiles smaller and larger than a block, rows (N=9) and words (K=200: not a whole tile) masked. On the
+    CPU its prmt lookup step runs as Triton operations (nf4_h2.nf4_chunk_fma)."""
+    seed = fresh_seed()
+    N, K, bs = 9, 200 if not double_quant else 192, 8 if not double_quant else 64
+    from qbench.quant.nf4 import code_book
+
+    lut = code_book(table)
+    packed, absmax = nf4_pack(torch.randn(N, K), lut, bs)
+    extra, stored = {}, absmax
+    if double_quant:
+        code2 = torch.linspace(-1, 1, 256)
+        absmax2 = torch.tensor([0.7])
+        stored = torch.randint(0, 256, absmax.shape, dtype=torch.uint8)
+        absmax = code2[stored.long()] * absmax2 + 0.25
+        extra = dict(absmax2=absmax2.to(DEVICE), code2=code2.to(DEVICE), offset=0.25)
+    w = nf4_dequant(packed, absmax, lut, N * K, bs).view(N, K)
+    for M, split, bk, stages in [(1, 1, 64, 1), (3, 2, 128, 3), (1, 3, 32, 2)]:
+        cfg = {"KERNEL": "nf4_h2", "BLOCK_N": 8, "BLOCK_K": bk, "SPLIT_K": split, "STAGES": stages,
+               "num_warps": 4, "num_stages": 1}
+        x = torch.randn(M, K).half()
+        y = nf4_matmul(x.to(DEVICE), packed.to(DEVICE), stored.to(DEVICE), lut.to(DEVICE), N, bs, config=cfg, **extra)
+        assert y.dtype == torch.float16
+        err = rel_err(y.cpu(), x.double() @ w.double().T)
+        assert err < 2e-3, f"rel err {err:.2e} (seed {seed}, M={M}, split={split})"
+
+
 # ---- GGUF blocks, checked against gguf-py's numpy dequantizer ------------------------------------
 
 def random_blocks(qtype: str, N: int, K: int) -> torch.Tensor:
