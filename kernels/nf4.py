@@ -108,7 +108,9 @@ def nf4_matmul(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, lut: 
             return out.to(x2.dtype)
         def configs():
             h2 = nf4_h2_configs(M, N, K, blocksize, x.dtype, sm_count(x.device))
-            return h2 + decode_configs(M, N, K, blocksize, x.device)[:2 if h2 else None]
+            # the word-at-a-time kernel keeps all its configs: on the H100 it beat the register-table one
+            # on the 70B MLP shapes (0.157 vs 0.203 ms, reports/kernels/NOTES.md)
+            return h2 + decode_configs(M, N, K, blocksize, x.device)
 
         def run(cfg, x2):
             if cfg["KERNEL"] == "nf4_h2":
