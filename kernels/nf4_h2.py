@@ -12,6 +12,9 @@ the fp16 pairs (element 2i, element 2i+1), which meet the activation pair (x[2i]
 load, in an `fma.rn.f16x2`. Eleven instructions per four weights, no memory access for the table.
 Each word's fp16 pair sums go to float32 and are scaled by the block's absmax there.
 
+Measured on the H100 (reports/kernels/NOTES.md): correct, but slower than the word-at-a-time kernel on
+the Llama-3-70B MLP shapes (0.203 vs 0.150 ms); the tuner keeps both and uses whichever is faster.
+
 Under TRITON_INTERPRET=1 (CPU) the lookup step runs as Triton operations on the same registers
 (`PTX=False`); masks, blocks, double quant, split-K are the same code in both modes.
 """
