@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from qbench.kernels.tune import interpreted
-from qbench.kernels.wint_h2 import _h2, _u32, split_counters
+from qbench.kernels.splitk import split_buffers, store_result
+from qbench.kernels.wint_h2 import _h2, _u32
 
 
 @triton.jit
@@ -125,24 +126,7 @@ def nf4_h2_decode_kernel(x_ptr, out_ptr, words_ptr, absmax, lut, absmax2, code2,
         else:
             a = tl.load(absmax + blk, mask=wmask, other=0.0)
         acc += (p_lo.to(tl.float32) + p_hi.to(tl.float32)) * a
-    res = tl.sum(acc, axis=1)
-    out = out_ptr + m * stride_om + offs_n
-    if SPLIT_K == 1:
-        tl.store(out, res.to(out_ptr.dtype.element_ty), mask=nmask)
-    else:  # the last split of a row tile to arrive sums the partials (as in kernels/wint_h2.py)
-        M = tl.num_programs(2)
-        n_tiles = tl.num_programs(0)
-        tl.store(partials + (pid_k * M + m) * N + offs_n, res, mask=nmask)
-        tl.debug_barrier()
-        ticket = counters + m * n_tiles + pid_n
-        arrived = tl.atomic_add(ticket, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:
-            total = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for k in range(0, SPLIT_K):
-                total += tl.load(partials + (k * M + m) * N + offs_n, mask=nmask, other=0.0, cache_modifier=".cg")
-            tl.store(out, total.to(out_ptr.dtype.element_ty), mask=nmask)
-            tl.atomic_xchg(ticket, 0)
-
+    store_result(out_ptr, tl.sum(acc, axis=1), partials, counters, offs_n, nmask, N, stride_om, SPLIT_K, BLOCK_N)
 
 def nf4_h2_configs(M: int, N: int, K: int, blocksize: int, dtype: torch.dtype, n_sm: int) -> list[dict]:
     """Configs of nf4_h2_decode_kernel (fp16 activations, rows of whole blocks, K % 8 == 0, M <= 4):
@@ -168,11 +152,8 @@ def run_nf4_h2(cfg: dict, x2: torch.Tensor, words: torch.Tensor, absmax, lut32, 
     if K % 2 or x2.stride(0) % 2 or x2.data_ptr() % 4:  # x is read as int32 pairs
         x2 = x2.contiguous().clone()
     split = cfg["SPLIT_K"]
-    n_tiles = triton.cdiv(N, cfg["BLOCK_N"])
-    out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
-    partials = torch.empty((split, M, N), dtype=torch.float32, device=x2.device) if split > 1 else out
-    counters = split_counters(x2.device, M * n_tiles) if split > 1 else out
-    grid = (n_tiles, split, M)
+    out, partials, counters = split_buffers(x2, N, split, cfg["BLOCK_N"])
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]), split, M)
     nf4_h2_decode_kernel[grid](x2, out, words, absmax, lut32, absmax2, code2, float(offset), partials, counters,
                                N, K, x2.stride(0), out.stride(0), split, BLOCKSIZE=blocksize,
                                DOUBLE_QUANT=absmax2 is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],

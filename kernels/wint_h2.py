@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from qbench.kernels.dequant import stream_codes
+from qbench.kernels.splitk import split_buffers, store_result
 from qbench.kernels.tune import interpreted
 
 MAGIC = 0x64006400  # two fp16 1024.0: a code OR-ed into the low mantissa bits reads as 1024 + code
@@ -203,27 +204,7 @@ def wint_h2_decode_kernel(x_ptr, out_ptr, qweight, qzeros, scales, partials, cou
                     part = code_pair(words, BITS * j, k + j, k + j + HALF, xrow, K, mask2, zz, part, TOP, EVEN, PTX)
         p_lo, p_hi = _h2(part)  # sum of x * (q - z) / UNIT over the chained rows, in two halves
         acc += (p_lo.to(tl.float32) + p_hi.to(tl.float32)) * (s * UNIT)[None, :]
-    res = tl.sum(acc, axis=0)
-    out = out_ptr + m * stride_om + offs_n
-    if SPLIT_K == 1:
-        tl.store(out, res.to(out_ptr.dtype.element_ty), mask=nmask)
-    else:
-        # Split-K without a zeroing pass or a cast pass (two kernel boundaries, about a third of a
-        # 60 us call): each split stores its float32 partial, and the last split of this column tile to
-        # finish (a counter, left at 0 again for the next call) adds them up and writes the output.
-        M = tl.num_programs(2)
-        n_tiles = tl.num_programs(0)
-        tl.store(partials + (pid_k * M + m) * N + offs_n, res, mask=nmask)
-        tl.debug_barrier()  # every thread's partial is written before the counter says so
-        ticket = counters + m * n_tiles + pid_n
-        arrived = tl.atomic_add(ticket, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:
-            total = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for k in range(0, SPLIT_K):
-                total += tl.load(partials + (k * M + m) * N + offs_n, mask=nmask, other=0.0, cache_modifier=".cg")
-            tl.store(out, total.to(out_ptr.dtype.element_ty), mask=nmask)
-            tl.atomic_xchg(ticket, 0)
-
+    store_result(out_ptr, tl.sum(acc, axis=0), partials, counters, offs_n, nmask, N, stride_om, SPLIT_K, BLOCK_N)
 
 def h2_decode_configs(M: int, N: int, K: int, bits: int, group: int, dtype: torch.dtype, n_sm: int) -> list[dict]:
     """Configs of wint_h2_decode_kernel for this shape (empty where it does not apply: fp16 only).
@@ -252,25 +233,11 @@ def h2_decode_configs(M: int, N: int, K: int, bits: int, group: int, dtype: torc
     return configs
 
 
-_COUNTERS: dict = {}  # device -> int32 zeros, one arrival counter per (token, column tile); kernels leave them 0
-
-
-def split_counters(device: torch.device, n: int) -> torch.Tensor:
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-        _COUNTERS[device] = buf
-    return buf
-
-
 def run_h2_decode(cfg: dict, x2: torch.Tensor, qweight, qzeros, scales, bits: int, group: int, N: int) -> torch.Tensor:
     M, K = x2.shape
     split = cfg["SPLIT_K"]
-    n_tiles = triton.cdiv(N, cfg["BLOCK_N"])
-    out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
-    partials = torch.empty((split, M, N), dtype=torch.float32, device=x2.device) if split > 1 else out
-    counters = split_counters(x2.device, M * n_tiles) if split > 1 else out
-    grid = (n_tiles, split, M)
+    out, partials, counters = split_buffers(x2, N, split, cfg["BLOCK_N"])
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]), split, M)
     # x read as int32 pairs: needs an even K and row stride and a 4-byte aligned start
     byte_pairs = cfg.get("BYTE_PAIRS", False) and bits in (4, 8) and K % 2 == 0 and x2.stride(0) % 2 == 0 \
         and x2.data_ptr() % 4 == 0

@@ -80,12 +80,9 @@ def test_nf4(double_quant):
         assert err < 1e-5, f"rel err {err:.2e} (seed {seed}, M={M})"
 
 
-@pytest.mark.parametrize("double_quant", [False, True])
-def test_nf4_decode_kernel(double_quant):
-    """The word-at-a-time NF4 decode kernel (rows of whole blocks): M=1 and 3, with and without split-K."""
-    seed = fresh_seed()
-    N, K, bs = 9, 192, 64
-    lut = torch.tensor(NF4_TABLE)
+def nf4_case(lut, N: int, K: int, bs: int, double_quant: bool):
+    """Random NF4/FP4 weight: (packed codes, stored absmax (uint8 codes with double quant), the fp32
+    [N, K] weight they encode, double-quant keyword arguments of nf4_matmul)."""
     packed, absmax = nf4_pack(torch.randn(N, K), lut, bs)
     extra, stored = {}, absmax
     if double_quant:
@@ -94,7 +91,16 @@ def test_nf4_decode_kernel(double_quant):
         stored = torch.randint(0, 256, absmax.shape, dtype=torch.uint8)
         absmax = code2[stored.long()] * absmax2 + 0.25
         extra = dict(absmax2=absmax2.to(DEVICE), code2=code2.to(DEVICE), offset=0.25)
-    w = nf4_dequant(packed, absmax, lut, N * K, bs).view(N, K)
+    return packed, stored, nf4_dequant(packed, absmax, lut, N * K, bs).view(N, K), extra
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4_decode_kernel(double_quant):
+    """The word-at-a-time NF4 decode kernel (rows of whole blocks): M=1 and 3, with and without split-K."""
+    seed = fresh_seed()
+    N, K, bs = 9, 192, 64
+    lut = torch.tensor(NF4_TABLE)
+    packed, stored, w, extra = nf4_case(lut, N, K, bs, double_quant)
     for M, split, bk in [(1, 1, 64), (3, 2, 64), (1, 3, 128)]:
         cfg = {"KERNEL": "nf4_decode", "BLOCK_N": 8, "BLOCK_K": bk, "SPLIT_K": split, "num_warps": 4, "num_stages": 2}
         x = torch.randn(M, K)
@@ -108,20 +114,12 @@ def test_nf4_h2_decode_kernel(double_quant, table):
     """The register-table fp16x2 NF4/FP4 decode kernel (fp16 activations): M=1 and 3, split-K, block
     tiles smaller and larger than a block, rows (N=9) and words (K=200: not a whole tile) masked. On the
     CPU its prmt lookup step runs as Triton operations (nf4_h2.nf4_chunk_fma)."""
-    seed = fresh_seed()
-    N, K, bs = 9, 200 if not double_quant else 192, 8 if not double_quant else 64
     from qbench.quant.nf4 import code_book
 
+    seed = fresh_seed()
+    N, K, bs = 9, 200 if not double_quant else 192, 8 if not double_quant else 64
     lut = code_book(table)
-    packed, absmax = nf4_pack(torch.randn(N, K), lut, bs)
-    extra, stored = {}, absmax
-    if double_quant:
-        code2 = torch.linspace(-1, 1, 256)
-        absmax2 = torch.tensor([0.7])
-        stored = torch.randint(0, 256, absmax.shape, dtype=torch.uint8)
-        absmax = code2[stored.long()] * absmax2 + 0.25
-        extra = dict(absmax2=absmax2.to(DEVICE), code2=code2.to(DEVICE), offset=0.25)
-    w = nf4_dequant(packed, absmax, lut, N * K, bs).view(N, K)
+    packed, stored, w, extra = nf4_case(lut, N, K, bs, double_quant)
     for M, split, bk, stages in [(1, 1, 64, 1), (3, 2, 128, 3), (1, 3, 32, 2)]:
         cfg = {"KERNEL": "nf4_h2", "BLOCK_N": 8, "BLOCK_K": bk, "SPLIT_K": split, "STAGES": stages,
                "num_warps": 4, "num_stages": 1}
