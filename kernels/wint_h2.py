@@ -1,21 +1,23 @@
 """W{2,3,4,8}A16 decode with fp16 activations on packed half2 arithmetic: two weights per instruction.
 
-Same packed layout as kernels/wint.py (GPTQ: qweight [K*bits/32, N] int32, codes along K). The
-exponent-trick decode kernel there spends about 6.5 instructions per weight at fp32 rate and is bound
-by them, not by memory (reports/kernels/NOTES.md). Here one int32 word of 32/bits codes is cut into
-pairs (code j, code j + half) at bits (bits*j, bits*j + 16): one shift and one lop3,
-    t = ((word >> bits*j) & (mask | mask << 16)) | 0x64006400,
-give both codes as the fp16 pair (1024 + q_j, 1024 + q_{j+half}), exact. Then, on both halves at once,
-    w = (t - (1024 + z)) * s          sub.f16x2 (exact: small integers), mul.f16x2
-    acc = w * (x_j, x_{j+half}) + acc fma.rn.f16x2
-so a pair of weights costs 2.5 instructions plus its share of the shift. The fp16 sum covers one word
-(8 weights at 4 bits) and then goes to float32; the scale is applied to each weight in fp16 (as a
-dequantized fp16 weight would be) so the fp16 partial sums never hold x * (q - z) unscaled, which
-overflows fp16 for activations above a few hundred.
+Same packed layout as kernels/wint.py (GPTQ: qweight [K*bits/32, N] int32, codes along K). The fp32
+exponent-trick decode kernel there spends about 6.5 instructions per 4-bit weight and is bound by
+them, not by memory (reports/kernels/NOTES.md). Here a pair of codes is moved into the mantissas of
+two fp16 1.0s at bit TOP (the highest multiple of BITS below 10 - BITS) and read as 1 + q / UNIT,
+exact; then, on both halves at once,
+    d = t - (1 + z / UNIT)          sub.f16x2, exact: (q - z) / UNIT
+    acc = d * (x_a, x_b) + acc      fma.rn.f16x2
+The pair is cut out of a word by one lop3 with the two code masks and the bits of 1.0 (after a shift),
+or at 4 and 8 bits by a prmt that puts codes 2i and 2i+1 side by side (BYTE_PAIRS), so that their
+activations (x[2i], x[2i+1]) are one int32 load; at 3 bits each 3-word chunk of 32 codes is cut into
+24-bit slices whose codes pair across two slices. The fp16 pair sums of CHAIN words (16 weights) go
+to float32 and are multiplied by UNIT * scale once per group. The partial sums hold x * (q - z) / UNIT
+(|.| <= |x|), never x * (q - z), which would overflow fp16 for large activations. About 3.1
+instructions per 4-bit weight (offline sm_90 compile). Split-K ends in kernels/splitk.py.
 
-The pair step is one inline-PTX block (`pair_fma`). Triton's CPU interpreter cannot run inline
-assembly, so under TRITON_INTERPRET=1 the same step is computed with Triton fp16 operations on the same
-packed registers (PTX=False); everything around it (packing of x, zeros and scales, masks, groups,
+The pair step is one inline-PTX block (`pair_fma`, `byte_pair_fma`). Triton's CPU interpreter cannot
+run inline assembly, so under TRITON_INTERPRET=1 the same step is computed with Triton fp16 operations
+on the same packed registers (PTX=False); everything around it (packing of x and zeros, masks, groups,
 split-K) is the same code in both modes.
 """
 
@@ -26,9 +28,6 @@ import triton.language as tl
 from qbench.kernels.dequant import stream_codes
 from qbench.kernels.splitk import split_buffers, store_result
 from qbench.kernels.tune import interpreted
-
-MAGIC = 0x64006400  # two fp16 1024.0: a code OR-ed into the low mantissa bits reads as 1024 + code
-
 
 @triton.jit
 def _h2(u):
@@ -185,7 +184,7 @@ def wint_h2_decode_kernel(x_ptr, out_ptr, qweight, qzeros, scales, partials, cou
             elif BYTE_PAIRS:  # 4/8 bits, even K: pair codes (2i, 2i+1), whose inputs are one int32 of x
                 words = load_rows(qweight, row, offs_n, nmask, N, n_words, EVEN)
                 xw = x_ptr.to(tl.pointer_type(tl.uint32)) + m * (stride_xm // 2) + row * (PER // 2)
-                if BITS == 4:  # byte i = codes 2i (low nibble) and 2i+1: high nibble of byte i of word << 4, and of word
+                if BITS == 4:  # byte i = codes 2i (low nibble), 2i+1: high nibbles of byte i of word << 4 and word
                     shifted = words << 4
                 for i in tl.static_range(HALF):
                     if EVEN:
