@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from qbench.kernels.tune import interpreted
-from qbench.kernels.splitk import split_buffers, store_result
+from qbench.kernels.splitk import split_buffers, store_result, wave_splits
 from qbench.kernels.wint_h2 import _h2, _u32
 
 
@@ -139,7 +139,7 @@ def nf4_h2_configs(M: int, N: int, K: int, blocksize: int, dtype: torch.dtype, n
             continue
         k_tiles = triton.cdiv(K, bk)
         tiles = triton.cdiv(N, bn) * M
-        for split in sorted({min(max(round(c * n_sm / tiles), 1), k_tiles) for c in (2, 3, 4)}):
+        for split in wave_splits(k_tiles, tiles, n_sm):
             for stages in (2, 3):
                 configs.append({"KERNEL": "nf4_h2", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split,
                                 "STAGES": stages, "num_warps": warps, "num_stages": 1})

@@ -35,6 +35,11 @@ def store_result(out_ptr, res, partials, counters, offs_n, nmask, N, stride_om, 
             tl.atomic_xchg(ticket, 0)
 
 
+def wave_splits(k_tiles: int, tiles: int, n_sm: int, per_sm=(2, 3, 4)) -> list[int]:
+    """Split counts that make tiles x split about per_sm programs per SM (one wave), at most k_tiles."""
+    return sorted({min(max(round(c * n_sm / tiles), 1), k_tiles) for c in per_sm})
+
+
 _COUNTERS: dict = {}  # device -> int32 zeros, one arrival counter per (token, column tile); kernels leave them 0
 
 

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from qbench.kernels.dequant import stream_codes
-from qbench.kernels.splitk import split_buffers, store_result
+from qbench.kernels.splitk import split_buffers, store_result, wave_splits
 from qbench.kernels.tune import interpreted
 
 @triton.jit
@@ -225,7 +225,7 @@ def h2_decode_configs(M: int, N: int, K: int, bits: int, group: int, dtype: torc
             continue
         k_tiles = triton.cdiv(K, bk)
         tiles = triton.cdiv(N, bn) * M
-        for split in sorted({min(max(round(c * n_sm / tiles), 1), k_tiles) for c in (2, 3, 4)}):
+        for split in wave_splits(k_tiles, tiles, n_sm):
             for stages in (2, 3):
                 configs.append({"KERNEL": "wint_h2", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "CHAIN": chain,
                                 "STAGES": stages, "BYTE_PAIRS": byte_pairs, "num_warps": warps, "num_stages": 1})

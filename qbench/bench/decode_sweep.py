@@ -13,8 +13,10 @@ import argparse
 import torch
 
 from qbench.kernels.matmul import sm_count
+from qbench.kernels.splitk import wave_splits
 from qbench.kernels.tune import gpu_time_ms
 from qbench.kernels.wint_h2 import h2_decode_configs, run_h2_decode
+from qbench.quant.packing import pack_cols, pack_rows
 
 
 def wide_grid(N: int, K: int, bits: int, group: int, n_sm: int) -> list[dict]:
@@ -25,9 +27,7 @@ def wide_grid(N: int, K: int, bits: int, group: int, n_sm: int) -> list[dict]:
     for bn, bk, warps in ((512, 64, 8), (1024, 64, 8), (512, 128, 8), (256, 128, 8), (512, 64, 4), (256, 64, 4)):
         if group % bk or bk // per < chain:
             continue
-        tiles = -(-N // bn)
-        for c in (2, 3, 4, 6, 8):
-            split = min(max(round(c * n_sm / tiles), 1), -(-K // bk))
+        for split in wave_splits(-(-K // bk), -(-N // bn), n_sm, (2, 3, 4, 6, 8)):
             for stages in (1, 2, 3, 4):
                 for bp in ((False, True) if bits in (4, 8) else (False,)):
                     out.append({"KERNEL": "wint_h2", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "CHAIN": chain,
@@ -42,16 +42,7 @@ def packed_weights(K: int, N: int, bits: int, group: int, dev):
     zeros = torch.randint(0, 1 << bits, (G, N), device=dev, dtype=torch.int64)
     scales = (torch.rand(G, N, device=dev) * 0.02 + 0.001).half()
 
-    def pack(v, axis_len):  # little-endian bit stream of `bits`-bit codes along dim 0
-        bitpos = torch.arange(axis_len, device=dev) * bits
-        words = torch.zeros((-(-axis_len * bits // 32), v.shape[1]), dtype=torch.int64, device=dev)
-        for b in range(bits):
-            bit = ((v >> b) & 1) << ((bitpos + b) % 32)[:, None]
-            words.index_add_(0, (bitpos + b) // 32, bit)
-        return (words - ((words >> 31) << 32)).to(torch.int32)
-
-    qweight = pack(codes, K)
-    qzeros = pack(zeros.T.contiguous(), N).T.contiguous()
+    qweight, qzeros = pack_rows(codes, bits), pack_cols(zeros, bits)
     w = ((codes.float() - zeros.float().repeat_interleave(group, 0)) * scales.float().repeat_interleave(group, 0)).T
     return qweight, qzeros, scales, w
 
