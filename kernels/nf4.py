@@ -7,12 +7,13 @@
     absmax2 float32 [ceil(n_blocks/256)]
     W.flat[i] = lut[code(i)] * absmax[i // blocksize]
 
-Two kernels, chosen per shape by the tuner: the generic dequantize-matmul skeleton (kernels/matmul.py,
+Kernels chosen per shape by the tuner: the generic dequantize-matmul skeleton (kernels/matmul.py,
 any shape) and nf4_decode_kernel below for decode (M <= 4) when every row of W holds whole blocks
 (K % blocksize == 0, K % 8 == 0). It reads the codes as int32 words (8 codes, one 32-bit load),
 multiplies the looked-up code values by the activations, sums each word's 8 products, and only then
 applies the block's absmax, so the absmax (and its double-quant decoding) costs one lookup per word
-instead of one per weight.
+instead of one per weight. With fp16 activations a third, kernels/nf4_h2.py (fp16x2 arithmetic on a
+column copy of the codes), joins the decode candidates.
 """
 
 import torch
@@ -107,14 +108,12 @@ def nf4_matmul(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, lut: 
                                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
             return out.to(x2.dtype)
         def configs():
-            h2 = nf4_h2_configs(M, N, K, blocksize, x.dtype, sm_count(x.device))
-            # the word-at-a-time kernel keeps all its configs: on the H100 it beat the register-table one
-            # on the 70B MLP shapes (0.157 vs 0.203 ms, reports/kernels/NOTES.md)
-            return h2 + decode_configs(M, N, K, blocksize, x.device)
+            return nf4_h2_configs(M, N, K, blocksize, lut32, x.dtype, sm_count(x.device)) + \
+                decode_configs(M, N, K, blocksize, x.device)
 
         def run(cfg, x2):
             if cfg["KERNEL"] == "nf4_h2":
-                return run_nf4_h2(cfg, x2, words, am, lut32, absmax2, code2, offset, N, blocksize)
+                return run_nf4_h2(cfg, x2, codes, am, lut32, absmax2, code2, offset, N, blocksize)
             return run_decode(cfg, x2)
         fast = (configs, run)
     return dequant_matmul(NF4, x, N, ptrs, (blocksize, double), f0=float(offset), name="nf4", config=config, fast=fast)

@@ -1,162 +1,258 @@
 """NF4/FP4 decode with fp16 activations: the 16-value code table looked up in registers, two weights an fma.
 
-Same layout as kernels/nf4.py (bitsandbytes: codes of the row-major [N, K] weight, two a byte, element
-2i in the HIGH nibble of byte i; absmax per block of `blocksize` elements, optionally double-quantized).
-The word-at-a-time kernel there does one L1 table load and fp32 arithmetic per weight. Here the table,
-rounded to fp16, lives in eight registers: the low bytes of the 16 values in L0..L3 and the high
-bytes in H0..H3. For a 16-bit chunk S of codes (four nibbles), one `prmt` looks up four low bytes at
-once among the first eight values ({L1, L0}, index = nibble & 7) and another among the last eight
-({L3, L2}); a byte mask built from the nibbles' bit 3 (a third `prmt` in sign-replicate mode) picks
-between them (`lop3`); the same for the high bytes; two more `prmt`s interleave low and high bytes into
-the fp16 pairs (element 2i, element 2i+1), which meet the activation pair (x[2i], x[2i+1]), one int32
-load, in an `fma.rn.f16x2`. Eleven instructions per four weights, no memory access for the table.
-Each word's fp16 pair sums go to float32 and are scaled by the block's absmax there.
+Reads a column copy of the bitsandbytes layout of kernels/nf4.py (`column_layout`, built once per weight
+and kept on the codes tensor): the same codes and absmax, transposed, so that a program streams the
+words of many columns in the order the GPTQ-layout integer kernel (kernels/wint_h2.py) does:
+    words   int32 [K/8, N]           nibble j of word w of column n = slot label of element k = 8w + j
+    absmax  [K/blocksize, N]         float32, or uint8 codes with double quant (absmax2 still indexed by
+                                     the flat bitsandbytes block number n * K/blocksize + b)
+The table, scaled by c and rounded to fp16, lives in eight registers: bytes of the values in slots 0-7
+(low bytes in two, high bytes in two) and bytes of slots 8-15 XOR a sign fill (see `slot_table`, which
+also picks c and the slot of each code). For a 16-bit chunk S of labels (elements e0..e3 from bit 0),
+`prmt(A, S)` looks up four low bytes among slots 0-7 and `prmt(B, S ^ 0x8888)` among slots 8-15 (a
+selector nibble with bit 3 set yields a sign fill instead), one `xor` merges them; the same for the high
+bytes; two more `prmt`s interleave low and high bytes into the fp16 pairs (e0, e1) and (e2, e3), which
+meet the activation pairs (x[k], x[k+1]), one int32 load each, in an `fma.rn.f16x2`. Ten instructions
+per four weights, no memory access for the table. The fp16 pair sums of a K tile (inside one block) go
+to float32 and are scaled by absmax / c once.
 
-Measured on the H100 (reports/kernels/NOTES.md): correct, but slower than the word-at-a-time kernel on
-the Llama-3-70B MLP shapes (0.203 vs 0.150 ms); the tuner keeps both and uses whichever is faster.
+The first version of this kernel read the bitsandbytes layout in place (row segments of 64-256 bytes per
+program and K tile) and was slower than the word-at-a-time kernel on the H100 (0.23 vs 0.15 ms on
+8192x28672, reports/kernels/NOTES.md); the column copy costs the memory of the 4-bit weight once more.
 
-Under TRITON_INTERPRET=1 (CPU) the lookup step runs as Triton operations on the same registers
-(`PTX=False`); masks, blocks, double quant, split-K are the same code in both modes.
+Under TRITON_INTERPRET=1 (CPU) the lookup step runs as Triton operations (a load of the slot's fp16
+value) on the same registers (`PTX=False`); tests model the prmt/xor sequence bit by bit. Masks,
+blocks, double quant, split-K are the same code in both modes.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from qbench.kernels.tune import interpreted
 from qbench.kernels.splitk import split_buffers, store_result, wave_splits
+from qbench.kernels.tune import interpreted
 from qbench.kernels.wint_h2 import _h2, _u32
 
 
-@triton.jit
-def _table_word(lut, first, HIGH: tl.constexpr):
-    """Bytes (low or high) of fp16(lut[first .. first+3]) packed into one uint32, value first in byte 0."""
-    w = tl.zeros((1, 1), dtype=tl.uint32)
-    for b in tl.static_range(4):
-        h = tl.load(lut + first + b).to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
-        byte = (h >> 8) if HIGH else (h & 0xFF)
-        w = w | (byte << (8 * b))
-    return w
+def slot_table(lut: torch.Tensor):
+    """The code table arranged for the lookup of nf4_chunk_fma, or None if no scale c below makes it fit.
+
+    Returns (words int32 [8], slot_values float32 [16], label of each code [16], 1 / c). The 16 values
+    v * c, rounded to fp16 (c is chosen, see below; the kernel multiplies the absmax by 1 / c), sit in
+    slots 0..15; code q is stored as its slot label[q]. A `prmt` whose selector nibble has bit 3 set
+    writes the sign (bit 7) of the selected byte to all 8 bits, so for a nibble i < 8, prmt(A, s) gives
+    byte A[i] and prmt(B, s ^ 8) the fill of B[i]; for i >= 8 the fill of A[i - 8] and B[i - 8]. With
+    A[i] = byte of slot i and B[i] = byte of slot i + 8 XOR the fill of A[i], A ^ B is the byte of slot
+    i or i + 8 -- if slots i and i + 8 agree in bit 7 of that byte (bit 7 of the pair's XOR is the same
+    for both). That holds for the low and the high byte when each pair of slots shares the sign and
+    bit 7 of the low byte: each of those four classes must hold an even number of values. Scaling the
+    values by c changes their low bytes (the rounding error stays below 2**-11 relative); a zero may
+    be +0 or -0. NF4 needs c = 1.0713 (1 + 73/1024), FP4 c = 1.
+    """
+    values = lut.detach().float().cpu()
+    for step in range(1024):
+        c = 1 + step / 1024
+        bits = [int(b) & 0xFFFF for b in (values * c).half().view(torch.int16).tolist()]
+        classes: dict = {}
+        zeros = []
+        for q, b in enumerate(bits):
+            if b & 0x7FFF == 0:
+                zeros.append(q)
+            else:
+                classes.setdefault((b >> 15, (b >> 7) & 1), []).append(q)
+        if len(classes.get((0, 1), [])) % 2 or len(classes.get((1, 1), [])) % 2:
+            continue
+        if (len(classes.get((0, 0), [])) + len(classes.get((1, 0), [])) + len(zeros)) % 2:
+            continue
+        for q in zeros:  # each zero goes (as +0 or -0) where the count is odd, else to +0
+            key = (1, 0) if len(classes.get((1, 0), [])) % 2 else (0, 0)
+            bits[q] = 0x8000 if key == (1, 0) else 0
+            classes.setdefault(key, []).append(q)
+        order = [q for key in sorted(classes) for q in classes[key]]  # pairs of one class are neighbours
+        slots = order[0::2] + order[1::2]  # slot i and slot i + 8 hold a pair
+        label = [0] * 16
+        for slot, q in enumerate(slots):
+            label[q] = slot
+        fill = lambda byte: 0xFF if byte & 0x80 else 0  # noqa: E731
+        table = []
+        for shift in (0, 8):  # low bytes, then high bytes
+            a = [(bits[slots[i]] >> shift) & 0xFF for i in range(8)]
+            b = [((bits[slots[i + 8]] >> shift) & 0xFF) ^ fill(a[i]) for i in range(8)]
+            for row in (a, b):
+                table += [row[0] | row[1] << 8 | row[2] << 16 | row[3] << 24,
+                          row[4] | row[5] << 8 | row[6] << 16 | row[7] << 24]
+        words = torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in table], dtype=torch.int32)
+        signed = [bits[q] - (1 << 16) if bits[q] >= 1 << 15 else bits[q] for q in slots]
+        slot_values = torch.tensor(signed, dtype=torch.int16).view(torch.float16).float()
+        return words, slot_values, label, 1 / c
+    return None
+
+
+def column_layout(codes: torch.Tensor, absmax: torch.Tensor, N: int, K: int, blocksize: int, label: list) -> tuple:
+    """(words [K/8, N] int32, absmax [K/blocksize, N]) of a bitsandbytes-layout weight (K % blocksize == 0,
+    K % 8 == 0), codes replaced by their slot labels; cached on `codes` until it or `absmax` changes."""
+    key = (codes._version, absmax.data_ptr(), absmax._version, tuple(label))
+    cached = getattr(codes, "_qbench_columns", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    relabel = torch.tensor(label, device=codes.device)
+    b = codes.reshape(-1)[: N * K // 2].view(N, K // 8, 4).long()
+    elems = relabel[torch.stack((b >> 4, b & 15), dim=-1).view(N, K // 8, 8)]  # the high nibble is the even element
+    shifts = torch.arange(0, 32, 4, device=codes.device)
+    words = (elems << shifts).sum(-1)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # the same 32 bits, signed
+    layout = (words.T.contiguous(), absmax.reshape(-1)[: N * K // blocksize].view(N, K // blocksize).T.contiguous())
+    codes._qbench_columns = (key, layout)
+    return layout
 
 
 @triton.jit
-def nf4_chunk_fma(s, l0, l1, l2, l3, h0, h1, h2, h3, xa, xb, acc, lut, PTX: tl.constexpr):
-    """acc + v(e0, e1) * xa + v(e2, e3) * xb on fp16 pairs, for the four codes in the low 16 bits of s:
-    nibbles (from bit 0) are elements e1, e0, e3, e2 (the high nibble of a byte is the even element)."""
+def nf4_chunk_fma(s, t, la, la1, lb, lb1, ha, ha1, hb, hb1, xa, xb, acc, slot_values, PTX: tl.constexpr):
+    """acc + v(e0, e1) * xa + v(e2, e3) * xb on fp16 pairs, for the four slot labels e0..e3 in the low 16
+    bits of s (e0 in bits 0-3); t = s ^ 0x8888. Table words as slot_table returns them: low bytes of
+    slots 0-3, 4-7 (la, la1), of slots 8-15 XOR fill (lb, lb1), high bytes likewise (ha.., hb..)."""
     if PTX:
         out = tl.inline_asm_elementwise(
             """{
-            .reg .b32 s4, m, sel, a, b, lo, hi, pa, pb, t;
-            shl.b32 s4, $1, 4;
-            prmt.b32 m, s4, $1, 0xD9C8;
-            and.b32 sel, $1, 0x7777;
-            prmt.b32 a, $2, $3, sel;
-            prmt.b32 b, $4, $5, sel;
-            lop3.b32 lo, a, b, m, 0xD8;
-            prmt.b32 a, $6, $7, sel;
-            prmt.b32 b, $8, $9, sel;
-            lop3.b32 hi, a, b, m, 0xD8;
-            prmt.b32 pa, lo, hi, 0x4051;
-            prmt.b32 pb, lo, hi, 0x6273;
-            fma.rn.f16x2 t, pa, $10, $12;
-            fma.rn.f16x2 $0, pb, $11, t;
+            .reg .b32 a, b, lo, hi, pa, pb, u;
+            prmt.b32 a, $3, $4, $1;
+            prmt.b32 b, $5, $6, $2;
+            xor.b32 lo, a, b;
+            prmt.b32 a, $7, $8, $1;
+            prmt.b32 b, $9, $10, $2;
+            xor.b32 hi, a, b;
+            prmt.b32 pa, lo, hi, 0x5140;
+            prmt.b32 pb, lo, hi, 0x7362;
+            fma.rn.f16x2 u, pa, $11, $13;
+            fma.rn.f16x2 $0, pb, $12, u;
             }""",
-            "=r,r,r,r,r,r,r,r,r,r,r,r,r", [s, l0, l1, l2, l3, h0, h1, h2, h3, xa, xb, acc],
+            "=r,r,r,r,r,r,r,r,r,r,r,r,r,r", [s, t, la, la1, lb, lb1, ha, ha1, hb, hb1, xa, xb, acc],
             dtype=tl.uint32, is_pure=True, pack=1)
     else:
-        v0 = tl.load(lut + (s & 15)).to(tl.float16).to(tl.float32)  # element e1
-        v1 = tl.load(lut + ((s >> 4) & 15)).to(tl.float16).to(tl.float32)  # e0
-        v2 = tl.load(lut + ((s >> 8) & 15)).to(tl.float16).to(tl.float32)  # e3
-        v3 = tl.load(lut + ((s >> 12) & 15)).to(tl.float16).to(tl.float32)  # e2
+        v0 = tl.load(slot_values + (s & 15))
+        v1 = tl.load(slot_values + ((s >> 4) & 15))
+        v2 = tl.load(slot_values + ((s >> 8) & 15))
+        v3 = tl.load(slot_values + ((s >> 12) & 15))
         xa_lo, xa_hi = _h2(xa)
         xb_lo, xb_hi = _h2(xb)
         a_lo, a_hi = _h2(acc)
         # two fp16 fmas per half, each rounded, as fma.rn.f16x2 (products exact in float32)
-        t_lo = (v1 * xa_lo.to(tl.float32) + a_lo.to(tl.float32)).to(tl.float16)
-        t_hi = (v0 * xa_hi.to(tl.float32) + a_hi.to(tl.float32)).to(tl.float16)
-        out = _u32((v3 * xb_lo.to(tl.float32) + t_lo.to(tl.float32)).to(tl.float16),
-                   (v2 * xb_hi.to(tl.float32) + t_hi.to(tl.float32)).to(tl.float16))
+        t_lo = (v0 * xa_lo.to(tl.float32) + a_lo.to(tl.float32)).to(tl.float16)
+        t_hi = (v1 * xa_hi.to(tl.float32) + a_hi.to(tl.float32)).to(tl.float16)
+        out = _u32((v2 * xb_lo.to(tl.float32) + t_lo.to(tl.float32)).to(tl.float16),
+                   (v3 * xb_hi.to(tl.float32) + t_hi.to(tl.float32)).to(tl.float16))
     return out
 
 
 @triton.jit
-def nf4_h2_decode_kernel(x_ptr, out_ptr, words_ptr, absmax, lut, absmax2, code2, offset, partials, counters,
+def nf4_h2_decode_kernel(x_ptr, out_ptr, words_ptr, absmax, table, slot_values, inv_c, absmax2, code2, offset,
+                         partials, counters,
                          N, K, stride_xm, stride_om, SPLIT_K, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PTX: tl.constexpr):
-    WORDS: tl.constexpr = BLOCK_K // 8
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHAIN: tl.constexpr, STAGES: tl.constexpr,
+                         PTX: tl.constexpr, EVEN_N: tl.constexpr):
+    ROWS: tl.constexpr = BLOCK_K // 8 // CHAIN  # words of a column per chained slab
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
-    offs_w = tl.arange(0, WORDS)
-    row_words = K // 8
-    blocks_per_row = K // BLOCKSIZE
-    l0 = _table_word(lut, 0, False)
-    l1 = _table_word(lut, 4, False)
-    l2 = _table_word(lut, 8, False)
-    l3 = _table_word(lut, 12, False)
-    h0 = _table_word(lut, 0, True)
-    h1 = _table_word(lut, 4, True)
-    h2 = _table_word(lut, 8, True)
-    h3 = _table_word(lut, 12, True)
+    offs_r = tl.arange(0, ROWS)
+    la = tl.load(table).to(tl.uint32, bitcast=True)
+    la1 = tl.load(table + 1).to(tl.uint32, bitcast=True)
+    lb = tl.load(table + 2).to(tl.uint32, bitcast=True)
+    lb1 = tl.load(table + 3).to(tl.uint32, bitcast=True)
+    ha = tl.load(table + 4).to(tl.uint32, bitcast=True)
+    ha1 = tl.load(table + 5).to(tl.uint32, bitcast=True)
+    hb = tl.load(table + 6).to(tl.uint32, bitcast=True)
+    hb1 = tl.load(table + 7).to(tl.uint32, bitcast=True)
     xw = x_ptr.to(tl.pointer_type(tl.uint32)) + m * (stride_xm // 2)  # activation pairs (x[2i], x[2i+1])
-    k_tiles = tl.cdiv(K, BLOCK_K)
+    blocks_per_row = K // BLOCKSIZE
+    k_tiles = K // BLOCK_K  # the launcher makes BLOCK_K divide the block, and blocks divide K
     per_split = tl.cdiv(k_tiles, SPLIT_K)
     t_end = tl.minimum(pid_k * per_split + per_split, k_tiles)
-    acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)  # reduced over the words once, after the loop
+    acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)  # reduced over the rows once, after the loop
     for t in tl.range(pid_k * per_split, t_end, num_stages=STAGES):
-        kw = t * WORDS + offs_w  # word index within a row
-        kmask = kw < row_words
-        wmask = nmask[:, None] & kmask[None, :]
-        words = tl.load(words_ptr + offs_n[:, None] * row_words + kw[None, :], mask=wmask, other=0)
-        words = words.to(tl.uint32, bitcast=True)
-        x0 = tl.load(xw + kw * 4, mask=kmask, other=0)[None, :]
-        x1 = tl.load(xw + kw * 4 + 1, mask=kmask, other=0)[None, :]
-        x2 = tl.load(xw + kw * 4 + 2, mask=kmask, other=0)[None, :]
-        x3 = tl.load(xw + kw * 4 + 3, mask=kmask, other=0)[None, :]
-        part = tl.zeros((BLOCK_N, WORDS), dtype=tl.uint32)
-        part = nf4_chunk_fma(words, l0, l1, l2, l3, h0, h1, h2, h3, x0, x1, part, lut, PTX)
-        part = nf4_chunk_fma(words >> 16, l0, l1, l2, l3, h0, h1, h2, h3, x2, x3, part, lut, PTX)
-        p_lo, p_hi = _h2(part)
-        blk = offs_n[:, None] * blocks_per_row + (kw * 8 // BLOCKSIZE)[None, :]
+        g = t * BLOCK_K // BLOCKSIZE
         if DOUBLE_QUANT:
-            c = tl.load(absmax + blk, mask=wmask, other=0).to(tl.int32)
-            a = tl.load(code2 + c) * tl.load(absmax2 + blk // 256, mask=wmask, other=0.0) + offset
+            c = tl.load(absmax + g * N + offs_n, mask=nmask, other=0).to(tl.int32)
+            a2 = tl.load(absmax2 + (offs_n * blocks_per_row + g) // 256, mask=nmask, other=0.0)
+            a = tl.load(code2 + c) * a2 + offset
+        elif EVEN_N:
+            a = tl.load(absmax + g * N + offs_n)
         else:
-            a = tl.load(absmax + blk, mask=wmask, other=0.0)
-        acc += (p_lo.to(tl.float32) + p_hi.to(tl.float32)) * a
-    store_result(out_ptr, tl.sum(acc, axis=1), partials, counters, offs_n, nmask, N, stride_om, SPLIT_K, BLOCK_N)
+            a = tl.load(absmax + g * N + offs_n, mask=nmask, other=0.0)
+        part = tl.zeros((ROWS, BLOCK_N), dtype=tl.uint32)  # fp16 pair sums over the tile of a column
+        for c in tl.static_range(CHAIN):
+            row = t * (BLOCK_K // 8) + c * ROWS + offs_r
+            ptrs = words_ptr + row[:, None] * N + offs_n[None, :]
+            if EVEN_N:
+                words = tl.load(ptrs)
+            else:
+                words = tl.load(ptrs, mask=nmask[None, :], other=0)
+            words = words.to(tl.uint32, bitcast=True)
+            x0 = tl.load(xw + row * 4)[:, None]
+            x1 = tl.load(xw + row * 4 + 1)[:, None]
+            x2 = tl.load(xw + row * 4 + 2)[:, None]
+            x3 = tl.load(xw + row * 4 + 3)[:, None]
+            flipped = words ^ 0x88888888
+            part = nf4_chunk_fma(words, flipped, la, la1, lb, lb1, ha, ha1, hb, hb1, x0, x1, part, slot_values, PTX)
+            part = nf4_chunk_fma(words >> 16, flipped >> 16, la, la1, lb, lb1, ha, ha1, hb, hb1, x2, x3, part,
+                                 slot_values, PTX)
+        p_lo, p_hi = _h2(part)
+        acc += (p_lo.to(tl.float32) + p_hi.to(tl.float32)) * (a * inv_c)[None, :]
+    store_result(out_ptr, tl.sum(acc, axis=0), partials, counters, offs_n, nmask, N, stride_om, SPLIT_K, BLOCK_N)
 
-def nf4_h2_configs(M: int, N: int, K: int, blocksize: int, dtype: torch.dtype, n_sm: int) -> list[dict]:
-    """Configs of nf4_h2_decode_kernel (fp16 activations, rows of whole blocks, K % 8 == 0, M <= 4):
-    the K range split so that two to four programs per SM fill the GPU, loads pipelined 2-3 ahead."""
-    if M > 4 or dtype != torch.float16 or K % blocksize or K % 8:
+
+def nf4_h2_configs(M: int, N: int, K: int, blocksize: int, lut: torch.Tensor, dtype: torch.dtype, n_sm: int) -> list[dict]:
+    """Configs of nf4_h2_decode_kernel (fp16 activations, M <= 4, rows of whole blocks of 32k elements):
+    the tiles of the integer fp16x2 kernel at 4 bits (kernels/wint_h2.py, chosen by an H100 sweep), a K
+    tile inside one block, the K range split so that two to four programs per SM fill the GPU."""
+    if M > 4 or dtype != torch.float16 or K % blocksize or blocksize % 32 or device_slot_table(lut) is None:
         return []
+    small = 64 if blocksize % 64 == 0 else 32
     configs = []
-    for bn, bk, warps in ((64, 256, 4), (128, 256, 4), (32, 512, 4), (128, 128, 4), (256, 128, 8)):
-        if bk % blocksize and blocksize % bk:
+    for bn, bk, warps in ((512, small, 4), (256, small, 4), (1024, small, 8), (512, 128, 8)):
+        if blocksize % bk:
             continue
-        k_tiles = triton.cdiv(K, bk)
         tiles = triton.cdiv(N, bn) * M
-        for split in wave_splits(k_tiles, tiles, n_sm):
+        for split in wave_splits(K // bk, tiles, n_sm):
             for stages in (2, 3):
-                configs.append({"KERNEL": "nf4_h2", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split,
+                configs.append({"KERNEL": "nf4_h2", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "CHAIN": 2,
                                 "STAGES": stages, "num_warps": warps, "num_stages": 1})
     return configs
 
 
-def run_nf4_h2(cfg: dict, x2: torch.Tensor, words: torch.Tensor, absmax, lut32, absmax2, code2, offset: float,
+def device_slot_table(lut: torch.Tensor):
+    """slot_table(lut) with its tensors on lut's device, cached on `lut` (no host sync after the first call,
+    so that calls can be captured in CUDA graphs)."""
+    cached = getattr(lut, "_qbench_slots", None)
+    if cached is not None and cached[0] == lut._version:
+        return cached[1]
+    found = slot_table(lut)
+    found = found and (found[0].to(lut.device), found[1].to(lut.device), found[2], found[3])
+    lut._qbench_slots = (lut._version, found)
+    return found
+
+
+def run_nf4_h2(cfg: dict, x2: torch.Tensor, codes: torch.Tensor, absmax, lut32, absmax2, code2, offset: float,
                N: int, blocksize: int) -> torch.Tensor:
     M, K = x2.shape
-    if K % 2 or x2.stride(0) % 2 or x2.data_ptr() % 4:  # x is read as int32 pairs
+    if K % blocksize or blocksize % cfg["BLOCK_K"] or cfg["BLOCK_K"] % (8 * cfg["CHAIN"]):
+        raise ValueError(f"nf4_h2: BLOCK_K {cfg['BLOCK_K']} must divide blocksize {blocksize}, which must divide K {K}")
+    slots = device_slot_table(lut32)
+    if slots is None:
+        raise ValueError("nf4_h2: no scale fits this code table to the prmt lookup (see slot_table)")
+    table, slot_values, label, inv_c = slots
+    words, absmax_cols = column_layout(codes, absmax, N, K, blocksize, label)
+    if x2.stride(0) % 2 or x2.data_ptr() % 4:  # x is read as int32 pairs
         x2 = x2.contiguous().clone()
     split = cfg["SPLIT_K"]
     out, partials, counters = split_buffers(x2, N, split, cfg["BLOCK_N"])
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), split, M)
-    nf4_h2_decode_kernel[grid](x2, out, words, absmax, lut32, absmax2, code2, float(offset), partials, counters,
-                               N, K, x2.stride(0), out.stride(0), split, BLOCKSIZE=blocksize,
+    nf4_h2_decode_kernel[grid](x2, out, words, absmax_cols, table, slot_values, inv_c, absmax2, code2, float(offset),
+                               partials, counters, N, K, x2.stride(0), out.stride(0), split, BLOCKSIZE=blocksize,
                                DOUBLE_QUANT=absmax2 is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                               STAGES=cfg.get("STAGES", 1), PTX=not interpreted(), num_warps=cfg["num_warps"],
+                               CHAIN=cfg["CHAIN"], STAGES=cfg.get("STAGES", 1), PTX=not interpreted(),
+                               EVEN_N=N % cfg["BLOCK_N"] == 0, num_warps=cfg["num_warps"],
                                num_stages=cfg["num_stages"])
     return out

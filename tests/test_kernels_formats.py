@@ -111,23 +111,81 @@ def test_nf4_decode_kernel(double_quant):
 
 @pytest.mark.parametrize("double_quant,table", [(False, "nf4"), (True, "nf4"), (False, "fp4")])
 def test_nf4_h2_decode_kernel(double_quant, table):
-    """The register-table fp16x2 NF4/FP4 decode kernel (fp16 activations): M=1 and 3, split-K, block
-    tiles smaller and larger than a block, rows (N=9) and words (K=200: not a whole tile) masked. On the
-    CPU its prmt lookup step runs as Triton operations (nf4_h2.nf4_chunk_fma)."""
+    """The register-table fp16x2 NF4/FP4 decode kernel (fp16 activations) on its column copy of the codes:
+    M=1 and 3, split-K (also splits that leave a program no tile), blocks of one and several K tiles,
+    columns masked (N=9, tiles of 8). On the CPU its prmt lookup step runs as Triton operations
+    (nf4_h2.nf4_chunk_fma)."""
     from qbench.quant.nf4 import code_book
 
     seed = fresh_seed()
-    N, K, bs = 9, 200 if not double_quant else 192, 8 if not double_quant else 64
+    N, K, bs = 9, 192 if double_quant else 160, 64 if double_quant else 32
     lut = code_book(table)
     packed, stored, w, extra = nf4_case(lut, N, K, bs, double_quant)
-    for M, split, bk, stages in [(1, 1, 64, 1), (3, 2, 128, 3), (1, 3, 32, 2)]:
-        cfg = {"KERNEL": "nf4_h2", "BLOCK_N": 8, "BLOCK_K": bk, "SPLIT_K": split, "STAGES": stages,
+    packed, stored = packed.to(DEVICE), stored.to(DEVICE)
+    for M, split, bk, stages in [(1, 1, 32, 1), (3, 2, 32, 3), (1, 4, 16, 2)]:
+        cfg = {"KERNEL": "nf4_h2", "BLOCK_N": 8, "BLOCK_K": bk, "SPLIT_K": split, "STAGES": stages, "CHAIN": 2,
                "num_warps": 4, "num_stages": 1}
         x = torch.randn(M, K).half()
-        y = nf4_matmul(x.to(DEVICE), packed.to(DEVICE), stored.to(DEVICE), lut.to(DEVICE), N, bs, config=cfg, **extra)
+        y = nf4_matmul(x.to(DEVICE), packed, stored, lut.to(DEVICE), N, bs, config=cfg, **extra)
         assert y.dtype == torch.float16
         err = rel_err(y.cpu(), x.double() @ w.double().T)
         assert err < 2e-3, f"rel err {err:.2e} (seed {seed}, M={M}, split={split})"
+
+
+def prmt(a: int, b: int, sel: int) -> int:
+    """PTX prmt.b32 (default mode) on Python ints: bytes 0-3 of a, 4-7 of b; selector bit 3 = sign fill."""
+    pool = [(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)]
+    out = 0
+    for j in range(4):
+        nib = (sel >> (4 * j)) & 15
+        byte = pool[nib & 7]
+        if nib & 8:
+            byte = 0xFF if byte & 0x80 else 0
+        out |= byte << (8 * j)
+    return out
+
+
+@pytest.mark.parametrize("table", ["nf4", "fp4"])
+def test_nf4_slot_table_lookup(table):
+    """The byte tables of nf4_h2.slot_table give, through the kernel's prmt/xor/prmt sequence (modelled
+    here bit by bit), the fp16 value of every slot in every nibble position, and slot values times 1/c
+    are the code table's values to fp16 precision."""
+    from qbench.kernels.nf4_h2 import slot_table
+    from qbench.quant.nf4 import code_book
+
+    lut = code_book(table).float()
+    words, slot_values, label, inv_c = slot_table(lut)
+    assert sorted(label) == list(range(16))
+    assert torch.allclose(slot_values[label] * inv_c, lut, rtol=2**-11, atol=0)
+    la, la1, lb, lb1, ha, ha1, hb, hb1 = [w & 0xFFFFFFFF for w in words.tolist()]
+    bits = [int(b) & 0xFFFF for b in slot_values.half().view(torch.int16).tolist()]
+    for e in torch.randint(0, 16, (200, 4)).tolist() + [[i, 15 - i, i, i] for i in range(16)]:
+        s = e[0] | e[1] << 4 | e[2] << 8 | e[3] << 12
+        t = s ^ 0x8888
+        lo = prmt(la, la1, s) ^ prmt(lb, lb1, t)
+        hi = prmt(ha, ha1, s) ^ prmt(hb, hb1, t)
+        pa, pb = prmt(lo, hi, 0x5140), prmt(lo, hi, 0x7362)
+        assert [pa & 0xFFFF, pa >> 16, pb & 0xFFFF, pb >> 16] == [bits[i] for i in e], e
+
+
+def test_nf4_column_layout():
+    """The column copy holds the same codes as slot labels (element k of row n in nibble k % 8 of word
+    k // 8, column n) and the same absmax, transposed; it is rebuilt when the codes change in place."""
+    from qbench.kernels.nf4_h2 import column_layout
+
+    N, K, bs = 3, 64, 32
+    codes = torch.randint(0, 16, (N, K))
+    packed = (codes.view(-1)[0::2] << 4 | codes.view(-1)[1::2]).to(torch.uint8)
+    absmax = torch.rand(N * K // bs)
+    label = torch.randperm(16).tolist()
+    words, am = column_layout(packed, absmax, N, K, bs, label)
+    assert words.shape == (K // 8, N) and words.dtype == torch.int32 and am.shape == (K // bs, N)
+    unpacked = torch.stack([(words.long() >> (4 * j)) & 15 for j in range(8)], dim=1).reshape(K, N)
+    assert torch.equal(unpacked.T, torch.tensor(label)[codes])
+    assert torch.equal(am.T, absmax.view(N, K // bs))
+    packed[0] = 0xFF
+    words, _ = column_layout(packed, absmax, N, K, bs, label)
+    assert words[0, 0].item() & 0xFF == label[15] * 17
 
 
 # ---- GGUF blocks, checked against gguf-py's numpy dequantizer ------------------------------------
