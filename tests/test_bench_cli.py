@@ -12,3 +12,12 @@ def test_bad_shapes_argument_is_one_line_error(capsys):
         main(["--shapes", "4096by4096"])
     assert exit_info.value.code == 2
     assert "use all, big, rest or KxN" in capsys.readouterr().err
+
+
+def test_put_row_replaces_only_the_same_shape_format_and_m():
+    from qbench.bench.kernels import put_row
+
+    rows = [dict(K=1, N=2, format="w4a16", M=1, ms=1.0), dict(K=1, N=2, format="w4a16", M=16, ms=2.0)]
+    put_row(rows, dict(K=1, N=2, format="w4a16", M=1, ms=0.5))
+    put_row(rows, dict(K=1, N=2, format="nf4", M=1, ms=3.0))
+    assert sorted((r["format"], r["M"], r["ms"]) for r in rows) == [("nf4", 1, 3.0), ("w4a16", 1, 0.5), ("w4a16", 16, 2.0)]

@@ -179,9 +179,16 @@ def describe(choice) -> str:
     return kind + (f" splitK{split}" if split > 1 else "")
 
 
+def put_row(rows: list, row: dict) -> None:
+    """Add row to rows in place, replacing an earlier row of the same (K, N, format, M)."""
+    key = (row["K"], row["N"], row["format"], row["M"])
+    rows[:] = [r for r in rows if (r["K"], r["N"], r["format"], r["M"]) != key] + [row]
+
+
 def sweep(shapes, ms_list, formats, dev, env, rows, out_json, deadline=float("inf")):
-    """Appends one row per (shape, format, M) to rows and rewrites out_json after each; starts no new
-    shape or format after time.time() passes deadline (the rows measured so far are kept)."""
+    """Appends one row per (shape, format, M) to rows (replacing an earlier row of the same key) and
+    rewrites out_json after each; starts no new shape or format after time.time() passes deadline (rows
+    not re-measured by then keep their earlier values)."""
     for K, N in shapes:
         if time.time() > deadline:
             print(f"deadline: shape {K}x{N} and later not measured", flush=True)
@@ -213,7 +220,7 @@ def sweep(shapes, ms_list, formats, dev, env, rows, out_json, deadline=float("in
                            pct_copy_bw=100 * nbytes / ms / 1e6 / env["copy_gbps"], tinygemm_ms=p.get("tinygemm"),
                            int_mm_ms=p.get("int_mm"), scaled_mm_ms=p.get("scaled_mm"), gpu=env["gpu"],
                            torch=env["torch"], triton=env["triton"], date=env["date"])
-                rows.append(row)
+                put_row(rows, row)
                 print(f"{fmt:6} K={K:5} N={N:5} M={M:4}  {ms:8.4f} ms (eager {ms_eager:7.4f})  fp16 {p['fp16']:8.4f}"
                       f"  x{row['speedup_vs_fp16']:5.2f}"
                       f"  {row['pct_copy_bw']:5.1f}% bw  err {err:.1e}", flush=True)
@@ -379,9 +386,7 @@ def main(argv=None) -> None:
         shapes = [tuple(int(v) for v in kn.split("x")) for kn in args.shapes.split(",")]
     rows = []
     if args.append and rows_json.is_file():  # earlier rows of other shapes; % of copy bw against this run's copy
-        fmts = args.formats.split(",")
-        measured = {(K, N, f, M) for K, N in shapes for f in fmts for M in ms_list} if not args.e2e_only else set()
-        rows = [r for r in json.loads(rows_json.read_text()) if (r["K"], r["N"], r["format"], r["M"]) not in measured]
+        rows = json.loads(rows_json.read_text())  # a row is replaced when its (shape, format, M) is re-measured
         for r in rows:
             r["pct_copy_bw"] = 100 * r["gbps"] / env["copy_gbps"]
 
