@@ -63,7 +63,9 @@ def last_pick():
 def gpu_time_ms(fn, reps: int = 8, replays: int = 5) -> float:
     """GPU time of one fn() call, free of Python launch overhead: fn is captured `reps` times in a CUDA
     graph, each call after a 256 MiB write that evicts L2 (as triton's do_bench flushes), and a graph
-    of the writes alone is subtracted. Median over `replays` replays. fn must not synchronize."""
+    of the writes alone is subtracted. The two graphs are replayed in turns, `replays` pairs, and the
+    median of the pairs' differences is taken: the writes take longer than a 60 us kernel, and two
+    medians taken apart let their drift into the difference. fn must not synchronize."""
     dev = torch.cuda.current_device()
     if dev not in _FLUSH:
         buf = torch.empty(1 << 28, dtype=torch.int8, device="cuda")
@@ -80,22 +82,20 @@ def gpu_time_ms(fn, reps: int = 8, replays: int = 5) -> float:
         for _ in range(reps):
             buf.zero_()
             fn()
-    ms = [_replay_ms(g, replays) / n for g, n in ((with_fn, reps), (flush_only, flush_reps))]
+    with_fn.replay()  # warm
+    flush_only.replay()
+    diffs = sorted(_replay_ms(with_fn) / reps - _replay_ms(flush_only) / flush_reps for _ in range(replays))
     del with_fn
-    return max(ms[0] - ms[1], 0.0)
+    return max(diffs[len(diffs) // 2], 0.0)
 
 
-def _replay_ms(graph, replays: int) -> float:
-    graph.replay()  # warm
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+def _replay_ms(graph) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
 
 
 def _compile_error(err: Exception) -> bool:

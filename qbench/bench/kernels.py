@@ -32,10 +32,11 @@ BIG = [(8192, 28672), (28672, 8192)]  # the shapes the targets are judged on
 
 
 def bench(fn) -> float:
-    """GPU time of one call (ms): CUDA graph replay with an L2 flush before each call, flush subtracted."""
+    """GPU time of one call (ms): CUDA graph replay with an L2 flush before each call, flush subtracted
+    (median of 15 paired replays)."""
     from qbench.kernels.tune import gpu_time_ms
 
-    return gpu_time_ms(fn, reps=10, replays=7)
+    return gpu_time_ms(fn, reps=10, replays=15)
 
 
 def bench_eager(fn) -> float:
