@@ -113,7 +113,7 @@ def nf4_matmul(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, lut: 
 
         def run(cfg, x2):
             if cfg["KERNEL"] == "nf4_h2":
-                return run_nf4_h2(cfg, x2, codes, am, lut32, absmax2, code2, offset, N, blocksize)
+                return run_nf4_h2(cfg, x2, codes, absmax, lut32, absmax2, code2, offset, N, blocksize)
             return run_decode(cfg, x2)
         fast = (configs, run)
     return dequant_matmul(NF4, x, N, ptrs, (blocksize, double), f0=float(offset), name="nf4", config=config, fast=fast)

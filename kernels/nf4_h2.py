@@ -101,7 +101,9 @@ def column_layout(codes: torch.Tensor, absmax: torch.Tensor, N: int, K: int, blo
     shifts = torch.arange(0, 32, 4, device=codes.device)
     words = (elems << shifts).sum(-1)
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # the same 32 bits, signed
-    layout = (words.T.contiguous(), absmax.reshape(-1)[: N * K // blocksize].view(N, K // blocksize).T.contiguous())
+    am = absmax.reshape(-1)[: N * K // blocksize].view(N, K // blocksize)
+    am = am if am.dtype == torch.uint8 else am.float()  # uint8: double-quant codes
+    layout = (words.T.contiguous(), am.T.contiguous())
     codes._qbench_columns = (key, layout)
     return layout
 
