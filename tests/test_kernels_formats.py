@@ -122,9 +122,9 @@ def test_nf4_h2_decode_kernel(double_quant, table):
     lut = code_book(table)
     packed, stored, w, extra = nf4_case(lut, N, K, bs, double_quant)
     packed, stored = packed.to(DEVICE), stored.to(DEVICE)
-    for M, split, bk, stages in [(1, 1, 32, 1), (3, 2, 32, 3), (1, 4, 16, 2)]:
+    for M, split, bk, stages, cap in [(1, 1, 32, 1, None), (3, 2, 32, 3, 160), (1, 4, 16, 2, None)]:
         cfg = {"KERNEL": "nf4_h2", "BLOCK_N": 8, "BLOCK_K": bk, "SPLIT_K": split, "STAGES": stages, "CHAIN": 2,
-               "num_warps": 4, "num_stages": 1}
+               "num_warps": 4, "num_stages": 1, "MAXNREG": cap}
         x = torch.randn(M, K).half()
         y = nf4_matmul(x.to(DEVICE), packed, stored, lut.to(DEVICE), N, bs, config=cfg, **extra)
         assert y.dtype == torch.float16
