@@ -339,7 +339,9 @@ def write_report(path_md: Path, env: dict, rows: list, e2e: list) -> None:
     lines += [f"| {e['model']} | {e['fp16_tok_s']:.1f} | {e['w4a16_tok_s']:.1f} | {e['speedup']:.2f}x |" for e in e2e]
     lines += ["", "## All rows", "", "| format | group | K | N | M | path | ms | eager ms | fp16 ms | x fp16 | GB/s | % copy bw "
               "| TFLOP/s | tinygemm ms | _int_mm ms | _scaled_mm ms |", "| " + " | ".join(["---"] * 16) + " |"]
-    for r in rows:
+    order = lambda r: (SHAPES.index((r["K"], r["N"])) if (r["K"], r["N"]) in SHAPES else len(SHAPES),  # noqa: E731
+                       FORMATS.index(r["format"]) if r["format"] in FORMATS else len(FORMATS), r["M"])
+    for r in sorted(rows, key=order):
         lines.append(f"| {r['format']} | {r['group_size']} | {r['K']} | {r['N']} | {r['M']} | {r.get('path', '-')} "
                      f"| {r['ms']:.4f} | {fmt_ms(r.get('ms_eager'))} | {r['fp16_ms']:.4f} "
                      f"| {r['speedup_vs_fp16']:.2f} | {r['gbps']:.0f} | {r['pct_copy_bw']:.1f} | {r['tflops']:.1f} "
