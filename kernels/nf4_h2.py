@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qbench.kernels.splitk import split_buffers, store_result, wave_splits
+from qbench.kernels.splitk import split_buffers, store_result, store_stream, stream_owner, stream_slots, wave_splits
 from qbench.kernels.tune import interpreted
 from qbench.kernels.wint_h2 import _h2, _u32
 
@@ -147,33 +147,17 @@ def nf4_chunk_fma(s, t, la, la1, lb, lb1, ha, ha1, hb, hb1, xa, xb, acc, slot_va
 
 
 @triton.jit
-def nf4_h2_decode_kernel(x_ptr, out_ptr, words_ptr, absmax, table, slot_values, inv_c, absmax2, code2, offset,
-                         partials, counters,
-                         N, K, stride_xm, stride_om, SPLIT_K, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHAIN: tl.constexpr, STAGES: tl.constexpr,
-                         PTX: tl.constexpr, EVEN_N: tl.constexpr):
+def _tile_sums(xw, words_ptr, absmax, la, la1, lb, lb1, ha, ha1, hb, hb1, slot_values, inv_c, absmax2, code2, offset,
+               N, K, offs_n, nmask, t_start, t_end, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHAIN: tl.constexpr, STAGES: tl.constexpr,
+               PTX: tl.constexpr, EVEN_N: tl.constexpr):
+    """sum over K tiles t_start..t_end-1 of x[m, tile] @ W^T[tile, offs_n], float32 [BLOCK_N] (xw: the
+    token's activation pairs as uint32)."""
     ROWS: tl.constexpr = BLOCK_K // 8 // CHAIN  # words of a column per chained slab
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    m = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = offs_n < N
     offs_r = tl.arange(0, ROWS)
-    la = tl.load(table).to(tl.uint32, bitcast=True)
-    la1 = tl.load(table + 1).to(tl.uint32, bitcast=True)
-    lb = tl.load(table + 2).to(tl.uint32, bitcast=True)
-    lb1 = tl.load(table + 3).to(tl.uint32, bitcast=True)
-    ha = tl.load(table + 4).to(tl.uint32, bitcast=True)
-    ha1 = tl.load(table + 5).to(tl.uint32, bitcast=True)
-    hb = tl.load(table + 6).to(tl.uint32, bitcast=True)
-    hb1 = tl.load(table + 7).to(tl.uint32, bitcast=True)
-    xw = x_ptr.to(tl.pointer_type(tl.uint32)) + m * (stride_xm // 2)  # activation pairs (x[2i], x[2i+1])
     blocks_per_row = K // BLOCKSIZE
-    k_tiles = K // BLOCK_K  # the launcher makes BLOCK_K divide the block, and blocks divide K
-    per_split = tl.cdiv(k_tiles, SPLIT_K)
-    t_end = tl.minimum(pid_k * per_split + per_split, k_tiles)
     acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)  # reduced over the rows once, after the loop
-    for t in tl.range(pid_k * per_split, t_end, num_stages=STAGES):
+    for t in tl.range(t_start, t_end, num_stages=STAGES):
         g = t * BLOCK_K // BLOCKSIZE
         if DOUBLE_QUANT:
             c = tl.load(absmax + g * N + offs_n, mask=nmask, other=0).to(tl.int32)
@@ -202,7 +186,53 @@ def nf4_h2_decode_kernel(x_ptr, out_ptr, words_ptr, absmax, table, slot_values, 
                                  slot_values, PTX)
         p_lo, p_hi = _h2(part)
         acc += (p_lo.to(tl.float32) + p_hi.to(tl.float32)) * (a * inv_c)[None, :]
-    store_result(out_ptr, tl.sum(acc, axis=0), partials, counters, offs_n, nmask, N, stride_om, SPLIT_K, BLOCK_N)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def nf4_h2_decode_kernel(x_ptr, out_ptr, words_ptr, absmax, table, slot_values, inv_c, absmax2, code2, offset,
+                         partials, counters,
+                         N, K, stride_xm, stride_om, SPLIT_K, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHAIN: tl.constexpr, STAGES: tl.constexpr,
+                         PTX: tl.constexpr, EVEN_N: tl.constexpr, STREAM: tl.constexpr = False):
+    m = tl.program_id(2)
+    la = tl.load(table).to(tl.uint32, bitcast=True)
+    la1 = tl.load(table + 1).to(tl.uint32, bitcast=True)
+    lb = tl.load(table + 2).to(tl.uint32, bitcast=True)
+    lb1 = tl.load(table + 3).to(tl.uint32, bitcast=True)
+    ha = tl.load(table + 4).to(tl.uint32, bitcast=True)
+    ha1 = tl.load(table + 5).to(tl.uint32, bitcast=True)
+    hb = tl.load(table + 6).to(tl.uint32, bitcast=True)
+    hb1 = tl.load(table + 7).to(tl.uint32, bitcast=True)
+    xw = x_ptr.to(tl.pointer_type(tl.uint32)) + m * (stride_xm // 2)  # activation pairs (x[2i], x[2i+1])
+    k_tiles = K // BLOCK_K  # the launcher makes BLOCK_K divide the block, and blocks divide K
+    if STREAM:  # grid axis 0: P programs, each a range of the (column tile, K tile) units (kernels/splitk.py)
+        n_tiles = tl.cdiv(N, BLOCK_N)
+        P = tl.num_programs(0).to(tl.int64)
+        U = (n_tiles * k_tiles).to(tl.int64)
+        start = tl.program_id(0) * U // P
+        end = (tl.program_id(0) + 1) * U // P
+        for tile in range((start // k_tiles).to(tl.int32), ((end - 1) // k_tiles + 1).to(tl.int32)):
+            base = (tile * k_tiles).to(tl.int64)
+            lo = tl.maximum(start, base) - base
+            hi = tl.minimum(end, base + k_tiles) - base
+            offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            nmask = offs_n < N
+            res = _tile_sums(xw, words_ptr, absmax, la, la1, lb, lb1, ha, ha1, hb, hb1, slot_values, inv_c, absmax2,
+                             code2, offset, N, K, offs_n, nmask, lo.to(tl.int32), hi.to(tl.int32), BLOCKSIZE,
+                             DOUBLE_QUANT, BLOCK_N, BLOCK_K, CHAIN, STAGES, PTX, EVEN_N)
+            store_stream(out_ptr, res, partials, counters, offs_n, nmask, N, stride_om, tile, n_tiles,
+                         stream_owner(base, P, U), stream_owner(base + k_tiles - 1, P, U), BLOCK_N)
+    else:
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = offs_n < N
+        pid_k = tl.program_id(1)
+        per_split = tl.cdiv(k_tiles, SPLIT_K)
+        t_end = tl.minimum(pid_k * per_split + per_split, k_tiles)
+        res = _tile_sums(xw, words_ptr, absmax, la, la1, lb, lb1, ha, ha1, hb, hb1, slot_values, inv_c, absmax2,
+                         code2, offset, N, K, offs_n, nmask, pid_k * per_split, t_end, BLOCKSIZE, DOUBLE_QUANT,
+                         BLOCK_N, BLOCK_K, CHAIN, STAGES, PTX, EVEN_N)
+        store_result(out_ptr, res, partials, counters, offs_n, nmask, N, stride_om, SPLIT_K, BLOCK_N)
 
 
 def nf4_h2_configs(M: int, N: int, K: int, blocksize: int, lut: torch.Tensor, dtype: torch.dtype, n_sm: int) -> list[dict]:
@@ -226,6 +256,12 @@ def nf4_h2_configs(M: int, N: int, K: int, blocksize: int, lut: torch.Tensor, dt
             for stages in (2, 3):
                 configs.append({"KERNEL": "nf4_h2", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "CHAIN": 2,
                                 "STAGES": stages, "num_warps": warps, "num_stages": 1, "MAXNREG": cap})
+        if (bn, warps) == (512, 4):  # stream-K: 3-4 equal programs per SM (added after the last H100 run)
+            for per_sm in (3, 4):
+                for stages in (2, 3):
+                    configs.append({"KERNEL": "nf4_h2", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1, "CHAIN": 2,
+                                    "STAGES": stages, "num_warps": warps, "num_stages": 1, "MAXNREG": cap,
+                                    "STREAM": max(per_sm * n_sm // M, 1)})
     return configs
 
 
@@ -253,13 +289,20 @@ def run_nf4_h2(cfg: dict, x2: torch.Tensor, codes: torch.Tensor, absmax, lut32, 
     words, absmax_cols = column_layout(codes, absmax, N, K, blocksize, label)
     if x2.stride(0) % 2 or x2.data_ptr() % 4:  # x is read as int32 pairs
         x2 = x2.contiguous().clone()
-    split = cfg["SPLIT_K"]
-    out, partials, counters = split_buffers(x2, N, split, cfg["BLOCK_N"])
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]), split, M)
+    stream = cfg.get("STREAM", 0)  # stream-K: programs per token (0: split-K)
+    if stream:
+        n_tiles, k_tiles = triton.cdiv(N, cfg["BLOCK_N"]), K // cfg["BLOCK_K"]
+        programs = min(stream, n_tiles * k_tiles)  # every program holds at least one unit
+        out, partials, counters = split_buffers(x2, N, stream_slots(n_tiles, k_tiles, programs), cfg["BLOCK_N"])
+        grid, split = (programs, 1, M), 1
+    else:
+        split = cfg["SPLIT_K"]
+        out, partials, counters = split_buffers(x2, N, split, cfg["BLOCK_N"])
+        grid = (triton.cdiv(N, cfg["BLOCK_N"]), split, M)
     nf4_h2_decode_kernel[grid](x2, out, words, absmax_cols, table, slot_values, inv_c, absmax2, code2, float(offset),
                                partials, counters, N, K, x2.stride(0), out.stride(0), split, BLOCKSIZE=blocksize,
                                DOUBLE_QUANT=absmax2 is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                                CHAIN=cfg["CHAIN"], STAGES=cfg.get("STAGES", 1), PTX=not interpreted(),
-                               EVEN_N=N % cfg["BLOCK_N"] == 0, num_warps=cfg["num_warps"],
+                               EVEN_N=N % cfg["BLOCK_N"] == 0, STREAM=bool(stream), num_warps=cfg["num_warps"],
                                num_stages=cfg["num_stages"], **({"maxnreg": cfg["MAXNREG"]} if cfg.get("MAXNREG") else {}))
     return out

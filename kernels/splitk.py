@@ -1,11 +1,20 @@
-"""Split-K for decode kernels without a zeroing pass or a cast pass.
+"""Split-K and stream-K for decode kernels without a zeroing pass or a cast pass.
 
-The K range of a column tile is split over SPLIT_K programs (grid axis 1; axis 0 the column tile, axis 2
-the token). Each stores its float32 partial in `partials` [SPLIT_K, M, N]; the last one of the tile to
-finish (an int32 counter per (token, tile), left at 0 again for the next call) adds them up and writes
-the output in its dtype. Against atomics into a zeroed float32 buffer this saves two kernel boundaries,
-about a tenth of a 60 us GEMV on the H100 (reports/kernels/NOTES.md).
+Split-K: the K range of a column tile is split over SPLIT_K programs (grid axis 1; axis 0 the column
+tile, axis 2 the token). Each stores its float32 partial in `partials` [SPLIT_K, M, N]; the last one of
+the tile to finish (an int32 counter per (token, tile), left at 0 again for the next call) adds them up
+and writes the output in its dtype. Against atomics into a zeroed float32 buffer this saves two kernel
+boundaries, about a tenth of a 60 us GEMV on the H100 (reports/kernels/NOTES.md).
+
+Stream-K: the (column tile, K tile) units of a token, column tile major, are cut into P equal ranges,
+one per program (grid axis 0; program p holds units [p*U//P, (p+1)*U//P)), so that P = a whole number
+of programs per SM gives every SM the same work whatever the number of column tiles (N = 28672 makes
+7 x 2^k tiles, which no split count spreads evenly over 132 SMs). A program walks the tiles its range
+touches; for each it stores a partial in slot (p - first owner of the tile) and the last owner to
+arrive sums the tile's slots, as in split-K.
 """
+
+import functools
 
 import torch
 import triton
@@ -33,6 +42,44 @@ def store_result(out_ptr, res, partials, counters, offs_n, nmask, N, stride_om, 
                 total += tl.load(partials + (k * M + m) * N + offs_n, mask=nmask, other=0.0, cache_modifier=".cg")
             tl.store(out, total.to(out_ptr.dtype.element_ty), mask=nmask)
             tl.atomic_xchg(ticket, 0)
+
+
+@triton.jit
+def stream_owner(u, P, U):
+    """The stream-K program whose range [p*U//P, (p+1)*U//P) holds unit u (U >= P, int64 scalars)."""
+    return ((u + 1) * P - 1) // U
+
+
+@triton.jit
+def store_stream(out_ptr, res, partials, counters, offs_n, nmask, N, stride_om, tile, n_tiles, first, last,
+                 BLOCK_N: tl.constexpr):
+    """out[m, offs_n] of column tile `tile` = res summed over its stream-K owners first..last (this
+    program is one of them)."""
+    m = tl.program_id(2)
+    out = out_ptr + m * stride_om + offs_n
+    if first == last:
+        tl.store(out, res.to(out_ptr.dtype.element_ty), mask=nmask)
+    else:
+        M = tl.num_programs(2)
+        slot = tl.program_id(0) - first
+        tl.store(partials + (slot * M + m) * N + offs_n, res, mask=nmask)
+        tl.debug_barrier()  # every thread's partial is written before the counter says so
+        ticket = counters + m * n_tiles + tile
+        arrived = tl.atomic_add(ticket, 1, sem="acq_rel")
+        if arrived == last - first:
+            total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for k in range(0, last - first + 1):
+                total += tl.load(partials + (k * M + m) * N + offs_n, mask=nmask, other=0.0, cache_modifier=".cg")
+            tl.store(out, total.to(out_ptr.dtype.element_ty), mask=nmask)
+            tl.atomic_xchg(ticket, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def stream_slots(n_tiles: int, k_tiles: int, programs: int) -> int:
+    """Most stream-K owners of one column tile: the partial slots a launch needs."""
+    units = n_tiles * k_tiles
+    owner = lambda u: ((u + 1) * programs - 1) // units  # noqa: E731  (stream_owner)
+    return max(owner((t + 1) * k_tiles - 1) - owner(t * k_tiles) + 1 for t in range(n_tiles))
 
 
 def wave_splits(k_tiles: int, tiles: int, n_sm: int, per_sm=(2, 3, 4)) -> list[int]:

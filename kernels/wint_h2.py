@@ -13,7 +13,8 @@ activations (x[2i], x[2i+1]) are one int32 load; at 3 bits each 3-word chunk of 
 24-bit slices whose codes pair across two slices. The fp16 pair sums of CHAIN words (16 weights) go
 to float32 and are multiplied by UNIT * scale once per group. The partial sums hold x * (q - z) / UNIT
 (|.| <= |x|), never x * (q - z), which would overflow fp16 for large activations. About 3.1
-instructions per 4-bit weight (offline sm_90 compile). Split-K ends in kernels/splitk.py.
+instructions per 4-bit weight (offline sm_90 compile). Split-K and stream-K (STREAM in a config:
+programs sharing the (column tile, K tile) units equally) end in kernels/splitk.py.
 
 The pair step is one inline-PTX block (`pair_fma`, `byte_pair_fma`). Triton's CPU interpreter cannot
 run inline assembly, so under TRITON_INTERPRET=1 the same step is computed with Triton fp16 operations
@@ -26,7 +27,7 @@ import triton
 import triton.language as tl
 
 from qbench.kernels.dequant import stream_codes
-from qbench.kernels.splitk import split_buffers, store_result, wave_splits
+from qbench.kernels.splitk import split_buffers, store_result, store_stream, stream_owner, stream_slots, wave_splits
 from qbench.kernels.tune import interpreted
 
 @triton.jit
@@ -136,10 +137,11 @@ def slice_pair3(va, vb, ka, kb, xrow, K, mask2, zz, part, EVEN: tl.constexpr, PT
 
 
 @triton.jit
-def wint_h2_decode_kernel(x_ptr, out_ptr, qweight, qzeros, scales, partials, counters, N, K, stride_xm, stride_om,
-                          n_zero_words, SPLIT_K, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, PTX: tl.constexpr, EVEN: tl.constexpr = False,
-                          CHAIN: tl.constexpr = 2, STAGES: tl.constexpr = 1, BYTE_PAIRS: tl.constexpr = False):
+def _tile_sums(x_ptr, qweight, qzeros, scales, N, K, stride_xm, n_zero_words, offs_n, nmask, m, t_start, t_end,
+               BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               PTX: tl.constexpr, EVEN: tl.constexpr, CHAIN: tl.constexpr, STAGES: tl.constexpr,
+               BYTE_PAIRS: tl.constexpr):
+    """sum over K tiles t_start..t_end-1 of x[m, tile] @ W^T[tile, offs_n], float32 [BLOCK_N]."""
     PER: tl.constexpr = 32 if BITS == 3 else 32 // BITS  # codes per row: a word, or a 3-word chunk at 3 bits
     HALF: tl.constexpr = PER // 2  # pairs per word
     ROWS: tl.constexpr = BLOCK_K // PER // CHAIN  # words (chunks) of a column per chained slab
@@ -147,20 +149,12 @@ def wint_h2_decode_kernel(x_ptr, out_ptr, qweight, qzeros, scales, partials, cou
     # the highest multiple of BITS that fits, so one of the pair positions needs no shift.
     TOP: tl.constexpr = (10 - BITS) // BITS * BITS
     UNIT: tl.constexpr = 1 << (10 - TOP)
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    m = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = offs_n < N
     offs_r = tl.arange(0, ROWS)
     mask2 = tl.full((1, 1), (((1 << BITS) - 1) << TOP) * 0x00010001, tl.uint32)  # the code's bits in both halves
     n_words = tl.cdiv(K * BITS, 32)
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(k_tiles, SPLIT_K)
-    t_end = tl.minimum(pid_k * per_split + per_split, k_tiles)
     xrow = x_ptr + m * stride_xm
     acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)  # reduced over the rows once, after the loop
-    for t in tl.range(pid_k * per_split, t_end, num_stages=STAGES):
+    for t in tl.range(t_start, t_end, num_stages=STAGES):
         k0 = t * BLOCK_K
         g = 0 if GROUP == 0 else k0 // GROUP  # the launcher makes BLOCK_K divide the group
         if EVEN:
@@ -203,7 +197,44 @@ def wint_h2_decode_kernel(x_ptr, out_ptr, qweight, qzeros, scales, partials, cou
                     part = code_pair(words, BITS * j, k + j, k + j + HALF, xrow, K, mask2, zz, part, TOP, EVEN, PTX)
         p_lo, p_hi = _h2(part)  # sum of x * (q - z) / UNIT over the chained rows, in two halves
         acc += (p_lo.to(tl.float32) + p_hi.to(tl.float32)) * (s * UNIT)[None, :]
-    store_result(out_ptr, tl.sum(acc, axis=0), partials, counters, offs_n, nmask, N, stride_om, SPLIT_K, BLOCK_N)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def wint_h2_decode_kernel(x_ptr, out_ptr, qweight, qzeros, scales, partials, counters, N, K, stride_xm, stride_om,
+                          n_zero_words, SPLIT_K, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, PTX: tl.constexpr, EVEN: tl.constexpr = False,
+                          CHAIN: tl.constexpr = 2, STAGES: tl.constexpr = 1, BYTE_PAIRS: tl.constexpr = False,
+                          STREAM: tl.constexpr = False):
+    m = tl.program_id(2)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    if STREAM:  # grid axis 0: P programs, each a range of the (column tile, K tile) units (kernels/splitk.py)
+        n_tiles = tl.cdiv(N, BLOCK_N)
+        P = tl.num_programs(0).to(tl.int64)
+        U = (n_tiles * k_tiles).to(tl.int64)
+        start = tl.program_id(0) * U // P
+        end = (tl.program_id(0) + 1) * U // P
+        for tile in range((start // k_tiles).to(tl.int32), ((end - 1) // k_tiles + 1).to(tl.int32)):
+            base = (tile * k_tiles).to(tl.int64)
+            lo = tl.maximum(start, base) - base
+            hi = tl.minimum(end, base + k_tiles) - base
+            offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            nmask = offs_n < N
+            res = _tile_sums(x_ptr, qweight, qzeros, scales, N, K, stride_xm, n_zero_words, offs_n, nmask, m,
+                             lo.to(tl.int32), hi.to(tl.int32), BITS, GROUP, BLOCK_N, BLOCK_K, PTX, EVEN, CHAIN,
+                             STAGES, BYTE_PAIRS)
+            store_stream(out_ptr, res, partials, counters, offs_n, nmask, N, stride_om, tile, n_tiles,
+                         stream_owner(base, P, U), stream_owner(base + k_tiles - 1, P, U), BLOCK_N)
+    else:
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = offs_n < N
+        pid_k = tl.program_id(1)
+        per_split = tl.cdiv(k_tiles, SPLIT_K)
+        t_end = tl.minimum(pid_k * per_split + per_split, k_tiles)
+        res = _tile_sums(x_ptr, qweight, qzeros, scales, N, K, stride_xm, n_zero_words, offs_n, nmask, m,
+                         pid_k * per_split, t_end, BITS, GROUP, BLOCK_N, BLOCK_K, PTX, EVEN, CHAIN, STAGES,
+                         BYTE_PAIRS)
+        store_result(out_ptr, res, partials, counters, offs_n, nmask, N, stride_om, SPLIT_K, BLOCK_N)
 
 def h2_decode_configs(M: int, N: int, K: int, bits: int, group: int, dtype: torch.dtype, n_sm: int) -> list[dict]:
     """Configs of wint_h2_decode_kernel for this shape (empty where it does not apply: fp16 only).
@@ -229,14 +260,27 @@ def h2_decode_configs(M: int, N: int, K: int, bits: int, group: int, dtype: torc
             for stages in (2, 3):
                 configs.append({"KERNEL": "wint_h2", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "CHAIN": chain,
                                 "STAGES": stages, "BYTE_PAIRS": byte_pairs, "num_warps": warps, "num_stages": 1})
+        if (bn, warps) == (512, 4):  # stream-K: 3-5 equal programs per SM (added after the last H100 run)
+            for per_sm in (3, 4, 5):
+                for stages in (2, 3):
+                    configs.append({"KERNEL": "wint_h2", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1, "CHAIN": chain,
+                                    "STAGES": stages, "BYTE_PAIRS": byte_pairs, "num_warps": warps, "num_stages": 1,
+                                    "STREAM": max(per_sm * n_sm // M, 1)})
     return configs
 
 
 def run_h2_decode(cfg: dict, x2: torch.Tensor, qweight, qzeros, scales, bits: int, group: int, N: int) -> torch.Tensor:
     M, K = x2.shape
-    split = cfg["SPLIT_K"]
-    out, partials, counters = split_buffers(x2, N, split, cfg["BLOCK_N"])
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]), split, M)
+    stream = cfg.get("STREAM", 0)  # stream-K: programs per token (0: split-K)
+    if stream:
+        n_tiles, k_tiles = triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(K, cfg["BLOCK_K"])
+        programs = min(stream, n_tiles * k_tiles)  # every program holds at least one unit
+        out, partials, counters = split_buffers(x2, N, stream_slots(n_tiles, k_tiles, programs), cfg["BLOCK_N"])
+        grid, split = (programs, 1, M), 1
+    else:
+        split = cfg["SPLIT_K"]
+        out, partials, counters = split_buffers(x2, N, split, cfg["BLOCK_N"])
+        grid = (triton.cdiv(N, cfg["BLOCK_N"]), split, M)
     # x read as int32 pairs: needs an even K and row stride and a 4-byte aligned start
     byte_pairs = cfg.get("BYTE_PAIRS", False) and bits in (4, 8) and K % 2 == 0 and x2.stride(0) % 2 == 0 \
         and x2.data_ptr() % 4 == 0
@@ -244,6 +288,6 @@ def run_h2_decode(cfg: dict, x2: torch.Tensor, qweight, qzeros, scales, bits: in
                                 qzeros.shape[1], split, BITS=bits, GROUP=group, BLOCK_N=cfg["BLOCK_N"],
                                 BLOCK_K=cfg["BLOCK_K"], CHAIN=cfg["CHAIN"], STAGES=cfg.get("STAGES", 1),
                                 PTX=not interpreted(), EVEN=K % cfg["BLOCK_K"] == 0 and N % cfg["BLOCK_N"] == 0,
-                                BYTE_PAIRS=byte_pairs,
+                                BYTE_PAIRS=byte_pairs, STREAM=bool(stream),
                                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out

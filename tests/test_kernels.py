@@ -97,9 +97,10 @@ def test_wint_decode_kernel(bits, group_size):
         check(layer, 3, wint_decode_cfg(2, in_place=True), dtype=torch.float16, tol=2e-3, seed=seed)
 
 
-def h2_cfg(split: int, block_k: int = 32, block_n: int = 16, chain: int = 2, stages: int = 1, byte_pairs=False) -> dict:
+def h2_cfg(split: int, block_k: int = 32, block_n: int = 16, chain: int = 2, stages: int = 1, byte_pairs=False,
+           stream: int = 0) -> dict:
     return {"KERNEL": "wint_h2", "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "CHAIN": chain,
-            "STAGES": stages, "BYTE_PAIRS": byte_pairs, "num_warps": 4, "num_stages": 1}
+            "STAGES": stages, "BYTE_PAIRS": byte_pairs, "num_warps": 4, "num_stages": 1, "STREAM": stream}
 
 
 @pytest.mark.parametrize("bits,group_size", [(2, 32), (3, 32), (3, -1), (4, 32), (4, 64), (8, -1), (8, 32)])
@@ -119,6 +120,32 @@ def test_wint_h2_decode_kernel(bits, group_size):
         check(layer, 3, h2_cfg(2, chain=1, stages=3), dtype=torch.float16, tol=2e-3, seed=seed)  # pipelined loop
         check(layer, 1, h2_cfg(3, block_k=64, chain=chain) if group_size in (-1, 64) else h2_cfg(3, chain=chain),
               dtype=torch.float16, tol=2e-3, seed=seed)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_wint_h2_stream_k(bits):
+    """Stream-K launches of the fp16x2 decode kernel: P programs share the (column tile, K tile) units
+    equally, so tiles have one owner or several (partials summed by the last to arrive); P from 1 to
+    more than the units (capped), M = 1 and 3, N=37 masked and N=48 whole tiles."""
+    seed = fresh_seed()
+    chain = 1 if bits == 3 else 2
+    for N, K in ((37, 192), (48, 256)):
+        layer = make_layer(N, K, bits, 32)  # 3 or 2 column tiles x 6 or 8 K tiles of 32
+        for M, programs in ((1, 1), (1, 4), (3, 5), (1, 7), (1, 100)):
+            check(layer, M, h2_cfg(1, chain=chain, stream=programs, byte_pairs=bits == 4, stages=2),
+                  dtype=torch.float16, tol=2e-3, seed=seed)
+
+
+def test_stream_k_ranges():
+    """stream_owner inverts the ranges [p*U//P, (p+1)*U//P); stream_slots counts a tile's owners."""
+    from qbench.kernels.splitk import stream_slots
+
+    for units in range(1, 60):
+        for programs in range(1, units + 1):
+            owners = [p for p in range(programs) for _ in range(p * units // programs, (p + 1) * units // programs)]
+            assert owners == [((u + 1) * programs - 1) // units for u in range(units)]
+    assert stream_slots(3, 4, 12) == 4 and stream_slots(3, 4, 3) == 1 and stream_slots(3, 4, 2) == 2
+    assert stream_slots(2, 6, 4) == 2 and stream_slots(2, 6, 5) == 3
 
 
 def test_wint_h2_decode_large_activations():

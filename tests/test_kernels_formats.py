@@ -112,7 +112,8 @@ def test_nf4_decode_kernel(double_quant):
 @pytest.mark.parametrize("double_quant,table", [(False, "nf4"), (True, "nf4"), (False, "fp4")])
 def test_nf4_h2_decode_kernel(double_quant, table):
     """The register-table fp16x2 NF4/FP4 decode kernel (fp16 activations) on its column copy of the codes:
-    M=1 and 3, split-K (also splits that leave a program no tile), blocks of one and several K tiles,
+    M=1 and 3, split-K (also splits that leave a program no tile) and stream-K (programs sharing the
+    (column tile, K tile) units; more programs than units capped), blocks of one and several K tiles,
     columns masked (N=9, tiles of 8). On the CPU its prmt lookup step runs as Triton operations
     (nf4_h2.nf4_chunk_fma)."""
     from qbench.quant.nf4 import code_book
@@ -122,9 +123,10 @@ def test_nf4_h2_decode_kernel(double_quant, table):
     lut = code_book(table)
     packed, stored, w, extra = nf4_case(lut, N, K, bs, double_quant)
     packed, stored = packed.to(DEVICE), stored.to(DEVICE)
-    for M, split, bk, stages, cap in [(1, 1, 32, 1, None), (3, 2, 32, 3, 160), (1, 4, 16, 2, None)]:
+    for M, split, bk, stages, cap, stream in [(1, 1, 32, 1, None, 0), (3, 2, 32, 3, 160, 0), (1, 4, 16, 2, None, 0),
+                                              (1, 1, 32, 2, None, 4), (3, 1, 16, 2, None, 7), (1, 1, 32, 2, 160, 50)]:
         cfg = {"KERNEL": "nf4_h2", "BLOCK_N": 8, "BLOCK_K": bk, "SPLIT_K": split, "STAGES": stages, "CHAIN": 2,
-               "num_warps": 4, "num_stages": 1, "MAXNREG": cap}
+               "num_warps": 4, "num_stages": 1, "MAXNREG": cap, "STREAM": stream}
         x = torch.randn(M, K).half()
         y = nf4_matmul(x.to(DEVICE), packed, stored, lut.to(DEVICE), N, bs, config=cfg, **extra)
         assert y.dtype == torch.float16
