@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qbench.kernels.splitk import split_buffers, store_result, store_stream, stream_owner, stream_slots, wave_splits
+from qbench.kernels.splitk import split_buffers, store_result, store_stream, stream_bounds, stream_slots, stream_span, wave_splits
 from qbench.kernels.tune import interpreted
 from qbench.kernels.wint_h2 import _h2, _u32
 
@@ -208,21 +208,16 @@ def nf4_h2_decode_kernel(x_ptr, out_ptr, words_ptr, absmax, table, slot_values, 
     k_tiles = K // BLOCK_K  # the launcher makes BLOCK_K divide the block, and blocks divide K
     if STREAM:  # grid axis 0: P programs, each a range of the (column tile, K tile) units (kernels/splitk.py)
         n_tiles = tl.cdiv(N, BLOCK_N)
-        P = tl.num_programs(0).to(tl.int64)
-        U = (n_tiles * k_tiles).to(tl.int64)
-        start = tl.program_id(0) * U // P
-        end = (tl.program_id(0) + 1) * U // P
-        for tile in range((start // k_tiles).to(tl.int32), ((end - 1) // k_tiles + 1).to(tl.int32)):
-            base = (tile * k_tiles).to(tl.int64)
-            lo = tl.maximum(start, base) - base
-            hi = tl.minimum(end, base + k_tiles) - base
+        start, end, first_tile, end_tile, P, U = stream_span(n_tiles, k_tiles)
+        for tile in range(first_tile, end_tile):
+            lo, hi = stream_bounds(tile, start, end, k_tiles)
             offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
             nmask = offs_n < N
             res = _tile_sums(xw, words_ptr, absmax, la, la1, lb, lb1, ha, ha1, hb, hb1, slot_values, inv_c, absmax2,
-                             code2, offset, N, K, offs_n, nmask, lo.to(tl.int32), hi.to(tl.int32), BLOCKSIZE,
-                             DOUBLE_QUANT, BLOCK_N, BLOCK_K, CHAIN, STAGES, PTX, EVEN_N)
-            store_stream(out_ptr, res, partials, counters, offs_n, nmask, N, stride_om, tile, n_tiles,
-                         stream_owner(base, P, U), stream_owner(base + k_tiles - 1, P, U), BLOCK_N)
+                             code2, offset, N, K, offs_n, nmask, lo, hi, BLOCKSIZE, DOUBLE_QUANT, BLOCK_N, BLOCK_K,
+                             CHAIN, STAGES, PTX, EVEN_N)
+            store_stream(out_ptr, res, partials, counters, offs_n, nmask, N, stride_om, tile, n_tiles, k_tiles, P, U,
+                         BLOCK_N)
     else:
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = offs_n < N

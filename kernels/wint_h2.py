@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from qbench.kernels.dequant import stream_codes
-from qbench.kernels.splitk import split_buffers, store_result, store_stream, stream_owner, stream_slots, wave_splits
+from qbench.kernels.splitk import split_buffers, store_result, store_stream, stream_bounds, stream_slots, stream_span, wave_splits
 from qbench.kernels.tune import interpreted
 
 @triton.jit
@@ -210,21 +210,15 @@ def wint_h2_decode_kernel(x_ptr, out_ptr, qweight, qzeros, scales, partials, cou
     k_tiles = tl.cdiv(K, BLOCK_K)
     if STREAM:  # grid axis 0: P programs, each a range of the (column tile, K tile) units (kernels/splitk.py)
         n_tiles = tl.cdiv(N, BLOCK_N)
-        P = tl.num_programs(0).to(tl.int64)
-        U = (n_tiles * k_tiles).to(tl.int64)
-        start = tl.program_id(0) * U // P
-        end = (tl.program_id(0) + 1) * U // P
-        for tile in range((start // k_tiles).to(tl.int32), ((end - 1) // k_tiles + 1).to(tl.int32)):
-            base = (tile * k_tiles).to(tl.int64)
-            lo = tl.maximum(start, base) - base
-            hi = tl.minimum(end, base + k_tiles) - base
+        start, end, first_tile, end_tile, P, U = stream_span(n_tiles, k_tiles)
+        for tile in range(first_tile, end_tile):
+            lo, hi = stream_bounds(tile, start, end, k_tiles)
             offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
             nmask = offs_n < N
-            res = _tile_sums(x_ptr, qweight, qzeros, scales, N, K, stride_xm, n_zero_words, offs_n, nmask, m,
-                             lo.to(tl.int32), hi.to(tl.int32), BITS, GROUP, BLOCK_N, BLOCK_K, PTX, EVEN, CHAIN,
-                             STAGES, BYTE_PAIRS)
-            store_stream(out_ptr, res, partials, counters, offs_n, nmask, N, stride_om, tile, n_tiles,
-                         stream_owner(base, P, U), stream_owner(base + k_tiles - 1, P, U), BLOCK_N)
+            res = _tile_sums(x_ptr, qweight, qzeros, scales, N, K, stride_xm, n_zero_words, offs_n, nmask, m, lo, hi,
+                             BITS, GROUP, BLOCK_N, BLOCK_K, PTX, EVEN, CHAIN, STAGES, BYTE_PAIRS)
+            store_stream(out_ptr, res, partials, counters, offs_n, nmask, N, stride_om, tile, n_tiles, k_tiles, P, U,
+                         BLOCK_N)
     else:
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = offs_n < N
