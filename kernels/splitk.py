@@ -22,26 +22,32 @@ import triton.language as tl
 
 
 @triton.jit
+def merge_partial(out, res, partials, offs_n, nmask, N, slot, count, ticket, BLOCK_N: tl.constexpr):
+    """Store res as partial `slot` of `count` for this token's output columns offs_n; the last of the
+    count to arrive (ticket: their int32 counter) sums the partials into out and resets the counter."""
+    M = tl.num_programs(2)
+    m = tl.program_id(2)
+    tl.store(partials + (slot * M + m) * N + offs_n, res, mask=nmask)
+    tl.debug_barrier()  # every thread's partial is written before the counter says so
+    arrived = tl.atomic_add(ticket, 1, sem="acq_rel")
+    if arrived == count - 1:
+        total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k in range(0, count):
+            total += tl.load(partials + (k * M + m) * N + offs_n, mask=nmask, other=0.0, cache_modifier=".cg")
+        tl.store(out, total.to(out.dtype.element_ty), mask=nmask)
+        tl.atomic_xchg(ticket, 0)
+
+
+@triton.jit
 def store_result(out_ptr, res, partials, counters, offs_n, nmask, N, stride_om, SPLIT_K, BLOCK_N: tl.constexpr):
     """out[m, offs_n] = res summed over the SPLIT_K programs of this (token, column tile)."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
     m = tl.program_id(2)
     out = out_ptr + m * stride_om + offs_n
     if SPLIT_K == 1:
         tl.store(out, res.to(out_ptr.dtype.element_ty), mask=nmask)
     else:
-        M = tl.num_programs(2)
-        tl.store(partials + (pid_k * M + m) * N + offs_n, res, mask=nmask)
-        tl.debug_barrier()  # every thread's partial is written before the counter says so
-        ticket = counters + m * tl.num_programs(0) + pid_n
-        arrived = tl.atomic_add(ticket, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:
-            total = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for k in range(0, SPLIT_K):
-                total += tl.load(partials + (k * M + m) * N + offs_n, mask=nmask, other=0.0, cache_modifier=".cg")
-            tl.store(out, total.to(out_ptr.dtype.element_ty), mask=nmask)
-            tl.atomic_xchg(ticket, 0)
+        ticket = counters + m * tl.num_programs(0) + tl.program_id(0)
+        merge_partial(out, res, partials, offs_n, nmask, N, tl.program_id(1), SPLIT_K, ticket, BLOCK_N)
 
 
 @triton.jit
@@ -82,18 +88,8 @@ def store_stream(out_ptr, res, partials, counters, offs_n, nmask, N, stride_om, 
     if first == last:
         tl.store(out, res.to(out_ptr.dtype.element_ty), mask=nmask)
     else:
-        M = tl.num_programs(2)
-        slot = tl.program_id(0) - first
-        tl.store(partials + (slot * M + m) * N + offs_n, res, mask=nmask)
-        tl.debug_barrier()  # every thread's partial is written before the counter says so
         ticket = counters + m * n_tiles + tile
-        arrived = tl.atomic_add(ticket, 1, sem="acq_rel")
-        if arrived == last - first:
-            total = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for k in range(0, last - first + 1):
-                total += tl.load(partials + (k * M + m) * N + offs_n, mask=nmask, other=0.0, cache_modifier=".cg")
-            tl.store(out, total.to(out_ptr.dtype.element_ty), mask=nmask)
-            tl.atomic_xchg(ticket, 0)
+        merge_partial(out, res, partials, offs_n, nmask, N, tl.program_id(0) - first, last - first + 1, ticket, BLOCK_N)
 
 
 @functools.lru_cache(maxsize=None)
