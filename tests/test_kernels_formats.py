@@ -247,7 +247,12 @@ def test_int8_and_llm_int8():
                             None if w_out is None else w_out.to(DEVICE), config=cfg).cpu()
             err = rel_err(y, ref)
             assert err < 1e-5, f"rel err {err:.2e} (seed {seed}, M={M}, outliers={idx is not None})"
-            assert rel_err(y, x.double() @ w.double().T) < 0.05  # and it is still the product it stands for
+            # and it is still the product it stands for: int8 rounding only, about 2 % (at most 5.2 % in 6000
+            # seeded draws) when the x30 feature sets every token's scale, 0.3 % (at most 1.9 %) when it is
+            # kept out of the int8 part by the decomposition
+            bound = 0.08 if idx is None else 0.03
+            err = rel_err(y, x.double() @ w.double().T)
+            assert err < bound, f"rel err to x @ w^T {err:.2e} (seed {seed}, M={M}, outliers={idx is not None})"
 
 
 @pytest.mark.parametrize("wdtype,per_channel", [(torch.float8_e4m3fn, True), (torch.float8_e5m2, False)])
