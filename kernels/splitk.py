@@ -22,19 +22,18 @@ import triton.language as tl
 
 
 @triton.jit
-def merge_partial(out, res, partials, offs_n, nmask, N, slot, count, ticket, BLOCK_N: tl.constexpr):
-    """Store res as partial `slot` of `count` for this token's output columns offs_n; the last of the
-    count to arrive (ticket: their int32 counter) sums the partials into out and resets the counter."""
-    M = tl.num_programs(2)
-    m = tl.program_id(2)
-    tl.store(partials + (slot * M + m) * N + offs_n, res, mask=nmask)
+def merge_partial(out, res, partials, cols, mask, N, M, rows, slot, count, ticket):
+    """Store res as partial `slot` of `count` for output rows `rows` (a token, or a [1, BLOCK_M] tensor of
+    them) and columns `cols` of an [M, N] result; the last of the count to arrive (ticket: their int32
+    counter) sums the partials into out and resets the counter."""
+    tl.store(partials + (slot * M + rows) * N + cols, res, mask=mask)
     tl.debug_barrier()  # every thread's partial is written before the counter says so
     arrived = tl.atomic_add(ticket, 1, sem="acq_rel")
     if arrived == count - 1:
-        total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        total = tl.zeros_like(res)
         for k in range(0, count):
-            total += tl.load(partials + (k * M + m) * N + offs_n, mask=nmask, other=0.0, cache_modifier=".cg")
-        tl.store(out, total.to(out.dtype.element_ty), mask=nmask)
+            total += tl.load(partials + (k * M + rows) * N + cols, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.store(out, total.to(out.dtype.element_ty), mask=mask)
         tl.atomic_xchg(ticket, 0)
 
 
@@ -47,7 +46,7 @@ def store_result(out_ptr, res, partials, counters, offs_n, nmask, N, stride_om, 
         tl.store(out, res.to(out_ptr.dtype.element_ty), mask=nmask)
     else:
         ticket = counters + m * tl.num_programs(0) + tl.program_id(0)
-        merge_partial(out, res, partials, offs_n, nmask, N, tl.program_id(1), SPLIT_K, ticket, BLOCK_N)
+        merge_partial(out, res, partials, offs_n, nmask, N, tl.num_programs(2), m, tl.program_id(1), SPLIT_K, ticket)
 
 
 @triton.jit
@@ -89,7 +88,8 @@ def store_stream(out_ptr, res, partials, counters, offs_n, nmask, N, stride_om, 
         tl.store(out, res.to(out_ptr.dtype.element_ty), mask=nmask)
     else:
         ticket = counters + m * n_tiles + tile
-        merge_partial(out, res, partials, offs_n, nmask, N, tl.program_id(0) - first, last - first + 1, ticket, BLOCK_N)
+        merge_partial(out, res, partials, offs_n, nmask, N, tl.num_programs(2), m, tl.program_id(0) - first,
+                      last - first + 1, ticket)
 
 
 @functools.lru_cache(maxsize=None)

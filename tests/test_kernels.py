@@ -136,6 +136,19 @@ def test_wint_h2_stream_k(bits):
                   dtype=torch.float16, tol=2e-3, seed=seed)
 
 
+def test_wint_tc_kernel():
+    """The tensor-core W4A16 kernel for a few tokens (weights as the MMA's A operand, fp16x2 dequant):
+    M = 2, 16 and 19 (two row programs), split-K 1 and 3, N=40 masked, groups of 64 and one group. On
+    the CPU its inline PTX step is replaced by the same fp16 operations (wint_tc.pair_weights)."""
+    seed = fresh_seed()
+    for group_size, K in ((64, 256), (-1, 192)):
+        layer = make_layer(40, K, 4, group_size)
+        for M, split, bn, bk in ((2, 1, 32, 64), (16, 3, 16, 32), (19, 2, 32, 64)):
+            cfg = {"KERNEL": "wint_tc", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "STAGES": 2,
+                   "num_warps": 4, "num_stages": 1}
+            check(layer, M, cfg, dtype=torch.float16, tol=2e-3, seed=seed)
+
+
 def test_stream_k_ranges():
     """stream_owner inverts the ranges [p*U//P, (p+1)*U//P); stream_slots counts a tile's owners."""
     from qbench.kernels.splitk import stream_slots

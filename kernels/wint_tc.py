@@ -1,0 +1,129 @@
+"""W4A16 for a few tokens (M = 2..16 per program) on tensor cores, the weight as the MMA's A operand.
+
+Same packed layout as kernels/wint.py (GPTQ: qweight [K/8, N] int32, codes along K). At M = 16 the
+tiled tl.dot path of kernels/matmul.py spends about 8 instructions per weight, one of them a 16-bit
+shared-memory store (offline sm_90 SASS): it dequantizes W^T tiles [BLOCK_K, BLOCK_N] element by
+element in float32, and Triton moves each fp16 into the B operand's layout. Here the tile is
+W [BLOCK_N, BLOCK_K], output features as the MMA's rows and the tokens as its columns (out^T = W x^T),
+built with the fp16x2 steps of kernels/wint_h2.py: per word, four times a `prmt` pairs codes 2i and
+2i+1, a `lop3` puts them into the mantissas of two fp16 1.0s (1 + q / 64, exact), `sub.f16x2` takes
+the zero off (exact) and `mul.rn.f16x2` applies 64 * scale (one rounding, as (q - z) * s to fp16);
+each word gives 8 consecutive K values of one row. Split-K ends in kernels/splitk.py.
+
+Added after the last H100 run and not timed there: the tuner offers it next to the other candidates.
+Under TRITON_INTERPRET=1 the pair step runs as Triton fp16 operations on the same registers.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from qbench.kernels.dequant import stream_codes
+from qbench.kernels.splitk import merge_partial, split_buffers, wave_splits
+from qbench.kernels.tune import interpreted
+from qbench.kernels.wint_h2 import _h2, _u32
+
+
+@triton.jit
+def pair_weights(shifted, words, sel, zz, ss, PTX: tl.constexpr):
+    """fp16 pair ((q_2i - z) * s, (q_2i+1 - z) * s) of each word, packed in uint32 (sel picks byte i of
+    `shifted` = words << 4 and of `words`: their high nibbles are codes 2i and 2i+1)."""
+    if PTX:
+        out = tl.inline_asm_elementwise(
+            """{
+            .reg .b32 d;
+            prmt.b32 d, $1, $2, $3;
+            lop3.b32 d, d, 0x00F000F0, 0x3C003C00, 0xEA;
+            sub.f16x2 d, d, $4;
+            mul.rn.f16x2 $0, d, $5;
+            }""",
+            "=r,r,r,r,r,r", [shifted, words, sel, zz, ss], dtype=tl.uint32, is_pure=True, pack=1)
+    else:
+        i = sel & 7
+        lo = ((shifted >> (8 * i)) & 0xF0) | 0x3C00
+        hi = ((words >> (8 * (i & 3))) & 0xF0) | 0x3C00
+        t_lo, _ = _h2(lo)
+        t_hi, _ = _h2(hi)
+        z_lo, _ = _h2(zz)
+        s_lo, _ = _h2(ss)
+        # (t - z1) is exact in fp16; one rounding for the product, as mul.rn.f16x2
+        out = _u32(((t_lo - z_lo).to(tl.float32) * s_lo.to(tl.float32)).to(tl.float16),
+                   ((t_hi - z_lo).to(tl.float32) * s_lo.to(tl.float32)).to(tl.float16))
+    return out
+
+
+@triton.jit
+def wint_tc_kernel(x_ptr, out_ptr, qweight, qzeros, scales, partials, counters, M, N, K, stride_xm, stride_om,
+                   n_zero_words, SPLIT_K, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   BLOCK_M: tl.constexpr, STAGES: tl.constexpr, PTX: tl.constexpr):
+    WORDS: tl.constexpr = BLOCK_K // 8
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = offs_m < M
+    offs_w = tl.arange(0, WORDS)
+    offs_k = tl.arange(0, BLOCK_K)
+    k_tiles = K // BLOCK_K  # the launcher makes BLOCK_K divide K and the group
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    t_end = tl.minimum(pid_k * per_split + per_split, k_tiles)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for t in tl.range(pid_k * per_split, t_end, num_stages=STAGES):
+        k0 = t * BLOCK_K
+        g = 0 if GROUP == 0 else k0 // GROUP
+        s = tl.load(scales + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
+        z = stream_codes(qzeros + g * n_zero_words, offs_n, 1, n_zero_words, nmask, 4)
+        z1 = (1.0 + z / 64).to(tl.float16)  # 1 + z / 64, exact
+        s64 = (s * 64).to(tl.float16)  # exact: a power of two times an fp16
+        zz = _u32(z1, z1)[:, None]
+        ss = _u32(s64, s64)[:, None]
+        words = tl.load(qweight + (k0 // 8 + offs_w)[None, :] * N + offs_n[:, None], mask=nmask[:, None], other=0)
+        words = words.to(tl.uint32, bitcast=True)  # [BLOCK_N, WORDS]
+        shifted = words << 4
+        p0 = pair_weights(shifted, words, tl.full((1, 1), 0 | (4 << 8), tl.uint32), zz, ss, PTX)
+        p1 = pair_weights(shifted, words, tl.full((1, 1), 1 | (5 << 8), tl.uint32), zz, ss, PTX)
+        p2 = pair_weights(shifted, words, tl.full((1, 1), 2 | (6 << 8), tl.uint32), zz, ss, PTX)
+        p3 = pair_weights(shifted, words, tl.full((1, 1), 3 | (7 << 8), tl.uint32), zz, ss, PTX)
+        # pairs in K order (word w, pair i) -> [BLOCK_N, BLOCK_K / 2], then each pair's two halves
+        pairs = tl.reshape(tl.join(tl.join(p0, p2), tl.join(p1, p3)), (BLOCK_N, BLOCK_K // 2))
+        lo, hi = _h2(pairs)
+        w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
+        xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + (k0 + offs_k)[:, None], mask=mmask[None, :], other=0.0)
+        acc += tl.dot(w, xt)
+    out = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
+    mask = nmask[:, None] & mmask[None, :]
+    if SPLIT_K == 1:
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        ticket = counters + tl.program_id(2) * tl.num_programs(0) + pid_n
+        merge_partial(out, acc, partials, offs_n[:, None], mask, N, M, offs_m[None, :], pid_k, SPLIT_K, ticket)
+
+
+def tc_configs(M: int, N: int, K: int, bits: int, group: int, dtype: torch.dtype, n_sm: int) -> list[dict]:
+    """Configs of wint_tc_kernel: 4 bits, fp16 activations, 2 <= M <= 16 tokens, K tiles inside a group;
+    the K range split so that two to four programs per SM fill the GPU."""
+    if not 2 <= M <= 16 or bits != 4 or dtype != torch.float16:
+        return []
+    configs = []
+    for bn, bk, warps in ((64, 128, 4), (128, 64, 4), (128, 128, 8)):
+        if K % bk or (group and group % bk):
+            continue
+        for split in wave_splits(K // bk, triton.cdiv(N, bn), n_sm):
+            configs.append({"KERNEL": "wint_tc", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "STAGES": 3,
+                            "num_warps": warps, "num_stages": 1})
+    return configs
+
+
+def run_tc(cfg: dict, x2: torch.Tensor, qweight, qzeros, scales, bits: int, group: int, N: int) -> torch.Tensor:
+    M, K = x2.shape
+    if bits != 4 or K % cfg["BLOCK_K"] or (group and group % cfg["BLOCK_K"]):
+        raise ValueError(f"wint_tc: 4 bits with BLOCK_K {cfg['BLOCK_K']} dividing K {K} and the group {group}")
+    split = cfg["SPLIT_K"]
+    out, partials, counters = split_buffers(x2, N, split, cfg["BLOCK_N"])
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]), split, triton.cdiv(M, 16))
+    wint_tc_kernel[grid](x2, out, qweight, qzeros, scales, partials, counters, M, N, K, x2.stride(0), out.stride(0),
+                         qzeros.shape[1], split, GROUP=group, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                         BLOCK_M=16, STAGES=cfg.get("STAGES", 1), PTX=not interpreted(), num_warps=cfg["num_warps"],
+                         num_stages=cfg["num_stages"])
+    return out
