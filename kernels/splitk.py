@@ -112,11 +112,12 @@ def split_buffers(x2: torch.Tensor, N: int, split: int, block_n: int) -> tuple:
     """(out [M, N] in x2's dtype, partials, counters) for a launch over grid (cdiv(N, block_n), split, M)."""
     M = x2.shape[0]
     out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
-    if split == 1:
-        return out, out, out  # unused by the kernel
     n = M * triton.cdiv(N, block_n)
     counters = _COUNTERS.get(x2.device)
     if counters is None or counters.numel() < n:
         counters = torch.zeros(max(n, 4096), dtype=torch.int32, device=x2.device)
         _COUNTERS[x2.device] = counters
-    return out, torch.empty((split, M, N), dtype=torch.float32, device=x2.device), counters
+    # One slot: no partials are read, but stream-K compiles its merge branch (the owner count is only
+    # known at run time), so the counters stay int32 (triton 3.6 has no fp16 atomic_xchg).
+    partials = out if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=x2.device)
+    return out, partials, counters

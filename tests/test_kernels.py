@@ -161,6 +161,20 @@ def test_stream_k_ranges():
     assert stream_slots(2, 6, 4) == 2 and stream_slots(2, 6, 5) == 3
 
 
+def test_split_buffers_counters_are_int32():
+    """With one slot the stream-K kernel still compiles its merge branch (the owner count is known only at
+    run time), whose atomics need int32 counters: triton 3.6 on the H100 rejects an fp16 atomic_xchg,
+    which the CPU interpreter and newer tritons accept."""
+    from qbench.kernels.splitk import split_buffers
+
+    x2 = torch.randn(3, 64, device=DEVICE, dtype=torch.float16)
+    for split in (1, 4):
+        out, partials, counters = split_buffers(x2, 40, split, 16)
+        assert out.shape == (3, 40) and out.dtype == torch.float16
+        assert counters.dtype == torch.int32 and counters.numel() >= 3 * 3 and not counters.any()
+        assert split == 1 or (partials.shape == (4, 3, 40) and partials.dtype == torch.float32)
+
+
 def test_wint_h2_decode_large_activations():
     """Activations of 1000 and weights of many levels: the fp16 partial sums hold x * (q - z) / 2**bits,
     never x * (q - z), so they stay finite where x * (q - z) for 8-bit codes would pass 65504."""

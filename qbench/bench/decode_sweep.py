@@ -1,11 +1,12 @@
-"""Time every candidate config of the fp16x2 integer decode kernel (kernels/wint_h2.py) on one GPU.
+"""Time every candidate config of an integer decode kernel on one GPU.
 
     python -m qbench.bench.decode_sweep [--bits 4,3] [--shapes 8192x28672,28672x8192] [--group 128]
+    python -m qbench.bench.decode_sweep --tc --m 16 --bits 4 --wide     # kernels/wint_tc.py
 
-For each (bits, shape) at M=1: random packed weights, each candidate checked against a torch
-dequantize-then-matmul reference, then its GPU time (kernels/tune.gpu_time_ms, L2 flushed); prints the
-candidates sorted by time and the fp16 matmul time of the same shape. A tool for choosing the tuner's
-candidate list, not part of the report.
+For each (bits, shape) at M tokens (the fp16x2 kernel of kernels/wint_h2.py at M=1 by default):
+random packed weights, each candidate checked against a torch dequantize-then-matmul reference, then
+its GPU time (kernels/tune.gpu_time_ms, L2 flushed); prints the candidates sorted by time and the fp16
+matmul time of the same shape. A tool for choosing the tuner's candidate list, not part of the report.
 """
 
 import argparse
@@ -16,6 +17,7 @@ from qbench.kernels.matmul import sm_count
 from qbench.kernels.splitk import wave_splits
 from qbench.kernels.tune import gpu_time_ms
 from qbench.kernels.wint_h2 import h2_decode_configs, run_h2_decode
+from qbench.kernels.wint_tc import run_tc, tc_configs
 from qbench.quant.packing import pack_cols, pack_rows
 
 
@@ -32,6 +34,20 @@ def wide_grid(N: int, K: int, bits: int, group: int, n_sm: int) -> list[dict]:
                 for bp in ((False, True) if bits in (4, 8) else (False,)):
                     out.append({"KERNEL": "wint_h2", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "CHAIN": chain,
                                 "STAGES": stages, "BYTE_PAIRS": bp, "num_warps": warps, "num_stages": 1})
+    return out
+
+
+def wide_tc_grid(N: int, K: int, group: int, n_sm: int) -> list[dict]:
+    """More wint_tc configs than the tuner tries: tile, warps, pipeline depth, programs per SM."""
+    out = []
+    for bn, bk, warps in ((64, 64, 4), (64, 128, 4), (128, 64, 4), (128, 64, 8), (128, 128, 4), (128, 128, 8),
+                          (256, 64, 8), (256, 128, 8)):
+        if K % bk or group % bk:
+            continue
+        for split in wave_splits(K // bk, -(-N // bn), n_sm, (2, 3, 4, 6, 8)):
+            for stages in (2, 3, 4):
+                out.append({"KERNEL": "wint_tc", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "STAGES": stages,
+                            "num_warps": warps, "num_stages": 1})
     return out
 
 
@@ -54,28 +70,36 @@ def main(argv=None) -> None:
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--wide", action="store_true", help="a wider grid than the tuner's candidates")
+    ap.add_argument("--tc", action="store_true", help="the tensor-core kernel (kernels/wint_tc.py, 4 bits, 2-16 tokens)")
+    ap.add_argument("--m", type=int, default=1, help="tokens")
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
     for bits in map(int, args.bits.split(",")):
         for K, N in (tuple(map(int, s.split("x"))) for s in args.shapes.split(",")):
             qweight, qzeros, scales, w = packed_weights(K, N, bits, args.group, dev)
-            x = torch.randn(1, K, device=dev, dtype=torch.float16)
+            x = torch.randn(args.m, K, device=dev, dtype=torch.float16)
             want = x.float() @ w.T
             wh = w.T.contiguous().half()
             fp16_ms = gpu_time_ms(lambda: x @ wh)
             results = []
-            grid = wide_grid(N, K, bits, args.group, sm_count(dev)) if args.wide else \
-                h2_decode_configs(1, N, K, bits, args.group, x.dtype, sm_count(dev))
+            if args.tc:
+                run = run_tc
+                grid = wide_tc_grid(N, K, args.group, sm_count(dev)) if args.wide else \
+                    tc_configs(args.m, N, K, bits, args.group, x.dtype, sm_count(dev))
+            else:
+                run = run_h2_decode
+                grid = wide_grid(N, K, bits, args.group, sm_count(dev)) if args.wide else \
+                    h2_decode_configs(args.m, N, K, bits, args.group, x.dtype, sm_count(dev))
             for cfg in grid:
-                y = run_h2_decode(cfg, x, qweight, qzeros, scales, bits, args.group, N)
+                y = run(cfg, x, qweight, qzeros, scales, bits, args.group, N)
                 err = ((y.float() - want).norm() / want.norm()).item()
                 if not err < 5e-3:
                     print(f"WRONG {err:.2e} {cfg}")
                     continue
-                ms = gpu_time_ms(lambda: run_h2_decode(cfg, x, qweight, qzeros, scales, bits, args.group, N))
+                ms = gpu_time_ms(lambda: run(cfg, x, qweight, qzeros, scales, bits, args.group, N))
                 results.append((ms, cfg))
             results.sort(key=lambda r: r[0])
-            print(f"W{bits}A16 g{args.group} K={K} N={N} M=1: fp16 matmul {fp16_ms:.4f} ms; {len(results)} configs")
+            print(f"W{bits}A16 g{args.group} K={K} N={N} M={args.m}: fp16 matmul {fp16_ms:.4f} ms; {len(results)} configs")
             for ms, cfg in results[:args.top]:
                 short = {k: v for k, v in cfg.items() if k not in ("KERNEL", "CHAIN", "num_stages")}
                 print(f"  {ms:.4f} ms  x{fp16_ms / ms:.2f}  {short}", flush=True)
