@@ -10,7 +10,8 @@ built with the fp16x2 steps of kernels/wint_h2.py: per word, four times a `prmt`
 the zero off (exact) and `mul.rn.f16x2` applies 64 * scale (one rounding, as (q - z) * s to fp16);
 each word gives 8 consecutive K values of one row. Split-K ends in kernels/splitk.py.
 
-Added after the last H100 run and not timed there: the tuner offers it next to the other candidates.
+Timed on the H100 (reports/kernels): at M=16 it takes W4A16 from 1.5x to 1.9-2.1x fp16 matmul on the
+Llama-3-70B MLP shapes, short of the 2.5x target; the tuner offers it next to the other candidates.
 Under TRITON_INTERPRET=1 the pair step runs as Triton fp16 operations on the same registers.
 """
 
@@ -102,15 +103,18 @@ def wint_tc_kernel(x_ptr, out_ptr, qweight, qzeros, scales, partials, counters, 
 
 def tc_configs(M: int, N: int, K: int, bits: int, group: int, dtype: torch.dtype, n_sm: int) -> list[dict]:
     """Configs of wint_tc_kernel: 4 bits, fp16 activations, 2 <= M <= 16 tokens, K tiles inside a group;
-    the K range split so that two to four programs per SM fill the GPU."""
+    the K range split so that two to six programs per SM fill the GPU. From `python -m
+    qbench.bench.decode_sweep --tc --m 16 --bits 4 --wide` on the H100 (90 and 120 configs on the two
+    Llama-3-70B MLP shapes): 64-row K tiles with 64 or 128 columns and 4 warps took the top places on
+    both; 8 warps, 256 columns and a pipeline of 2 were 5-15 % slower."""
     if not 2 <= M <= 16 or bits != 4 or dtype != torch.float16:
         return []
     configs = []
-    for bn, bk, warps in ((64, 128, 4), (128, 64, 4), (128, 128, 8)):
+    for bn, bk, warps, stages in ((64, 64, 4, 4), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 4, 2)):
         if K % bk or (group and group % bk):
             continue
-        for split in wave_splits(K // bk, triton.cdiv(N, bn), n_sm):
-            configs.append({"KERNEL": "wint_tc", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "STAGES": 3,
+        for split in wave_splits(K // bk, triton.cdiv(N, bn), n_sm, (2, 3, 4, 6)):
+            configs.append({"KERNEL": "wint_tc", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "STAGES": stages,
                             "num_warps": warps, "num_stages": 1})
     return configs
 
