@@ -220,7 +220,7 @@ def sweep(shapes, ms_list, formats, dev, env, rows, out_json, deadline=float("in
                            speedup_vs_fp16=p["fp16"] / ms, gbps=nbytes / ms / 1e6, tflops=2 * M * N * K / ms / 1e9,
                            pct_copy_bw=100 * nbytes / ms / 1e6 / env["copy_gbps"], tinygemm_ms=p.get("tinygemm"),
                            int_mm_ms=p.get("int_mm"), scaled_mm_ms=p.get("scaled_mm"), gpu=env["gpu"],
-                           torch=env["torch"], triton=env["triton"], date=env["date"])
+                           torch=env["torch"], triton=env["triton"], date=env["date"], copy_gbps=env["copy_gbps"])
                 put_row(rows, row)
                 print(f"{fmt:6} K={K:5} N={N:5} M={M:4}  {ms:8.4f} ms (eager {ms_eager:7.4f})  fp16 {p['fp16']:8.4f}"
                       f"  x{row['speedup_vs_fp16']:5.2f}"
@@ -234,9 +234,19 @@ def sweep(shapes, ms_list, formats, dev, env, rows, out_json, deadline=float("in
 
 # ---- end to end decode ------------------------------------------------------------------------------------
 
+def no_cudnn_attention():
+    """SDPA without its cuDNN backend. torch 2.11 picks cuDNN attention on the H100, which rebuilds its
+    graph whenever the KV length changes, i.e. at every decode step: 2.3 ms of CPU per call, 60 % of a
+    SmolLM2 decode step in a profile (reports/kernels/NOTES.md). Flash/efficient attention do not."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 def decode_tokens_per_s(model, dev, steps: int) -> float:
+    """Eager decode (dynamic KV cache) after a 16-token prompt: what a transformers user runs."""
     ids = torch.randint(0, model.config.vocab_size, (1, 16), device=dev)
-    with torch.no_grad():
+    with torch.no_grad(), no_cudnn_attention():
         for n in (4, steps):  # the first pass warms up (tuning, compilation)
             out = model(ids, use_cache=True)
             cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
@@ -246,6 +256,41 @@ def decode_tokens_per_s(model, dev, steps: int) -> float:
                 out = model(tok, past_key_values=cache, use_cache=True)
                 cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
             torch.cuda.synchronize()
+    return steps / (time.perf_counter() - t0)
+
+
+def graph_decode_tokens_per_s(model, dev, steps: int) -> float:
+    """Decode with a static KV cache, one step captured in a CUDA graph and replayed: the GPU's time per
+    token without Python and launch overhead (what torch.compile's reduce-overhead mode aims at)."""
+    from transformers import StaticCache
+
+    prompt = 16
+    cache = StaticCache(config=model.config, max_cache_len=prompt + steps + 16)
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt), device=dev)
+    with torch.no_grad(), no_cudnn_attention():
+        out = model(ids, past_key_values=cache, cache_position=torch.arange(prompt, device=dev), use_cache=True)
+        tok = out.logits[:, -1:].argmax(-1)
+        pos = torch.tensor([prompt], device=dev)
+
+        def step():
+            logits = model(tok, past_key_values=cache, cache_position=pos, use_cache=True).logits
+            tok.copy_(logits[:, -1:].argmax(-1))
+            pos.add_(1)
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):  # tuning, compilation, lazy cache allocation before the capture
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            graph.replay()
+        torch.cuda.synchronize()
     return steps / (time.perf_counter() - t0)
 
 
@@ -263,20 +308,35 @@ def end_to_end(dev, steps: int, which) -> list[dict]:
         "llama-3-8b shape (random weights)": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                                                    num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
     }
+
+    def measure(model) -> tuple:
+        eager = decode_tokens_per_s(model, dev, steps)
+        try:
+            graph, why = graph_decode_tokens_per_s(model, dev, steps), None
+        except Exception as err:  # noqa: BLE001 - a model that cannot be captured: eager figure only, reason kept
+            graph, why = None, f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            torch.cuda.synchronize()
+        return eager, graph, why
+
     results = []
     for name in which:
         torch.manual_seed(0)
         with torch.device(dev):
             model = LlamaForCausalLM(LlamaConfig(**configs[name], max_position_embeddings=4096)).half().eval()
-        fp16 = decode_tokens_per_s(model, dev, steps)
+        fp16, fp16_graph, fp16_why = measure(model)
         for lname, lin in quantizable_linears(model).items():
             layer = QuantLinear.from_quantized(rtn_quantize(lin.weight.data, 4, 128, False), lin.bias, kernel="triton")
             set_module(model, lname, layer.to(dev))
             del lin
         torch.cuda.empty_cache()
-        w4 = decode_tokens_per_s(model, dev, steps)
-        results.append(dict(model=name, fp16_tok_s=fp16, w4a16_tok_s=w4, speedup=w4 / fp16))
-        print(f"e2e {name}: fp16 {fp16:.1f} tok/s, W4A16 {w4:.1f} tok/s", flush=True)
+        w4, w4_graph, w4_why = measure(model)
+        both = fp16_graph is not None and w4_graph is not None
+        results.append(dict(model=name, fp16_tok_s=fp16, w4a16_tok_s=w4, speedup=w4 / fp16,
+                            fp16_graph_tok_s=fp16_graph, w4a16_graph_tok_s=w4_graph,
+                            graph_speedup=w4_graph / fp16_graph if both else None,
+                            graph_error=fp16_why or w4_why))
+        print(f"e2e {name}: eager fp16 {fp16:.1f} tok/s, W4A16 {w4:.1f} tok/s; CUDA graph fp16 {fp16_graph} "
+              f"W4A16 {w4_graph} {fp16_why or w4_why or ''}", flush=True)
         del model
         torch.cuda.empty_cache()
     return results
@@ -324,7 +384,9 @@ def fmt_ms(v):
 def write_report(path_md: Path, env: dict, rows: list, e2e: list) -> None:
     lines = [f"# Kernel benchmark: {env['gpu']}", "",
              f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, {env['date']}. "
-             f"Copy bandwidth (read + write) measured in this run: {env['copy_gbps']:.0f} GB/s. "
+             f"Copy bandwidth (read + write) measured in this run: {env['copy_gbps']:.0f} GB/s; `% copy bw` of a row "
+             "is against the copy bandwidth measured in the run that timed it (json `copy_gbps`: rows kept by "
+             "`--append` come from earlier runs). "
              "Times (`ms`, and every peer's): GPU time of one whole call (activation quantization, split-K zeroing, "
              "casts and any dequantization pass included), measured as CUDA-graph replays of 10 calls, each after a "
              "256 MiB write that evicts L2, minus the same graph of writes alone (graphs replayed in turns; median of "
@@ -334,9 +396,17 @@ def write_report(path_md: Path, env: dict, rows: list, e2e: list) -> None:
              "Generated by `python -m qbench.bench.kernels`.", "",
              "## Targets (judged on the Llama-3-70B MLP shapes, K x N)", "", "| target | measured | met |", "| --- | --- | --- |"]
     lines += [f"| {t} | {m} | {'yes' if ok else '**no**'} |" for t, m, ok in targets(rows)]
-    lines += ["", "## End-to-end decode, batch 1 (tokens/s, eager transformers, random weights)", "",
-              "| model | fp16 | W4A16 g128 (our kernels) | speedup |", "| --- | --- | --- | --- |"]
-    lines += [f"| {e['model']} | {e['fp16_tok_s']:.1f} | {e['w4a16_tok_s']:.1f} | {e['speedup']:.2f}x |" for e in e2e]
+    lines += ["", "## End-to-end decode, batch 1 (tokens/s, transformers, random weights, W4A16 g128 through our kernels)",
+              "", "Eager: dynamic KV cache, one Python forward per token (bound by Python and kernel launches on "
+              "small models). CUDA graph: static KV cache, one decode step captured and replayed (GPU time per "
+              "token). SDPA without its cuDNN backend in both (see reports/kernels/NOTES.md).", "",
+              "| model | fp16 eager | W4A16 eager | speedup | fp16 CUDA graph | W4A16 CUDA graph | speedup |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    tok = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    lines += [f"| {e['model']} | {e['fp16_tok_s']:.1f} | {e['w4a16_tok_s']:.1f} | {e['speedup']:.2f}x "
+              f"| {tok(e.get('fp16_graph_tok_s'))} | {tok(e.get('w4a16_graph_tok_s'))} "
+              f"| {'-' if e.get('graph_speedup') is None else format(e['graph_speedup'], '.2f') + 'x'} |" for e in e2e]
+    lines += [f"CUDA graph not measured for {e['model']}: {e['graph_error']}" for e in e2e if e.get("graph_error")]
     lines += ["", "## All rows", "", "| format | group | K | N | M | path | ms | eager ms | fp16 ms | x fp16 | GB/s | % copy bw "
               "| TFLOP/s | tinygemm ms | _int_mm ms | _scaled_mm ms |", "| " + " | ".join(["---"] * 16) + " |"]
     order = lambda r: (SHAPES.index((r["K"], r["N"])) if (r["K"], r["N"]) in SHAPES else len(SHAPES),  # noqa: E731
@@ -391,8 +461,9 @@ def main(argv=None) -> None:
     rows = []
     if args.append and rows_json.is_file():  # earlier rows of other shapes; % of copy bw against this run's copy
         rows = json.loads(rows_json.read_text())  # a row is replaced when its (shape, format, M) is re-measured
-        for r in rows:
-            r["pct_copy_bw"] = 100 * r["gbps"] / env["copy_gbps"]
+        for r in rows:  # a kept row stays against its own run's copy bandwidth; rows older than that field, this run's
+            r.setdefault("copy_gbps", env["copy_gbps"])
+            r["pct_copy_bw"] = 100 * r["gbps"] / r["copy_gbps"]
 
     def run_e2e():
         models = ["smollm2-135m (random weights)"] + ([] if args.quick else ["llama-3-8b shape (random weights)"])
