@@ -26,6 +26,7 @@ PER_DATASET = [("ppl_{}", "ppl {}", "{:.3f}", True)]
 KLD = [("kld_mean", "KLD mean", "{:.4f}", False), ("kld_p99", "KLD p99", "{:.3f}", False),
        ("top1_agree", "top-1 agree", "{:.3f}", False)]
 SPEED = [("prefill_ms", "prefill ms", "{:.1f}", False), ("decode_ms_per_token", "decode ms/tok", "{:.2f}", False),
+         ("decode_ms_per_token_graph", "decode ms/tok graph", "{:.2f}", False),
          ("tok_s_b1", "tok/s b1", "{:.0f}", False), ("tok_s_b8", "tok/s b8", "{:.0f}", False),
          ("tok_s_b32", "tok/s b32", "{:.0f}", False), ("vram_peak_run_gib", "VRAM GiB", "{:.2f}", False),
          ("usd_per_mtok_b1", "$/1M tok b1", "{:.3f}", False), ("usd_per_mtok_b32", "$/1M tok b32", "{:.4f}", False),

@@ -61,6 +61,15 @@ def test_cpu_speed_is_tiny_and_labelled(smollm2, cfg_factory):
     assert speed.PeakMemory(smollm2.model, "cpu").metrics() == {}
 
 
+def test_static_cache_decode_matches_eager_generation(smollm2):
+    """The decode that speed times as a CUDA graph on a GPU (static KV cache, rewound for each repeat),
+    run here without the capture, generates the eager greedy tokens."""
+    prompt = torch.randint(0, 1000, (1, 8), generator=torch.Generator().manual_seed(3))
+    ms, tokens = speed.static_decode(smollm2.model, prompt, 5, 2, "cpu")
+    _, eager = speed.generate_timed(smollm2.model, prompt, 6, "cpu")
+    assert ms > 0 and tokens.shape == (1, 6) and torch.equal(tokens, eager)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_speed_and_peak_memory(smollm2, cfg_factory):
     import copy
@@ -71,4 +80,9 @@ def test_gpu_speed_and_peak_memory(smollm2, cfg_factory):
     metrics = speed.measure_speed(model, cfg, "cuda")
     peak = memory.metrics()
     assert metrics["speed_device"] == "cuda" and metrics["tok_s_b8"] > metrics["tok_s_b1"] > 0
+    assert "decode_graph_error" not in metrics and metrics["decode_ms_per_token_graph"] > 0
+    prompt = torch.randint(0, 1000, (1, 8), device="cuda")
+    _, graph_tokens = speed.static_decode(model, prompt, 6, 1, "cuda")  # the CUDA graph decodes what eager does
+    _, eager_tokens = speed.generate_timed(model, prompt, 7, "cuda")
+    assert torch.equal(graph_tokens[:, :4], eager_tokens[:, :4])
     assert peak["vram_peak_reserved_gib"] >= peak["vram_peak_allocated_gib"] >= peak["vram_peak_run_gib"] > 0

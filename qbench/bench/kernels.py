@@ -234,19 +234,12 @@ def sweep(shapes, ms_list, formats, dev, env, rows, out_json, deadline=float("in
 
 # ---- end to end decode ------------------------------------------------------------------------------------
 
-def no_cudnn_attention():
-    """SDPA without its cuDNN backend. torch 2.11 picks cuDNN attention on the H100, which rebuilds its
-    graph whenever the KV length changes, i.e. at every decode step: 2.3 ms of CPU per call, 60 % of a
-    SmolLM2 decode step in a profile (reports/kernels/NOTES.md). Flash/efficient attention do not."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-
-
 def decode_tokens_per_s(model, dev, steps: int) -> float:
     """Eager decode (dynamic KV cache) after a 16-token prompt: what a transformers user runs."""
+    from qbench.eval.speed import no_cudnn_attention
+
     ids = torch.randint(0, model.config.vocab_size, (1, 16), device=dev)
-    with torch.no_grad(), no_cudnn_attention():
+    with torch.no_grad(), no_cudnn_attention("cuda"):
         for n in (4, steps):  # the first pass warms up (tuning, compilation)
             out = model(ids, use_cache=True)
             cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
@@ -260,38 +253,11 @@ def decode_tokens_per_s(model, dev, steps: int) -> float:
 
 
 def graph_decode_tokens_per_s(model, dev, steps: int) -> float:
-    """Decode with a static KV cache, one step captured in a CUDA graph and replayed: the GPU's time per
-    token without Python and launch overhead (what torch.compile's reduce-overhead mode aims at)."""
-    from transformers import StaticCache
+    """Static KV cache, one decode step captured in a CUDA graph and replayed (qbench.eval.speed)."""
+    from qbench.eval.speed import static_decode
 
-    prompt = 16
-    cache = StaticCache(config=model.config, max_cache_len=prompt + steps + 16)
-    ids = torch.randint(0, model.config.vocab_size, (1, prompt), device=dev)
-    with torch.no_grad(), no_cudnn_attention():
-        out = model(ids, past_key_values=cache, cache_position=torch.arange(prompt, device=dev), use_cache=True)
-        tok = out.logits[:, -1:].argmax(-1)
-        pos = torch.tensor([prompt], device=dev)
-
-        def step():
-            logits = model(tok, past_key_values=cache, cache_position=pos, use_cache=True).logits
-            tok.copy_(logits[:, -1:].argmax(-1))
-            pos.add_(1)
-
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):  # tuning, compilation, lazy cache allocation before the capture
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            graph.replay()
-        torch.cuda.synchronize()
-    return steps / (time.perf_counter() - t0)
+    ids = torch.randint(0, model.config.vocab_size, (1, 16), device=dev)
+    return 1000 / static_decode(model, ids, steps, 1, "cuda")[0]
 
 
 def end_to_end(dev, steps: int, which) -> list[dict]:

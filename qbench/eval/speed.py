@@ -10,11 +10,20 @@ measure_speed (eval.speed=true), on random token ids (never zeros), after one wa
     prefill_ms           one forward of 1 x prefill_tokens, filling the KV cache
     decode_ms_per_token  batch 1, greedy, KV cache: mean time of one decode step (median of repeats)
     tok_s_b<B>           B x new_tokens generated tokens / time of prefill (prompt_tokens) + decode
+    decode_ms_per_token_graph   (GPU, eval.speed_opts.cuda_graph) batch 1, static KV cache, one decode
+                         step captured in a CUDA graph and replayed new_tokens times: the GPU's time per
+                         token without Python and launch overhead, which dominate the eager figure for
+                         small models on a slow host (a model that cannot be captured records
+                         `decode_graph_error` instead)
+On a GPU, attention runs without SDPA's cuDNN backend: torch 2.11 picks it on the H100 and it rebuilds
+its graph whenever the KV length changes, i.e. at every decode step (2.3 ms of CPU per attention call,
+60 % of a SmolLM2 decode step, reports/kernels/NOTES.md).
 Generation is fixed-length: greedy argmax tokens, no stopping at EOS. On a CPU the measurement is
 kept tiny (at most 64 prefill tokens, 8-token prompt, 4 new tokens, batch 1, 2 repeats) and the
 record says speed_device=cpu.
 """
 
+import contextlib
 import statistics
 import time
 
@@ -84,6 +93,76 @@ class Timer:
         return [(b - a) * 1000 for a, b in zip(self.marks, self.marks[1:])]
 
 
+def no_cudnn_attention(device: str):
+    """SDPA limited to flash, memory-efficient and math attention on a GPU (a no-op elsewhere)."""
+    if device != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+@torch.no_grad()
+def static_decode(model, prompt: torch.Tensor, steps: int, repeats: int, device: str) -> tuple[float, torch.Tensor]:
+    """Greedy decode at batch 1 with a static KV cache: (ms per decode step, median of repeats; the
+    [1, steps + 1] tokens). On a GPU the step is captured once in a CUDA graph and replayed; elsewhere
+    it is called directly (the same code path minus the capture, for tests). Each repeat decodes the
+    same positions again from the prompt's first token."""
+    from transformers import StaticCache
+
+    n = prompt.shape[1]
+    cache = StaticCache(config=model.config, max_cache_len=n + steps + 8)
+    with no_cudnn_attention(device):
+        out = model(prompt, past_key_values=cache, cache_position=torch.arange(n, device=device), use_cache=True,
+                    logits_to_keep=1)
+        first = out.logits[:, -1:].argmax(-1)
+        tok, pos = first.clone(), torch.tensor([n], device=device)
+
+        def step():
+            logits = model(tok, past_key_values=cache, cache_position=pos, use_cache=True, logits_to_keep=1).logits
+            tok.copy_(logits[:, -1:].argmax(-1))
+            pos.add_(1)
+
+        capture = device == "cuda"
+        side = torch.cuda.Stream() if capture else None  # warm-up off the default stream, as capture wants
+        if capture:
+            side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side) if capture else contextlib.nullcontext():
+            for _ in range(3):  # kernel tuning, compilation and the cache's lazy allocation, before the capture
+                step()
+        run = step
+        if capture:
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+            run = graph.replay
+
+        def rewind():
+            pos.fill_(n)
+            tok.copy_(first)
+            for layer in getattr(cache, "layers", []):  # newer transformers count the cached tokens per layer
+                length = getattr(layer, "cumulative_length", None)
+                if isinstance(length, torch.Tensor):
+                    length.fill_(n)
+
+        rewind()
+        tokens = [first.clone()]
+        for _ in range(steps):
+            run()
+            tokens.append(tok.clone())
+        times = []
+        for _ in range(repeats):
+            rewind()
+            timer = Timer(device)
+            timer.mark()
+            for _ in range(steps):
+                run()
+            timer.mark()
+            times.append(timer.intervals_ms()[0] / steps)
+    return statistics.median(times), torch.cat(tokens, dim=1)
+
+
 def _forward(model, ids, past=None):
     return model(ids, past_key_values=past, use_cache=True, logits_to_keep=1)
 
@@ -131,7 +210,20 @@ def measure_speed(model, cfg, device: str) -> dict:
     new = max(int(opts["new_tokens"]), 2)
     metrics = {"speed_device": device, "speed_prefill_tokens": int(opts["prefill_tokens"]),
                "speed_prompt_tokens": int(opts["prompt_tokens"]), "speed_new_tokens": new}
-    metrics["prefill_ms"] = prefill_ms(model, vocab, int(opts["prefill_tokens"]), int(opts["repeats"]), device, gen)
+    with no_cudnn_attention(device):
+        metrics.update(_eager_speed(model, opts, batches, vocab, new, device, gen))
+    if device == "cuda" and opts.get("cuda_graph", True):
+        try:
+            prompt = torch.randint(0, vocab, (1, int(opts["prompt_tokens"])), generator=gen).to(device)
+            metrics["decode_ms_per_token_graph"] = static_decode(model, prompt, new, int(opts["repeats"]), device)[0]
+        except Exception as err:  # noqa: BLE001 - a model transformers cannot run with a static cache, or capture
+            metrics["decode_graph_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+            torch.cuda.synchronize()
+    return metrics
+
+
+def _eager_speed(model, opts: dict, batches: list, vocab: int, new: int, device: str, gen) -> dict:
+    metrics = {"prefill_ms": prefill_ms(model, vocab, int(opts["prefill_tokens"]), int(opts["repeats"]), device, gen)}
     for batch in batches:
         prompt = torch.randint(0, vocab, (batch, int(opts["prompt_tokens"])), generator=gen).to(device)
         generate_timed(model, prompt, new, device)  # warm-up
