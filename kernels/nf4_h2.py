@@ -240,8 +240,8 @@ def nf4_h2_configs(M: int, N: int, K: int, blocksize: int, lut: torch.Tensor, dt
     configs = []
     # MAXNREG 160: at its default register budget (96) ptxas keeps half of the table words in uniform
     # registers and copies one back before every prmt (257 of the 1188 loop instructions of a 512-column
-    # tile, offline sm_90 compile); with room for 116 registers the loop is 930 instructions. Added
-    # after the last H100 run: not measured yet (the tuner times it like the others).
+    # tile, offline sm_90 compile); with room for 116 registers the loop is 930 instructions. On the H100
+    # it won on both Llama-3-70B MLP shapes by about 2 % (reports/kernels/NOTES.md).
     for bn, bk, warps, cap in ((512, small, 4, None), (512, small, 4, 160), (256, small, 4, None),
                                (1024, small, 8, None), (512, 128, 8, None)):
         if blocksize % bk:
@@ -251,7 +251,7 @@ def nf4_h2_configs(M: int, N: int, K: int, blocksize: int, lut: torch.Tensor, dt
             for stages in (2, 3):
                 configs.append({"KERNEL": "nf4_h2", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "CHAIN": 2,
                                 "STAGES": stages, "num_warps": warps, "num_stages": 1, "MAXNREG": cap})
-        if (bn, warps) == (512, 4):  # stream-K: 3-4 equal programs per SM (added after the last H100 run)
+        if (bn, warps) == (512, 4):  # stream-K, 3-4 equal programs per SM: no gain measured on the H100
             for per_sm in (3, 4):
                 for stages in (2, 3):
                     configs.append({"KERNEL": "nf4_h2", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1, "CHAIN": 2,

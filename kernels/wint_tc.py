@@ -10,7 +10,7 @@ built with the fp16x2 steps of kernels/wint_h2.py: per word, four times a `prmt`
 the zero off (exact) and `mul.rn.f16x2` applies 64 * scale (one rounding, as (q - z) * s to fp16);
 each word gives 8 consecutive K values of one row. Split-K ends in kernels/splitk.py.
 
-Timed on the H100 (reports/kernels): at M=16 it takes W4A16 from 1.5x to 1.9-2.1x fp16 matmul on the
+Timed on the H100 (reports/kernels): at M=16 it takes W4A16 from 1.5x to 1.9-2.0x fp16 matmul on the
 Llama-3-70B MLP shapes, short of the 2.5x target; the tuner offers it next to the other candidates.
 Under TRITON_INTERPRET=1 the pair step runs as Triton fp16 operations on the same registers.
 """

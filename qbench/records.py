@@ -64,17 +64,25 @@ def read_records(path: str | Path) -> list[dict]:
     return records
 
 
-def git_sha(path: str | Path | None = None) -> str | None:
-    """The commit of the qbench source tree when it is a git checkout; else $QBENCH_GIT_SHA (a copy of
-    the tree without .git, e.g. on a remote GPU machine) or None."""
-    here = Path(path) if path is not None else Path(__file__).resolve().parent
+def _git(here: Path, *args: str) -> str | None:
     try:
-        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
-        out = None
-    if out is not None and out.returncode == 0 and out.stdout.strip():
-        return out.stdout.strip()
-    return os.environ.get("QBENCH_GIT_SHA") or None  # outside a checkout git prints "HEAD" and fails
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_sha(path: str | Path | None = None) -> str | None:
+    """The commit of the qbench source tree: a clean checkout's own commit; for a checkout with changes
+    to tracked files $QBENCH_GIT_SHA if set (e.g. a GPU machine's copy of a newer tree over an older
+    .git), else "<commit>-dirty"; outside a checkout $QBENCH_GIT_SHA or None."""
+    here = Path(path) if path is not None else Path(__file__).resolve().parent
+    sha = _git(here, "rev-parse", "HEAD")
+    if not sha:  # outside a checkout git prints "HEAD" and fails
+        return os.environ.get("QBENCH_GIT_SHA") or None
+    if not _git(here, "status", "--porcelain", "--untracked-files=no"):
+        return sha
+    return os.environ.get("QBENCH_GIT_SHA") or f"{sha}-dirty"
 
 
 def environment(device: str | None = None) -> dict:

@@ -56,5 +56,29 @@ def test_git_sha_outside_a_checkout_is_none_or_the_given_sha(tmp_path, monkeypat
     assert git_sha(tmp_path) is None  # git prints "HEAD" there and fails: never record that
     monkeypatch.setenv("QBENCH_GIT_SHA", "abc123")
     assert git_sha(tmp_path) == "abc123"
-    if (Path(__file__).resolve().parents[1] / ".git").exists():
-        assert git_sha() not in (None, "HEAD", "abc123")  # this checkout's own commit wins
+
+
+def test_git_sha_of_a_checkout_with_changes_is_marked(tmp_path, monkeypatch):
+    """A clean checkout records its commit whatever $QBENCH_GIT_SHA says; with changes to tracked files
+    the commit is not what ran: $QBENCH_GIT_SHA (the caller knows the tree), else "<commit>-dirty"."""
+    import subprocess
+
+    from qbench.records import git_sha
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                       check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("commit", "-q", "-m", "one")
+    monkeypatch.setenv("QBENCH_GIT_SHA", "abc123")
+    sha = git_sha(tmp_path)
+    assert sha and len(sha) == 40 and sha != "abc123"  # a clean checkout's own commit wins
+    (tmp_path / "b.py").write_text("untracked files do not count\n")
+    assert git_sha(tmp_path) == sha
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert git_sha(tmp_path) == "abc123"
+    monkeypatch.delenv("QBENCH_GIT_SHA")
+    assert git_sha(tmp_path) == f"{sha}-dirty"

@@ -177,7 +177,8 @@ def describe(choice) -> str:
     elif kind == "wint_decode":
         kind = "decode"
     split = cfg.get("SPLIT_K", 1)
-    return kind + (f" splitK{split}" if split > 1 else "")
+    return kind + (f" splitK{split}" if split > 1 else "") + (f" streamK{cfg['STREAM']}" if cfg.get("STREAM") else "") \
+        + (f" maxnreg{cfg['MAXNREG']}" if cfg.get("MAXNREG") else "")
 
 
 def put_row(rows: list, row: dict) -> None:
