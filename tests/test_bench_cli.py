@@ -21,3 +21,22 @@ def test_put_row_replaces_only_the_same_shape_format_and_m():
     put_row(rows, dict(K=1, N=2, format="w4a16", M=1, ms=0.5))
     put_row(rows, dict(K=1, N=2, format="nf4", M=1, ms=3.0))
     assert sorted((r["format"], r["M"], r["ms"]) for r in rows) == [("nf4", 1, 3.0), ("w4a16", 1, 0.5), ("w4a16", 16, 2.0)]
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "nf4_dq", "w4a16"])
+def test_benchmark_formats_agree_with_their_reference_weight(fmt):
+    """Each benchmark format's call (our kernel, interpreted on the CPU) computes x @ ref^T of the
+    reference weight it reports, and its byte count is what the format stores."""
+    import torch
+
+    from qbench.bench.kernels import make_format
+
+    torch.manual_seed(0)
+    K, N = 256, 64
+    call, ref, nbytes, group = make_format(fmt, K, N, torch.device("cpu"))
+    x = torch.randn(2, K, dtype=torch.float16)
+    want = x.double() @ ref.double().T
+    err = ((call(x).double() - want).norm() / want.norm()).item()
+    assert err < 5e-3
+    bits = {"nf4": 4 + 32 / 64, "nf4_dq": 4 + 8 / 64 + 32 / 64 / 256, "w4a16": 4 + (16 + 4) / 128}[fmt]
+    assert nbytes * 8 / (K * N) == pytest.approx(bits, rel=1e-6)

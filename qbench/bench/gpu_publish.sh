@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The published GPU figures in one batch (reports/ and README): run on the GPU machine from the repo
 # root after `source qbench/bench/gpu_env.sh`, with OUT set to a folder that survives the call.
-#     OUT=/tmp/out bash qbench/bench/gpu_publish.sh [leaderboard|g64|noact|formats|gguf]...
+#     OUT=/tmp/out bash qbench/bench/gpu_publish.sh [leaderboard|g64|noact|formats|gguf|int8t]...
 # Parts, in priority order (each a named sweep or multirun; records go to $OUT/<part>/runs.jsonl):
 #   leaderboard  sweeps/gpu.yaml: every method at 4 bits, RTN/GPTQ/AWQ at 3 too, group size 128,
 #                WikiText-2 + C4, KLD, speed, VRAM, cost on hardware=$HARDWARE (default h100)
 #   g64          RTN/GPTQ(act-order)/AWQ at bits 3,4, group size 64 (issue 3's table), ppl only
 #   noact        GPTQ without act-order at bits 3,4, group sizes 128, 64 (issue 3's table), ppl only
 #   formats      sweeps/formats.yaml: LLM.int8()/NF4/FP4/FP8 variants, ppl only
-#   gguf         GGUF block types and mixes, ppl only
+#   gguf         GGUF block types and mixes, ppl only ($GGUF_TYPES: a comma list, default all 13)
+#   int8t        LLM.int8() at outlier thresholds $INT8_THRESHOLDS (default 5,4,3,2,1), ppl and outlier
+#                fractions: how the perplexity loss trades against the share of 16-bit columns
 set -uo pipefail
 OUT=${OUT:?set OUT}
 PPL=(model=smollm2-135m device=cuda "eval.ppl.datasets=[wikitext2,c4]" quiet=true wandb.mode=disabled)
@@ -23,6 +25,7 @@ for part in "${parts[@]}"; do
     noact) qb -m method=gptq bits=3,4 group_size=128,64 method.act_order=false "${CALIB[@]}" "${PPL[@]}" "results_dir=$OUT/g64" ;;
     formats) qb sweep sweeps/formats.yaml "results_dir=$OUT/formats" wandb.mode=disabled ;;
     gguf) qb -m method=gguf method.type=${GGUF_TYPES:-Q4_0,Q4_1,Q5_0,Q5_1,Q8_0,Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q3_K_M,Q4_K_M,Q5_K_M} "${PPL[@]}" "results_dir=$OUT/gguf" ;;
+    int8t) qb -m method=int8 "method.threshold=${INT8_THRESHOLDS:-5.0,4.0,3.0,2.0,1.0}" "${PPL[@]}" "results_dir=$OUT/int8t" ;;
     *) echo "unknown part $part" ;;
   esac
 done
