@@ -190,6 +190,25 @@ def test_nf4_column_layout():
     assert words[0, 0].item() & 0xFF == label[15] * 17
 
 
+
+def test_nf4_column_layout_decodes_double_quant_exactly():
+    """With double quant the column copy holds the float32 absmax the torch path decodes (the same
+    values bit for bit), over several 256-block groups of absmax2, and it is rebuilt when absmax2
+    changes in place."""
+    from qbench.kernels.nf4_h2 import column_layout
+    from qbench.quant.nf4 import DYNAMIC_MAP, quantize_4bit
+
+    N, K, bs = 40, 512, 64  # 320 blocks: two absmax2 groups, the second one short
+    q = quantize_4bit(torch.randn(N, K) * torch.rand(N, 1), "nf4", bs, double_quant=True)
+    assert q.absmax.dtype == torch.uint8 and q.absmax2.numel() == 2
+    label = list(range(16))
+    _, am = column_layout(q.packed, q.absmax, N, K, bs, label, q.absmax2, DYNAMIC_MAP, float(q.offset))
+    assert am.dtype == torch.float32 and am.shape == (K // bs, N)
+    assert torch.equal(am.T.reshape(-1), q.block_absmax())
+    q.absmax2.mul_(2)
+    _, am2 = column_layout(q.packed, q.absmax, N, K, bs, label, q.absmax2, DYNAMIC_MAP, float(q.offset))
+    assert torch.equal(am2.T.reshape(-1), q.block_absmax()) and not torch.equal(am2, am)
+
 # ---- GGUF blocks, checked against gguf-py's numpy dequantizer ------------------------------------
 
 def random_blocks(qtype: str, N: int, K: int) -> torch.Tensor:
