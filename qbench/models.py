@@ -5,8 +5,10 @@ are dequantized by transformers on load (slow on CPU), so the converted model is
 the qbench cache dir and reloaded from there.
 """
 
+import functools
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -167,3 +169,24 @@ def _quantized_checkpoint_loader(path: str):
         return None
     module, func = target.split(":")
     return getattr(importlib.import_module(module), func)
+
+
+# ---- the KV cache's name across transformers versions ------------------------------------------------
+# transformers 5.2x renamed the forward argument and output field `past_key_values` to `cache` (the old
+# name is a deprecated alias there, announced for removal in 5.40); the GPU image has 5.17, which knows
+# only the old one. qbench passes and reads the cache through these two helpers.
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword_of(forward_owner: type) -> str:
+    params = inspect.signature(forward_owner.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_keyword(model) -> str:
+    """The name under which model.forward takes a KV cache."""
+    return _cache_keyword_of(type(model))
+
+
+def output_cache(out):
+    """The KV cache a model output carries."""
+    return out["cache"] if "cache" in out else out.past_key_values

@@ -110,6 +110,7 @@ def test_replay_never_carries_a_kv_cache():
 def test_block_output_of_a_sample_does_not_depend_on_earlier_samples():
     from transformers import DynamicCache
 
+    from qbench.models import cache_keyword
     from qbench.quant.blocks import block_output
 
     model = tiny_llama()
@@ -127,7 +128,7 @@ def test_block_output_of_a_sample_does_not_depend_on_earlier_samples():
     assert torch.allclose(batched, alone, atol=1e-5)
     # the control: a cache shared across the replayed samples (transformers' use_cache=True) leaks
     cache = DynamicCache(config=model.config)
-    leaky = [block_output(block, h, {**kw, "past_key_values": cache, "use_cache": True})
+    leaky = [block_output(block, h, {**kw, cache_keyword(block): cache, "use_cache": True})
              for h, kw in capture_inputs(model, ids, 1, arch)]
     assert (leaky[2] - alone).abs().max() > 1e-3
 

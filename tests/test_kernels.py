@@ -41,14 +41,22 @@ def make_layer(N, K, bits, group_size, sym=False, act_order=False) -> QuantLinea
     return layer.to(DEVICE)
 
 
-def check(layer, M, config, dtype=torch.float32, tol=1e-5, seed=None):
+def check(layer, M, config, dtype=torch.float32, tol=1e-5, seed=None, per_output=False):
+    """per_output: measure each output's error against the sum of its |products| (the scale of a float
+    sum's rounding error) rather than the norm of all outputs, for outputs so few that one of them
+    cancelling to near 0 would make the norm meaningless (a single output column at M=1)."""
     x = torch.randn(M, layer.in_features, device=DEVICE, dtype=dtype)
-    ref = x.double() @ layer.dequantize(torch.float64).T
+    w = layer.dequantize(torch.float64)
+    ref = x.double() @ w.T
     g_idx = None if is_default_g_idx(layer.g_idx, layer.group_size) else layer.g_idx
     y = wint_matmul(x, layer.qweight, layer.qzeros, layer.scales, g_idx,
                     layer.bits, layer.group_size, config=config)
     assert y.shape == (M, layer.out_features) and y.dtype == dtype
-    err = rel_err(y, ref)
+    if per_output:
+        assert torch.isfinite(y).all()
+        err = ((y.double() - ref).abs() / (x.double().abs() @ w.abs().T)).max().item()
+    else:
+        err = rel_err(y, ref)
     assert err < tol, f"rel err {err:.2e} (seed {seed}, M={M}, config={config})"
 
 
@@ -72,7 +80,7 @@ def test_wint_act_order_symmetric(bits):
 def test_wint_single_output_column_fp16():
     seed = fresh_seed()
     layer = make_layer(1, 70, 4, 16)
-    check(layer, 1, GEMV, seed=seed)
+    check(layer, 1, GEMV, seed=seed, per_output=True)  # one output: rel err over it was flaky (1.4e-5 once)
     check(layer, 3, DOT16, dtype=torch.float16, tol=2e-3, seed=seed)  # fp16 operands on the tensor-core path
 
 

@@ -250,17 +250,19 @@ def sweep(shapes, ms_list, formats, dev, env, rows, out_json, deadline=float("in
 def decode_tokens_per_s(model, dev, steps: int) -> float:
     """Eager decode (dynamic KV cache) after a 16-token prompt: what a transformers user runs."""
     from qbench.eval.speed import no_cudnn_attention
+    from qbench.models import cache_keyword, output_cache
 
+    kv = cache_keyword(model)
     ids = torch.randint(0, model.config.vocab_size, (1, 16), device=dev)
     with torch.no_grad(), no_cudnn_attention("cuda"):
         for n in (4, steps):  # the first pass warms up (tuning, compilation)
             out = model(ids, use_cache=True)
-            cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            cache, tok = output_cache(out), out.logits[:, -1:].argmax(-1)
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(n):
-                out = model(tok, past_key_values=cache, use_cache=True)
-                cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                out = model(tok, **{kv: cache}, use_cache=True)
+                cache, tok = output_cache(out), out.logits[:, -1:].argmax(-1)
             torch.cuda.synchronize()
     return steps / (time.perf_counter() - t0)
 

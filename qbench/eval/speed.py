@@ -29,6 +29,8 @@ import time
 
 import torch
 
+from qbench.models import cache_keyword, output_cache
+
 CPU_CAPS = {"prefill_tokens": 64, "prompt_tokens": 8, "new_tokens": 4, "repeats": 2}
 
 
@@ -112,14 +114,15 @@ def static_decode(model, prompt: torch.Tensor, steps: int, repeats: int, device:
 
     n = prompt.shape[1]
     cache = StaticCache(config=model.config, max_cache_len=n + steps + 8)
+    kv = cache_keyword(model)
     with no_cudnn_attention(device):
-        out = model(prompt, past_key_values=cache, cache_position=torch.arange(n, device=device), use_cache=True,
+        out = model(prompt, **{kv: cache}, cache_position=torch.arange(n, device=device), use_cache=True,
                     logits_to_keep=1)
         first = out.logits[:, -1:].argmax(-1)
         tok, pos = first.clone(), torch.tensor([n], device=device)
 
         def step():
-            logits = model(tok, past_key_values=cache, cache_position=pos, use_cache=True, logits_to_keep=1).logits
+            logits = model(tok, **{kv: cache}, cache_position=pos, use_cache=True, logits_to_keep=1).logits
             tok.copy_(logits[:, -1:].argmax(-1))
             pos.add_(1)
 
@@ -164,7 +167,7 @@ def static_decode(model, prompt: torch.Tensor, steps: int, repeats: int, device:
 
 
 def _forward(model, ids, past=None):
-    return model(ids, past_key_values=past, use_cache=True, logits_to_keep=1)
+    return model(ids, **{cache_keyword(model): past}, use_cache=True, logits_to_keep=1)
 
 
 @torch.no_grad()
@@ -193,7 +196,7 @@ def generate_timed(model, prompt: torch.Tensor, new_tokens: int, device: str) ->
         tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
         if step == new_tokens - 1:
             break
-        out = _forward(model, tokens[-1], out.past_key_values)
+        out = _forward(model, tokens[-1], output_cache(out))
         timer.mark()
     return timer.intervals_ms(), torch.cat(tokens, dim=1)
 

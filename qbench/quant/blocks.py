@@ -44,7 +44,7 @@ LLAMA = {
 # Llama-style decoders (RMSNorm weight multiplies, q/k/v/o + gate/up/down). SmolLM2 is "llama".
 ARCHS = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "qwen3": LLAMA}
 
-_NO_REPLAY = ("past_key_values", "past_key_value", "layer_past")
+_NO_REPLAY = ("past_key_values", "past_key_value", "layer_past", "cache")  # "cache": transformers >= 5.2x
 BATCH_TOKENS = 32768  # tokens per replayed batch: large matmuls, bounded activation memory
 
 
