@@ -298,8 +298,8 @@ def run_nf4_h2(cfg: dict, x2: torch.Tensor, codes: torch.Tensor, absmax, lut32, 
         out, partials, counters = split_buffers(x2, N, split, cfg["BLOCK_N"])
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), split, M)
     nf4_h2_decode_kernel[grid](x2, out, words, absmax_cols, table, slot_values, inv_c, partials, counters, N, K,
-                               x2.stride(0), out.stride(0), split, BLOCKSIZE=blocksize, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                               CHAIN=cfg["CHAIN"], STAGES=cfg.get("STAGES", 1), PTX=not interpreted(),
+                               x2.stride(0), out.stride(0), split, BLOCKSIZE=blocksize, BLOCK_N=cfg["BLOCK_N"],
+                               BLOCK_K=cfg["BLOCK_K"], CHAIN=cfg["CHAIN"], STAGES=cfg.get("STAGES", 1), PTX=not interpreted(),
                                EVEN_N=N % cfg["BLOCK_N"] == 0, STREAM=bool(stream), num_warps=cfg["num_warps"],
                                num_stages=cfg["num_stages"], **({"maxnreg": cfg["MAXNREG"]} if cfg.get("MAXNREG") else {}))
     return out
