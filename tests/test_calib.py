@@ -100,11 +100,12 @@ def test_acceptance_sweep_is_valid():
     prevalidate(["-m", "method=gptq,awq", "bits=3,4", "calib.nsamples=8", "calib.seqlen=256", "eval.ppl.max_windows=2"])
 
 
-def test_replay_never_carries_a_kv_cache():
+@pytest.mark.parametrize("name", ["past_key_values", "cache"])  # "cache" from transformers 5.2x on
+def test_replay_never_carries_a_kv_cache(name):
     from transformers import DynamicCache
 
-    kwargs = replay_kwargs({"past_key_values": DynamicCache(), "use_cache": True, "position_ids": torch.arange(4)})
-    assert "past_key_values" not in kwargs and kwargs["use_cache"] is False and "position_ids" in kwargs
+    kwargs = replay_kwargs({name: DynamicCache(), "use_cache": True, "position_ids": torch.arange(4)})
+    assert name not in kwargs and kwargs["use_cache"] is False and "position_ids" in kwargs
 
 
 def test_block_output_of_a_sample_does_not_depend_on_earlier_samples():
