@@ -15,6 +15,7 @@ import re
 from datetime import datetime, timezone
 from pathlib import Path
 
+from qbench.records import method_variant
 from qbench.report import latest_per_config
 
 # (metric key, column title, format, Δ vs baseline). Columns appear when any row has the metric.
@@ -66,28 +67,11 @@ def columns(records: list[dict]) -> list[tuple]:
     return cols + [c for c in SPEED if c[0] in have and any(_values(r).get(c[0]) is not None for r in records)]
 
 
-def _method_defaults(name: str) -> dict:
-    try:
-        from qbench.sweep import method_meta
-
-        return method_meta(name)
-    except (OSError, ValueError):
-        return {}
-
-
 def _label(rec: dict) -> str:
     if rec.get("method") == "fp16":
         return "fp16 (baseline)"
     parts = [rec["method"]] + ([f"w{rec['bits']}"] if rec.get("bits") is not None else [])
-    method = (rec.get("config") or {}).get("method") or {}
-    defaults = _method_defaults(rec["method"])
-    for k in method.get("choices") or {}:  # e.g. gguf Q4_K_M, fp8 e4m3; switches only where not the default
-        value = method.get(k)
-        if isinstance(value, bool):
-            if k not in defaults or defaults[k] != value:
-                parts.append(f"{k}={'on' if value else 'off'}")
-        elif value is not None:
-            parts.append(str(value))
+    parts += method_variant(rec)
     if rec.get("group_size") is not None:
         parts.append(f"g{rec['group_size']}")
     if rec.get("calib"):

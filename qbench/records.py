@@ -113,3 +113,41 @@ def environment(device: str | None = None) -> dict:
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# ---- what tells a record's method settings apart (report tables, leaderboards) --------------------------
+
+def _method_defaults(name: str) -> dict:
+    try:
+        from qbench.sweep import method_meta
+
+        return method_meta(name)
+    except (OSError, ValueError):
+        return {}
+
+
+# Keys of a conf/method entry that describe the method rather than set one of its parameters.
+_METHOD_META = {"name", "needs_calibration", "bits_choices", "default_bits", "group_sizes", "default_group_size",
+                "calib_seqlen", "choices"}
+
+
+def method_variant(rec: dict) -> list[str]:
+    """What tells a record's method settings apart: the value of each choice parameter (gguf Q4_K_M, fp8
+    e4m3 tensor), and any other parameter, or an on/off switch, where it is not the method's default
+    (threshold=2.0, act_order=off)."""
+    method = (rec.get("config") or {}).get("method") or {}
+    defaults = _method_defaults(rec.get("method") or "")
+    choices = list(method.get("choices") or {})
+    parts = []
+    for k in choices + [k for k in method if k not in choices and k not in _METHOD_META]:
+        value = method.get(k)
+        if isinstance(value, bool):
+            if k not in defaults or defaults[k] != value:
+                parts.append(f"{k}={'on' if value else 'off'}")
+        elif value is None:
+            continue
+        elif k in choices:
+            parts.append(str(value))
+        elif k not in defaults or defaults[k] != value:
+            parts.append(f"{k}={value}")
+    return parts

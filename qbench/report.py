@@ -4,7 +4,7 @@ import json
 
 import pandas as pd
 
-from qbench.records import read_records
+from qbench.records import method_variant, read_records
 
 CONFIG_COLUMNS = ["model", "method", "bits", "group_size", "calib"]
 
@@ -30,6 +30,7 @@ def comparison_frame(records: list[dict], model: str | None = None) -> pd.DataFr
     baselines = {_eval_key_str(r): r for r in recs if r.get("method") == "fp16" and r.get("status") == "ok"}
     for rec in recs:
         row = {c: "" if rec.get(c) is None else str(rec.get(c)) for c in CONFIG_COLUMNS}
+        row["variant"] = " ".join(method_variant(rec))  # gguf Q4_K_M, int8 threshold=2.0, ...
         row["status"] = rec.get("status")
         base = baselines.get(_eval_key_str(rec))
         for name, value in sorted(rec.get("metrics", {}).items()):

@@ -125,3 +125,33 @@ def test_wandb_sweep_table_and_html_artifact(tmp_path, cfg_factory, monkeypatch)
     assert (tmp_path / "sweep-reports" / "multirun-x" / "smollm2-135m" / "leaderboard.html").is_file()
     runs = list((tmp_path / "wandb-files" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def with_method(record, **params):
+    """record with the method settings a run of conf/method/<name>.yaml would store (defaults + params)."""
+    from qbench.sweep import method_meta
+
+    return {**record, "config": {"method": {**method_meta(record["method"]), **params}}}
+
+
+def test_method_variant_names_choices_and_non_defaults():
+    from qbench.records import method_variant
+
+    assert method_variant(with_method(rec("int8", 8, None, 21.0, 8.0, 1.0))) == []
+    assert method_variant(with_method(rec("int8", 8, None, 21.0, 8.0, 1.0), threshold=2.0)) == ["threshold=2.0"]
+    assert method_variant(with_method(rec("gguf", None, None, 21.0, 5.0, 1.0), type="Q5_K")) == ["Q5_K"]
+    gptq = method_variant(with_method(rec("gptq", 4, 128, 21.0, 4.25, 1.0), act_order=False, damp_percent=0.1))
+    assert gptq == ["act_order=off", "damp_percent=0.1"]
+
+
+def test_report_table_tells_variants_apart():
+    """Two runs of one method that differ only in a method parameter are two labelled rows."""
+    from qbench.report import comparison_frame
+
+    records = [rec("fp16", None, None, 20.0, 16.0, 1.0),
+               with_method(rec("int8", 8, None, 21.0, 8.0, 1.0)),
+               with_method(rec("int8", 8, None, 20.2, 8.0, 1.0), threshold=2.0)]
+    frame = comparison_frame(records)
+    assert list(frame["variant"]) == ["", "", "threshold=2.0"]
+    assert list(frame["ppl_wikitext2"]) == [20.0, 21.0, 20.2]
+    assert leaderboard._label(records[1]) == "int8 w8" and leaderboard._label(records[2]) == "int8 w8 threshold=2.0"
