@@ -3,8 +3,9 @@
     qbench gate --baseline sweeps/ci-baseline.json [--results results] [--max-ppl-increase 0.5%]
     qbench gate --baseline sweeps/ci-baseline.json --results results --update   # (re)write the baseline
 
-Configs are matched by their key: model, method, bits, group size, calibration set and the eval
-settings (the record's eval_key: device, dtype, perplexity data/seqlen/windows, optional metrics).
+Configs are matched by their key: model, method, the method's parameters (gguf type, int8 threshold,
+...), bits, group size, calibration set and the eval settings (the record's eval_key: device, dtype,
+perplexity data/seqlen/windows, optional metrics).
 Every ppl_* metric of the baseline is compared: higher than the baseline by more than the tolerance
 is a regression; lower by more than it is an improvement (reported, so the baseline can be refreshed
 with --update). A baseline config with no ok record in the results (missing or failed), and any
@@ -17,7 +18,7 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
-from qbench.records import git_sha, read_records
+from qbench.records import git_sha, method_defaults, method_params, read_records, variant_parts
 from qbench.report import latest_per_config
 
 FORMAT = "qbench-gate-baseline/1"
@@ -28,8 +29,9 @@ class GateError(ValueError):
 
 
 def config_key(rec: dict) -> dict:
-    return {"model": rec.get("model"), "method": rec.get("method"), "bits": rec.get("bits"),
-            "group_size": rec.get("group_size"), "calib": rec.get("calib"), "eval": rec.get("eval_key")}
+    return {"model": rec.get("model"), "method": rec.get("method"), "params": method_params(rec),
+            "bits": rec.get("bits"), "group_size": rec.get("group_size"), "calib": rec.get("calib"),
+            "eval": rec.get("eval_key")}
 
 
 def key_str(key: dict) -> str:
@@ -40,6 +42,8 @@ def label(key: dict) -> str:
     parts = [key["method"]]
     if key.get("bits") is not None:
         parts.append(f"w{key['bits']}")
+    choices = list(method_defaults(key["method"] or "").get("choices") or {})
+    parts += variant_parts(key["method"] or "", key.get("params") or {}, choices)
     if key.get("group_size") is not None:
         parts.append(f"g{key['group_size']}")
     if key.get("calib"):
@@ -79,6 +83,8 @@ def load_baseline(path: str) -> dict:
         raise GateError(f"baseline file {path} is not JSON: {err}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT or not data.get("configs"):
         raise GateError(f"baseline file {path} is not a qbench gate baseline ({FORMAT}) or holds no configs")
+    if any("params" not in entry["key"] for entry in data["configs"]):
+        raise GateError(f"baseline file {path} predates method parameters in the config keys: re-create it with --update")
     return data
 
 
@@ -140,8 +146,9 @@ def make_baseline(records: list[dict], results: str) -> dict:
     configs = [{"key": config_key(r), "label": label(config_key(r)), "run_id": r.get("run_id"),
                 "metrics": {k: v for k, v in sorted(r["metrics"].items()) if k.startswith("ppl_")}} for r in ok]
     configs.sort(key=lambda c: c["label"])
+    shas = sorted({(r.get("env") or {}).get("git_sha") for r in ok} - {None})  # the code that made the numbers
     return {"format": FORMAT, "model": models[0], "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "git_sha": git_sha(), "configs": configs}
+            "git_sha": ", ".join(shas) or git_sha(), "configs": configs}
 
 
 def gate(baseline_path: str, results: str, tolerance: str = "0.5%", update: bool = False, model: str | None = None) -> int:

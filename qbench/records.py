@@ -117,7 +117,7 @@ def now() -> str:
 
 # ---- what tells a record's method settings apart (report tables, leaderboards) --------------------------
 
-def _method_defaults(name: str) -> dict:
+def method_defaults(name: str) -> dict:
     try:
         from qbench.sweep import method_meta
 
@@ -131,16 +131,25 @@ _METHOD_META = {"name", "needs_calibration", "bits_choices", "default_bits", "gr
                 "calib_seqlen", "choices"}
 
 
+def method_params(rec: dict) -> dict:
+    """The method parameters a record ran with (its config.method without the method's description)."""
+    method = (rec.get("config") or {}).get("method") or {}
+    return {k: v for k, v in method.items() if k not in _METHOD_META}
+
+
 def method_variant(rec: dict) -> list[str]:
     """What tells a record's method settings apart: the value of each choice parameter (gguf Q4_K_M, fp8
     e4m3 tensor), and any other parameter, or an on/off switch, where it is not the method's default
     (threshold=2.0, act_order=off)."""
-    method = (rec.get("config") or {}).get("method") or {}
-    defaults = _method_defaults(rec.get("method") or "")
-    choices = list(method.get("choices") or {})
+    choices = list(((rec.get("config") or {}).get("method") or {}).get("choices") or {})
+    return variant_parts(rec.get("method") or "", method_params(rec), choices)
+
+
+def variant_parts(name: str, params: dict, choices: list) -> list[str]:
+    defaults = method_defaults(name)
     parts = []
-    for k in choices + [k for k in method if k not in choices and k not in _METHOD_META]:
-        value = method.get(k)
+    for k in [c for c in choices if c in params] + [k for k in params if k not in choices]:
+        value = params[k]
         if isinstance(value, bool):
             if k not in defaults or defaults[k] != value:
                 parts.append(f"{k}={'on' if value else 'off'}")

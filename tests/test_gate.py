@@ -82,6 +82,40 @@ def test_changed_eval_settings_do_not_match(baseline, tmp_path):
     assert gate.gate(str(baseline), results) == 1
 
 
+def int8(threshold, ppl):
+    """An LLM.int8() record with the method settings a run stores (conf/method/int8.yaml, one changed)."""
+    from qbench.sweep import method_meta
+
+    return dict(rec("int8", 8, ppl), run_id=f"int8-t{threshold}", group_size=None,
+                config={"method": {**method_meta("int8"), "threshold": threshold}})
+
+
+def test_configs_that_differ_in_a_method_parameter_are_gated_apart(tmp_path, capsys):
+    """Two LLM.int8() thresholds are two baseline configs; a regression of one is named with its setting."""
+    base = write(tmp_path / "base", [rec("fp16", None, 20.0), int8(6.0, 21.0), int8(2.0, 20.2)])
+    path = tmp_path / "baseline.json"
+    assert gate.gate(str(path), base, update=True) == 0
+    labels = sorted(c["label"] for c in json.loads(path.read_text())["configs"])
+    assert labels == ["fp16 [cpu seqlen 512 x2]", "int8 w8 [cpu seqlen 512 x2]", "int8 w8 threshold=2.0 [cpu seqlen 512 x2]"]
+    capsys.readouterr()
+    worse = write(tmp_path / "r", [rec("fp16", None, 20.0), int8(6.0, 21.0), int8(2.0, 21.0)])
+    assert gate.gate(str(path), worse) == 1
+    assert "FAILED" in (out := capsys.readouterr().out) and "int8 w8 threshold=2.0 [cpu seqlen 512 x2] ppl_wikitext2" in out
+    assert out.count("REGRESSION") == 1
+
+
+def test_baseline_without_method_parameters_asks_for_update(baseline, tmp_path, capsys):
+    data = json.loads(baseline.read_text())
+    for entry in data["configs"]:
+        del entry["key"]["params"]
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    results = write(tmp_path / "r", [rec("fp16", None, 20.0)])
+    capsys.readouterr()
+    assert gate.main(["--baseline", str(tmp_path / "old.json"), "--results", results]) == 2
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("qbench gate: error: ") and "re-create it with --update" in line and "\n" not in line
+
+
 @pytest.mark.parametrize("case", ["empty", "other_model", "no_baseline", "bad_tolerance", "not_a_baseline"])
 def test_bad_input_is_one_line(case, baseline, tmp_path, capsys):
     results = write(tmp_path / "r", [rec("fp16", None, 20.0)])
