@@ -67,7 +67,8 @@ def columns(records: list[dict]) -> list[tuple]:
     return cols + [c for c in SPEED if c[0] in have and any(_values(r).get(c[0]) is not None for r in records)]
 
 
-def _label(rec: dict) -> str:
+def run_label(rec: dict) -> str:
+    """A record's configuration in a few words: "gguf Q4_K_M", "gptq w4 g128 c4", "int8 w8 threshold=2.0"."""
     if rec.get("method") == "fp16":
         return "fp16 (baseline)"
     parts = [rec["method"]] + ([f"w{rec['bits']}"] if rec.get("bits") is not None else [])
@@ -121,7 +122,7 @@ def table_rows(section: dict) -> tuple[list[str], list[list[tuple]]]:
     rows = []
     for rec in section["rows"]:
         values = _values(rec)
-        cells = [(_label(rec), _label(rec)), (rec.get("status"), rec.get("status"))]
+        cells = [(run_label(rec), run_label(rec)), (rec.get("status"), rec.get("status"))]
         for key, title, fmt, delta in section["cols"]:
             cells.append((_fmt(values.get(key), fmt), values.get(key)))
             if delta:
@@ -175,7 +176,7 @@ def render_markdown(model: str, secs: list[dict], generated: str) -> str:
         out.append("| " + " | ".join(header) + " |")
         out.append("|" + "|".join("---" if j < 2 else "---:" for j in range(len(header))) + "|")
         out += ["| " + " | ".join(str(text) for text, _ in cells) + " |" for cells in rows]
-        errors = [f"- {_label(r)}: {r.get('error')}" for r in section["rows"] if r.get("error")]
+        errors = [f"- {run_label(r)}: {r.get('error')}" for r in section["rows"] if r.get("error")]
         out += ([""] + ["Failed runs:"] + errors if errors else []) + [""]
     return "\n".join(out)
 
@@ -243,7 +244,7 @@ def section_plots(section: dict) -> list[str]:
     plots = []
     for xkey, xlabel in (("bits_per_weight", "bits per weight (scales and zeros included)"),
                          ("decode_ms_per_token", "decode latency, ms per token (batch 1)")):
-        points = [(_values(r).get(xkey), _values(r).get(ppl), _label(r)) for r in ok]
+        points = [(_values(r).get(xkey), _values(r).get(ppl), run_label(r)) for r in ok]
         if any(isinstance(x, (int, float)) for x, _, _ in points):
             plots.append(svg_plot(points, xlabel, ppl, f"{ppl} vs {xkey} (Pareto front highlighted)"))
     return plots

@@ -17,13 +17,15 @@ def log_run(cfg: DictConfig, record: dict) -> None:
         return
     import wandb
 
+    from qbench.leaderboard import run_label
+
     wandb_dir = Path(cfg.results_dir) / "wandb-files"
     wandb_dir.mkdir(parents=True, exist_ok=True)
     run = wandb.init(
         project=cfg.wandb.project,
         entity=cfg.wandb.entity,
         group=cfg.wandb.group or record.get("sweep_id") or record["run_id"],
-        name=f"{record['method']}-w{record['bits']}g{record['group_size']}-{record['run_id']}",
+        name=f"{run_label(record)} {record['run_id']}",
         mode=cfg.wandb.mode,
         dir=str(wandb_dir),
         config=record["config"],

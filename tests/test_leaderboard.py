@@ -154,4 +154,29 @@ def test_report_table_tells_variants_apart():
     frame = comparison_frame(records)
     assert list(frame["variant"]) == ["", "", "threshold=2.0"]
     assert list(frame["ppl_wikitext2"]) == [20.0, 21.0, 20.2]
-    assert leaderboard._label(records[1]) == "int8 w8" and leaderboard._label(records[2]) == "int8 w8 threshold=2.0"
+    assert leaderboard.run_label(records[1]) == "int8 w8" and leaderboard.run_label(records[2]) == "int8 w8 threshold=2.0"
+
+
+def test_wandb_run_is_named_by_its_configuration(tmp_path, monkeypatch):
+    """A W&B run's name says which configuration it is (method, width, variant), then the run id."""
+    import types
+
+    from omegaconf import OmegaConf
+
+    from qbench.wandb_log import log_run
+
+    seen = {}
+
+    class Run:
+        id, summary = "abc", {}
+
+        def finish(self):
+            pass
+
+    fake = types.SimpleNamespace(init=lambda **kw: seen.update(kw) or Run(), Settings=lambda **kw: None)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = OmegaConf.create({"results_dir": str(tmp_path), "wandb": {"mode": "offline", "project": "qbench",
+                                                                    "entity": None, "group": None}})
+    record = dict(with_method(rec("gguf", None, None, 21.0, 5.5, 1.0), type="Q5_K"), run_id="r1", sweep_id=None)
+    log_run(cfg, record)
+    assert seen["name"] == "gguf Q5_K r1" and record["wandb_run"] == "abc"
