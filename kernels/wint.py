@@ -31,6 +31,7 @@ import triton.language as tl
 from qbench.kernels.dequant import stream_codes
 from qbench.kernels.matmul import WINT, dequant_matmul, sm_count
 from qbench.kernels.wint_h2 import h2_decode_configs, run_h2_decode
+from qbench.kernels.wint_mma import mma_configs, run_mma
 from qbench.kernels.wint_tc import run_tc, tc_configs
 
 
@@ -170,10 +171,11 @@ def wint_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
             n_sm = sm_count(x.device)
             # where the fp16x2 kernel applies (fp16 activations) it beat the fp32 one on every H100 shape
             h2 = h2_decode_configs(M, N, K, bits, group, x.dtype, n_sm)
-            return (h2 or decode_configs(M, N, K, bits, group, x.device)) + tc_configs(M, N, K, bits, group, x.dtype, n_sm)
+            return ((h2 or decode_configs(M, N, K, bits, group, x.device)) + tc_configs(M, N, K, bits, group, x.dtype, n_sm)
+                    + mma_configs(M, N, K, bits, group, x.dtype, x.device, n_sm))
 
         def run(cfg, x2):
-            launch = {"wint_h2": run_h2_decode, "wint_tc": run_tc}.get(cfg["KERNEL"], run_decode)
+            launch = {"wint_h2": run_h2_decode, "wint_tc": run_tc, "wint_mma": run_mma}.get(cfg["KERNEL"], run_decode)
             return launch(cfg, x2, qweight, qzeros, scales, bits, group, N)
         fast = (configs, run)
     return dequant_matmul(WINT, x, N, ptrs, (bits, group, act_order), i0=qzeros.shape[1], name="wint",

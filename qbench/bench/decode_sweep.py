@@ -2,6 +2,7 @@
 
     python -m qbench.bench.decode_sweep [--bits 4,3] [--shapes 8192x28672,28672x8192] [--group 128]
     python -m qbench.bench.decode_sweep --tc --m 16 --bits 4 --wide     # kernels/wint_tc.py
+    python -m qbench.bench.decode_sweep --mma --m 16 --bits 4           # kernels/wint_mma.py (Hopper, Gluon)
 
 For each (bits, shape) at M tokens (the fp16x2 kernel of kernels/wint_h2.py at M=1 by default):
 random packed weights, each candidate checked against a torch dequantize-then-matmul reference, then
@@ -17,6 +18,7 @@ from qbench.kernels.matmul import sm_count
 from qbench.kernels.splitk import wave_splits
 from qbench.kernels.tune import gpu_time_ms
 from qbench.kernels.wint_h2 import h2_decode_configs, run_h2_decode
+from qbench.kernels.wint_mma import mma_configs, run_mma
 from qbench.kernels.wint_tc import run_tc, tc_configs
 from qbench.quant.packing import pack_cols, pack_rows
 
@@ -71,6 +73,7 @@ def main(argv=None) -> None:
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--wide", action="store_true", help="a wider grid than the tuner's candidates")
     ap.add_argument("--tc", action="store_true", help="the tensor-core kernel (kernels/wint_tc.py, 4 bits, 2-16 tokens)")
+    ap.add_argument("--mma", action="store_true", help="the Gluon tensor-core kernel (kernels/wint_mma.py, Hopper)")
     ap.add_argument("--m", type=int, default=1, help="tokens")
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
@@ -82,7 +85,10 @@ def main(argv=None) -> None:
             wh = w.T.contiguous().half()
             fp16_ms = gpu_time_ms(lambda: x @ wh)
             results = []
-            if args.tc:
+            if args.mma:
+                run = run_mma
+                grid = mma_configs(args.m, N, K, bits, args.group, x.dtype, dev, sm_count(dev))
+            elif args.tc:
                 run = run_tc
                 grid = wide_tc_grid(N, K, args.group, sm_count(dev)) if args.wide else \
                     tc_configs(args.m, N, K, bits, args.group, x.dtype, sm_count(dev))

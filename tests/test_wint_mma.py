@@ -1,0 +1,107 @@
+"""The Gluon W4A16 tensor-core kernel (kernels/wint_mma.py): its packed fragment layout on the CPU, the
+kernel itself against the torch reference on a Hopper GPU (Gluon kernels do not run interpreted)."""
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from qbench.kernels import wint_matmul  # noqa: E402
+from qbench.kernels.wint_mma import mma_configs, mma_layout, run_mma, usable  # noqa: E402
+from qbench.quant.grid import rtn_quantize  # noqa: E402
+from qbench.quant.qlinear import QuantLinear  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+HOPPER = usable(DEVICE)
+
+
+def fresh_seed() -> int:
+    seed = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    return seed
+
+
+def fragment_codes(words: torch.Tensor, N: int, K: int, BK: int, BN: int) -> torch.Tensor:
+    """Codes [N, K] read back from the packed words through the fragment map of the kernel's docstring,
+    element by element as a thread of the kernel holds them: word [tile, kt, w, rl, t, rh, c2], nibble
+    4 c1 + 2 h + p is the code of n = tile * BN + 16 w + 8 rh + rl, k = kt * BK + 32 c2 + 16 c1 + 8 h + 2 t + p."""
+    n_pad = -(-N // BN) * BN
+    out = torch.full((n_pad, K), -1, dtype=torch.int64)
+    flat = words.long().tolist()
+    i = 0
+    for tile in range(n_pad // BN):
+        for kt in range(K // BK):
+            for w in range(BN // 16):
+                for rl in range(8):
+                    for t in range(4):
+                        for rh in range(2):
+                            for c2 in range(BK // 32):
+                                word = flat[i] & 0xFFFFFFFF
+                                i += 1
+                                for nib in range(8):
+                                    c1, h, p = nib >> 2, (nib >> 1) & 1, nib & 1
+                                    n = tile * BN + 16 * w + 8 * rh + rl
+                                    k = kt * BK + 32 * c2 + 16 * c1 + 8 * h + 2 * t + p
+                                    out[n, k] = (word >> (4 * nib)) & 15
+    assert i == len(flat)
+    return out
+
+
+@pytest.mark.parametrize("N,K,BK,BN", [(64, 128, 128, 64), (100, 256, 64, 64), (130, 128, 128, 128)])
+def test_mma_layout_is_the_fragment_map(N, K, BK, BN):
+    """Every code lands where the kernel's thread expects it (and every slot is filled); rows past N are 0."""
+    fresh_seed()
+    layer = QuantLinear.from_quantized(rtn_quantize(torch.randn(N, K), 4, 64, False), None)
+    shifts = torch.arange(0, 32, 4)
+    codes = ((layer.qweight[:, None, :] >> shifts[None, :, None]) & 15).reshape(K, N).T
+    got = fragment_codes(mma_layout(layer.qweight, N, K, BK, BN), N, K, BK, BN)
+    assert torch.equal(got[:N], codes.long())
+    assert (got[N:] == 0).all()
+
+
+def test_mma_layout_cached_until_the_weight_changes():
+    layer = QuantLinear.from_quantized(rtn_quantize(torch.randn(64, 128), 4, 128, False), None)
+    a = mma_layout(layer.qweight, 64, 128, 128, 64)
+    assert mma_layout(layer.qweight, 64, 128, 128, 64) is a
+    layer.qweight.add_(1)
+    assert mma_layout(layer.qweight, 64, 128, 128, 64) is not a
+
+
+def test_not_offered_where_it_cannot_run():
+    """The tuner gets no wint_mma configs on the CPU, for bf16, 3 bits, M = 1 or M > 16."""
+    cpu = torch.device("cpu")
+    assert mma_configs(16, 4096, 4096, 4, 128, torch.float16, cpu, 132) == []
+    if HOPPER:
+        assert mma_configs(16, 4096, 4096, 4, 128, torch.float16, DEVICE, 132)
+        for args in ((16, 4096, 4096, 4, 128, torch.bfloat16), (16, 4096, 4096, 3, 128, torch.float16),
+                     (1, 4096, 4096, 4, 128, torch.float16), (17, 4096, 4096, 4, 128, torch.float16)):
+            assert mma_configs(*args, DEVICE, 132) == []
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (wgmma) and Gluon")
+@pytest.mark.parametrize("group_size", [128, 64, -1])
+def test_wint_mma_kernel(group_size):
+    """M = 2, 5, 16; N = 100 (a masked tile), 256; split-K 1, 3 and one that leaves a split empty;
+    K tiles of 64 and 128, one and two warpgroups."""
+    seed = fresh_seed()
+    for N, K in ((100, 512), (256, 1024)):
+        layer = QuantLinear.from_quantized(rtn_quantize(torch.randn(N, K), 4, group_size, False), None).to(DEVICE)
+        group = 0 if group_size <= 0 else group_size
+        w = layer.dequantize(torch.float64)
+        for M in (2, 5, 16):
+            x = torch.randn(M, K, device=DEVICE, dtype=torch.float16)
+            ref = x.double() @ w.T
+            for bk, warps in ((128, 4), (64, 4), (128, 8)):
+                if group and group % bk:
+                    continue
+                for split in (1, 3, K // bk):
+                    cfg = {"KERNEL": "wint_mma", "BLOCK_K": bk, "SPLIT_K": split, "num_warps": warps}
+                    y = run_mma(cfg, x, layer.qweight, layer.qzeros, layer.scales, 4, group, N)
+                    err = ((y.double() - ref).norm() / ref.norm()).item()
+                    assert y.shape == (M, N) and err < 2e-3, f"rel err {err:.2e} seed {seed} M={M} N={N} {cfg}"
+        # through the public entry point, the tuner choosing among all candidates
+        x = torch.randn(16, K, device=DEVICE, dtype=torch.float16)
+        y = wint_matmul(x, layer.qweight, layer.qzeros, layer.scales, None, 4, group_size)
+        assert ((y.double() - x.double() @ w.T).norm() / (x.double() @ w.T).norm()).item() < 2e-3
