@@ -33,7 +33,8 @@ import triton
 try:  # Gluon: triton >= 3.5
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma,
+                                                                     warpgroup_mma_init, warpgroup_mma_wait)
 except ImportError:  # pragma: no cover - older triton: the tuner does not offer this kernel
     gluon = None
 
@@ -107,7 +108,7 @@ if gluon is not None:
     def wint_mma_kernel(x_ptr, out_ptr, tiles, qzeros, scales, partials, counters, M, N, K, stride_xm, stride_om,
                         n_zero_words, SPLIT_K, GROUP: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
                         WORDS_L: gl.constexpr, A_L: gl.constexpr, ACC_L: gl.constexpr, X_L: gl.constexpr,
-                        XS_L: gl.constexpr):
+                        XS_L: gl.constexpr, ASYNC: gl.constexpr):
         C2: gl.constexpr = BK // 32
         TILE_WORDS: gl.constexpr = BN * BK // 8
         TILES_PER_GROUP: gl.constexpr = 0 if GROUP == 0 else GROUP // BK
@@ -141,18 +142,25 @@ if gluon is not None:
 
         acc = gl.zeros([BN, 16], gl.float32, ACC_L)
         part = gl.zeros([BN, 16], gl.float32, ACC_L)
-        # loads run one K tile ahead of the math (registers as the pipeline)
+        # loads run one K tile ahead of the math (registers as the pipeline; two ahead was slower on the
+        # H200: 128 registers a thread)
         tf = gl.minimum(t0, k_tiles - 1)  # a split past the end (no tiles) still loads in bounds
         words = gl.load(tile_ptr + tf * TILE_WORDS)
         xt = gl.load(x_ptrs + tf * BK, mask=x_mask, other=0.0)
         g = 0 if GROUP == 0 else tf * BK // GROUP
         zw = gl.load(qzeros + g * n_zero_words + zn // 8, mask=zmask, other=0)
+        sc = gl.load(scales + g * N + sn, mask=smask, other=0.0)
+        if TILES_PER_GROUP == 1 and ASYNC:
+            tok = warpgroup_mma_init(part)
+            a_prev = gl.zeros([BN, BK], gl.float16, A_L)
+            sc_prev = sc
         for t in range(t0, t_end):
             tn = gl.minimum(t + 1, t_end - 1)
             gn = 0 if GROUP == 0 else tn * BK // GROUP
             words_n = gl.load(tile_ptr + tn * TILE_WORDS)
             xt_n = gl.load(x_ptrs + tn * BK, mask=x_mask, other=0.0)
             zw_n = gl.load(qzeros + gn * n_zero_words + zn // 8, mask=zmask, other=0)
+            sc_n = gl.load(scales + gn * N + sn, mask=smask, other=0.0)  # loaded with the words: no stall after the MMA
 
             z = ((zw.to(gl.uint32, bitcast=True) >> zshift) & 15).to(gl.float32)
             z1 = (1.0 + z / 64).to(gl.float16).to(gl.uint16, bitcast=True).to(gl.uint32)  # exact
@@ -162,21 +170,32 @@ if gluon is not None:
             buf.store(xt)
             fence_async_shared()
             gl.thread_barrier()
-            if TILES_PER_GROUP == 1:
+            if TILES_PER_GROUP == 1 and ASYNC:
+                # the previous tile's MMA ran during this tile's dequantization; take its result now
+                if t > t0:
+                    part, a_prev = warpgroup_mma_wait(0, deps=[tok, a_prev])
+                    acc += gl.expand_dims(sc_prev.to(gl.float32) * 64, 1) * part
+                tok = warpgroup_mma(a, buf.permute((1, 0)), part, use_acc=False, is_async=True)
+                a_prev = a
+                sc_prev = sc
+            elif TILES_PER_GROUP == 1:
                 part = warpgroup_mma(a, buf.permute((1, 0)), part, use_acc=False)
-                s = gl.load(scales + (t * BK // GROUP) * N + sn, mask=smask, other=0.0).to(gl.float32)
-                acc += gl.expand_dims(s * 64, 1) * part
+                acc += gl.expand_dims(sc.to(gl.float32) * 64, 1) * part
             elif TILES_PER_GROUP == 0:  # one group: the scale once, after the loop
                 acc = warpgroup_mma(a, buf.permute((1, 0)), acc)
             else:
                 # fresh at a group's first tile and at this split's first
                 part = warpgroup_mma(a, buf.permute((1, 0)), part, use_acc=(t != t0) & (t % TILES_PER_GROUP != 0))
                 if ((t + 1) % TILES_PER_GROUP == 0) | (t == t_end - 1):
-                    s = gl.load(scales + (t * BK // GROUP) * N + sn, mask=smask, other=0.0).to(gl.float32)
-                    acc += gl.expand_dims(s * 64, 1) * part
+                    acc += gl.expand_dims(sc.to(gl.float32) * 64, 1) * part
             words = words_n
             xt = xt_n
             zw = zw_n
+            sc = sc_n
+        if TILES_PER_GROUP == 1 and ASYNC:
+            if t_end > t0:
+                part, a_prev = warpgroup_mma_wait(0, deps=[tok, a_prev])
+                acc += gl.expand_dims(sc_prev.to(gl.float32) * 64, 1) * part
         if TILES_PER_GROUP == 0:
             s = gl.load(scales + sn, mask=smask, other=0.0).to(gl.float32)
             acc = gl.expand_dims(s * 64, 1) * acc
@@ -230,7 +249,9 @@ def mma_configs(M: int, N: int, K: int, bits: int, group: int, dtype: torch.dtyp
         if K % bk or (group and group % bk):
             continue
         for split in wave_splits(K // bk, triton.cdiv(N, tile_shape(bk, warps)), n_sm, (2, 3, 4, 6, 8)):
-            configs.append({"KERNEL": "wint_mma", "BLOCK_K": bk, "SPLIT_K": split, "num_warps": warps})
+            for asynchronous in ((False, True) if bk == group else (False,)):
+                configs.append({"KERNEL": "wint_mma", "BLOCK_K": bk, "SPLIT_K": split, "ASYNC": asynchronous,
+                                "num_warps": warps})
     return configs
 
 
@@ -247,5 +268,5 @@ def run_mma(cfg: dict, x2: torch.Tensor, qweight, qzeros, scales, bits: int, gro
     grid = (triton.cdiv(N, bn), split)
     wint_mma_kernel[grid](x2, out, tiles, qzeros, scales, partials, counters, M, N, K, x2.stride(0), out.stride(0),
                           qzeros.shape[1], split, GROUP=group, BN=bn, BK=bk, **mma_layouts(bk, warps),
-                          num_warps=warps)
+                          ASYNC=cfg.get("ASYNC", False), num_warps=warps)
     return out
