@@ -33,8 +33,7 @@ import triton
 try:  # Gluon: triton >= 3.5
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma,
-                                                                     warpgroup_mma_init, warpgroup_mma_wait)
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
 except ImportError:  # pragma: no cover - older triton: the tuner does not offer this kernel
     gluon = None
 
@@ -108,7 +107,7 @@ if gluon is not None:
     def wint_mma_kernel(x_ptr, out_ptr, tiles, qzeros, scales, partials, counters, M, N, K, stride_xm, stride_om,
                         n_zero_words, SPLIT_K, GROUP: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
                         WORDS_L: gl.constexpr, A_L: gl.constexpr, ACC_L: gl.constexpr, X_L: gl.constexpr,
-                        XS_L: gl.constexpr, ASYNC: gl.constexpr):
+                        XS_L: gl.constexpr):
         C2: gl.constexpr = BK // 32
         TILE_WORDS: gl.constexpr = BN * BK // 8
         TILES_PER_GROUP: gl.constexpr = 0 if GROUP == 0 else GROUP // BK
@@ -150,10 +149,6 @@ if gluon is not None:
         g = 0 if GROUP == 0 else tf * BK // GROUP
         zw = gl.load(qzeros + g * n_zero_words + zn // 8, mask=zmask, other=0)
         sc = gl.load(scales + g * N + sn, mask=smask, other=0.0)
-        if TILES_PER_GROUP == 1 and ASYNC:
-            tok = warpgroup_mma_init(part)
-            a_prev = gl.zeros([BN, BK], gl.float16, A_L)
-            sc_prev = sc
         for t in range(t0, t_end):
             tn = gl.minimum(t + 1, t_end - 1)
             gn = 0 if GROUP == 0 else tn * BK // GROUP
@@ -170,15 +165,7 @@ if gluon is not None:
             buf.store(xt)
             fence_async_shared()
             gl.thread_barrier()
-            if TILES_PER_GROUP == 1 and ASYNC:
-                # the previous tile's MMA ran during this tile's dequantization; take its result now
-                if t > t0:
-                    part, a_prev = warpgroup_mma_wait(0, deps=[tok, a_prev])
-                    acc += gl.expand_dims(sc_prev.to(gl.float32) * 64, 1) * part
-                tok = warpgroup_mma(a, buf.permute((1, 0)), part, use_acc=False, is_async=True)
-                a_prev = a
-                sc_prev = sc
-            elif TILES_PER_GROUP == 1:
+            if TILES_PER_GROUP == 1:
                 part = warpgroup_mma(a, buf.permute((1, 0)), part, use_acc=False)
                 acc += gl.expand_dims(sc.to(gl.float32) * 64, 1) * part
             elif TILES_PER_GROUP == 0:  # one group: the scale once, after the loop
@@ -192,10 +179,6 @@ if gluon is not None:
             xt = xt_n
             zw = zw_n
             sc = sc_n
-        if TILES_PER_GROUP == 1 and ASYNC:
-            if t_end > t0:
-                part, a_prev = warpgroup_mma_wait(0, deps=[tok, a_prev])
-                acc += gl.expand_dims(sc_prev.to(gl.float32) * 64, 1) * part
         if TILES_PER_GROUP == 0:
             s = gl.load(scales + sn, mask=smask, other=0.0).to(gl.float32)
             acc = gl.expand_dims(s * 64, 1) * acc
@@ -249,9 +232,7 @@ def mma_configs(M: int, N: int, K: int, bits: int, group: int, dtype: torch.dtyp
         if K % bk or (group and group % bk):
             continue
         for split in wave_splits(K // bk, triton.cdiv(N, tile_shape(bk, warps)), n_sm, (2, 3, 4, 6, 8)):
-            for asynchronous in ((False, True) if bk == group else (False,)):
-                configs.append({"KERNEL": "wint_mma", "BLOCK_K": bk, "SPLIT_K": split, "ASYNC": asynchronous,
-                                "num_warps": warps})
+            configs.append({"KERNEL": "wint_mma", "BLOCK_K": bk, "SPLIT_K": split, "num_warps": warps})
     return configs
 
 
@@ -268,5 +249,5 @@ def run_mma(cfg: dict, x2: torch.Tensor, qweight, qzeros, scales, bits: int, gro
     grid = (triton.cdiv(N, bn), split)
     wint_mma_kernel[grid](x2, out, tiles, qzeros, scales, partials, counters, M, N, K, x2.stride(0), out.stride(0),
                           qzeros.shape[1], split, GROUP=group, BN=bn, BK=bk, **mma_layouts(bk, warps),
-                          ASYNC=cfg.get("ASYNC", False), num_warps=warps)
+                          num_warps=warps)
     return out
