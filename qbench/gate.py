@@ -18,7 +18,7 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
-from qbench.records import git_sha, method_defaults, method_params, read_records, variant_parts
+from qbench.records import forced_kernel, git_sha, method_defaults, method_params, read_records, variant_parts
 from qbench.report import latest_per_config
 
 FORMAT = "qbench-gate-baseline/1"
@@ -29,9 +29,13 @@ class GateError(ValueError):
 
 
 def config_key(rec: dict) -> dict:
-    return {"model": rec.get("model"), "method": rec.get("method"), "params": method_params(rec),
-            "bits": rec.get("bits"), "group_size": rec.get("group_size"), "calib": rec.get("calib"),
-            "eval": rec.get("eval_key")}
+    key = {"model": rec.get("model"), "method": rec.get("method"), "params": method_params(rec),
+           "bits": rec.get("bits"), "group_size": rec.get("group_size"), "calib": rec.get("calib"),
+           "eval": rec.get("eval_key")}
+    kernel = forced_kernel(rec)
+    if kernel:  # only where forced, so that baselines of kernel=auto runs keep their keys
+        key["kernel"] = kernel
+    return key
 
 
 def key_str(key: dict) -> str:
@@ -48,6 +52,8 @@ def label(key: dict) -> str:
         parts.append(f"g{key['group_size']}")
     if key.get("calib"):
         parts.append(key["calib"])
+    if key.get("kernel"):
+        parts.append(f"kernel={key['kernel']}")
     ev = key.get("eval") or {}
     parts.append(f"[{ev.get('device')} seqlen {ev.get('ppl_seqlen')} x{ev.get('ppl_max_windows') or 'all'}]")
     return " ".join(parts)

@@ -137,12 +137,20 @@ def method_params(rec: dict) -> dict:
     return {k: v for k, v in method.items() if k not in _METHOD_META}
 
 
+def forced_kernel(rec: dict) -> str | None:
+    """The kernel setting of a run that forced one (kernel=torch|triton); None for the default, auto."""
+    kernel = (rec.get("config") or {}).get("kernel")
+    return None if kernel in (None, "auto") else str(kernel)
+
+
 def method_variant(rec: dict) -> list[str]:
     """What tells a record's method settings apart: the value of each choice parameter (gguf Q4_K_M, fp8
     e4m3 tensor), and any other parameter, or an on/off switch, where it is not the method's default
-    (threshold=2.0, act_order=off)."""
+    (threshold=2.0, act_order=off); a forced kernel last (kernel=torch: its numbers can differ a little)."""
     choices = list(((rec.get("config") or {}).get("method") or {}).get("choices") or {})
-    return variant_parts(rec.get("method") or "", method_params(rec), choices)
+    parts = variant_parts(rec.get("method") or "", method_params(rec), choices)
+    kernel = forced_kernel(rec)
+    return parts + ([f"kernel={kernel}"] if kernel else [])
 
 
 def variant_parts(name: str, params: dict, choices: list) -> list[str]:

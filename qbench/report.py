@@ -4,7 +4,7 @@ import json
 
 import pandas as pd
 
-from qbench.records import method_variant, read_records
+from qbench.records import forced_kernel, method_variant, read_records
 
 CONFIG_COLUMNS = ["model", "method", "bits", "group_size", "calib"]
 
@@ -19,7 +19,8 @@ def latest_per_config(records: list[dict]) -> list[dict]:
     for rec in records:
         if rec.get("status") == "skipped":
             continue
-        key = (_eval_key_str(rec), *(str(rec.get(c)) for c in CONFIG_COLUMNS), json.dumps(rec.get("config", {}).get("method"), sort_keys=True))
+        key = (_eval_key_str(rec), *(str(rec.get(c)) for c in CONFIG_COLUMNS),
+               json.dumps(rec.get("config", {}).get("method"), sort_keys=True), forced_kernel(rec))
         latest[key] = rec
     return list(latest.values())
 

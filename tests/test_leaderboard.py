@@ -157,6 +157,24 @@ def test_report_table_tells_variants_apart():
     assert leaderboard.run_label(records[1]) == "int8 w8" and leaderboard.run_label(records[2]) == "int8 w8 threshold=2.0"
 
 
+def test_report_table_tells_forced_kernels_apart():
+    """A kernel=torch cross-check of a kernel=auto run is a row of its own, labelled, in the report, the
+    leaderboard and the gate; kernel=auto records keep the labels and gate keys they had."""
+    from qbench.gate import config_key, label
+    from qbench.report import comparison_frame
+
+    auto = with_method(rec("fp8", 8, None, 22.169, 8.0, 1.0), activations="dynamic")
+    torch_run = dict(with_method(rec("fp8", 8, None, 22.150, 8.0, 1.0), activations="dynamic"))
+    torch_run["config"] = {**torch_run["config"], "kernel": "torch"}
+    auto["config"] = {**auto["config"], "kernel": "auto"}
+    frame = comparison_frame([rec("fp16", None, None, 21.6, 16.0, 1.0), auto, torch_run])
+    assert list(frame["ppl_wikitext2"]) == [21.6, 22.169, 22.150]
+    assert list(frame["variant"])[1:] == ["e4m3 tensor dynamic", "e4m3 tensor dynamic kernel=torch"]
+    assert leaderboard.run_label(torch_run).endswith("kernel=torch")
+    assert "kernel" not in config_key(auto) and config_key(torch_run)["kernel"] == "torch"
+    assert "kernel=torch" in label(config_key(torch_run)) and "kernel" not in label(config_key(auto))
+
+
 def test_wandb_run_is_named_by_its_configuration(tmp_path, monkeypatch):
     """A W&B run's name says which configuration it is (method, width, variant), then the run id."""
     import types
