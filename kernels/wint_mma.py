@@ -14,12 +14,20 @@ a tile of 64 output features x BLOCK_K, warp w of the warpgroup holds rows 16w..
 l = 4 rl + t holds rows 16w + rl and 16w + rl + 8 (rh = 0, 1) and, of every 32 K values c2, the
 eight k = 32 c2 + 16 c1 + 8 h + 2 t + p (c1, h, p in {0, 1}). Packed copy (`mma_layout`, built from
 the GPTQ qweight once per weight and cached on it): per (64-row tile, K tile), BLOCK_N * BLOCK_K / 8
-int32 words ordered [w, rl, t, rh, c2]; nibble 4 c1 + 2 h + p of a word is that k's 4-bit code, so
+int32 words ordered [n, t, c2] (row major: a thread's C2 words are one vector load, a warp's lanes
+read consecutive vectors); nibble 4 c1 + 2 h + p of a word is that k's 4-bit code, so
 the four fp16x2 pair steps of wint_tc (prmt, lop3: 1 + q / 64 exact; sub.f16x2 of 1 + z / 64: (q - z)
 / 64 exact) give the fragment's pairs (c1, h) in order. The scale is not applied per weight: each K
 tile is one quantization group (or inside one), its product P = W' x^T (W' = (q - z) / 64, fp32
 accumulate) is taken fresh per group and added as acc += 64 s * P, which saves the fp16 multiply per
 weight pair and its rounding.
+
+The copy costs the 4-bit weight's memory once more (as the NF4 kernel's column copy). Loads run one K
+tile ahead in registers, scales and zeros included (a scale load after the MMA stalled every tile).
+Measured on the H200 (reports/kernels/NOTES.md), M=16 on the Llama-3-70B MLP shapes: 0.061 / 0.058 ms
+against 0.089 / 0.085 for wint_tc. Tried there and dropped: loads two tiles ahead in registers (128
+registers, slower), an asynchronous wgmma overlapping the next tile's dequantization (wrong results),
+and a variant fed by TMA bulk copies through 3-5 shared-memory stages (correct, 5-10 % slower).
 
 Requires fp16 activations, 4 bits, no act-order, K a multiple of BLOCK_K and the group a multiple
 of BLOCK_K (or one group). Split-K ends as in kernels/splitk.py. Gluon kernels do not run under
@@ -55,8 +63,8 @@ def tile_shape(BK: int, warps: int) -> int:
 
 def mma_layout(qweight: torch.Tensor, N: int, K: int, BK: int, BN: int) -> torch.Tensor:
     """GPTQ qweight [K/8, N] int32 (code k % 8 of column n in bits 4 (k % 8) of word [k // 8, n]) ->
-    flat int32 words [ceil(N / BN), K / BK, BN / 16 (w), 8 (rl), 4 (t), 2 (rh), BK / 32 (c2)] (module
-    docstring), rows past N zero; cached on qweight until it changes."""
+    flat int32 words [ceil(N / BN), K / BK, BN (n), 4 (t), BK / 32 (c2)] (module docstring), rows past N
+    zero; cached on qweight until it changes."""
     key = (qweight._version, N, K, BK, BN)
     cached = getattr(qweight, "_qbench_mma", None)
     if cached is not None and cached[0] == key:
@@ -69,10 +77,10 @@ def mma_layout(qweight: torch.Tensor, N: int, K: int, BK: int, BN: int) -> torch
     n_pad = -(-N // BN) * BN
     if n_pad != N:
         codes = torch.cat((codes, codes.new_zeros(n_pad - N, K)))
-    # n = tile * BN + 16 w + 8 rh + rl;  k = kt * BK + 32 c2 + 16 c1 + 8 h + 2 t + p
-    c = codes.reshape(n_pad // BN, BN // 16, 2, 8, K // BK, BK // 32, 2, 2, 4, 2)
-    #                 tile       w       rh rl  kt       c2       c1 h  t  p
-    c = c.permute(0, 4, 1, 3, 8, 2, 5, 6, 7, 9).reshape(-1, 8)  # [..., nibble 4 c1 + 2 h + p]
+    # n = tile * BN + n';  k = kt * BK + 32 c2 + 16 c1 + 8 h + 2 t + p
+    c = codes.reshape(n_pad // BN, BN, K // BK, BK // 32, 2, 2, 4, 2)
+    #                 tile         n'  kt       c2       c1 h  t  p
+    c = c.permute(0, 2, 1, 6, 3, 4, 5, 7).reshape(-1, 8)  # [..., nibble 4 c1 + 2 h + p]
     words = (c.long() << (4 * torch.arange(8, device=qweight.device))).sum(-1)
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
     qweight._qbench_mma = (key, words)
@@ -104,6 +112,52 @@ if gluon is not None:
         return gl.convert_layout(w, A_L)  # the same registers: no data moves
 
     @gluon.jit
+    def _zero_pairs(zw, zshift):
+        """[BN, 1, 1] uint32 pairs of fp16 1 + z / 64 (exact) from the packed zero words of the rows."""
+        z = ((zw.to(gl.uint32, bitcast=True) >> zshift) & 15).to(gl.float32)
+        z1 = (1.0 + z / 64).to(gl.float16).to(gl.uint16, bitcast=True).to(gl.uint32)
+        return gl.expand_dims(gl.expand_dims(z1 | (z1 << 16), 1), 2)
+
+    @gluon.jit
+    def _mma_step(a, xt_smem, acc, part, sc, t, t0, t_end, TILES_PER_GROUP: gl.constexpr):
+        """acc (+)= 64 s * (W' x^T) of one K tile; the product is taken per group (fresh at a group's first
+        tile and at this split's first), or, with one group (0), accumulated and scaled after the loop."""
+        if TILES_PER_GROUP == 1:
+            part = warpgroup_mma(a, xt_smem, part, use_acc=False)
+            acc += gl.expand_dims(sc.to(gl.float32) * 64, 1) * part
+        elif TILES_PER_GROUP == 0:
+            acc = warpgroup_mma(a, xt_smem, acc)
+        else:
+            part = warpgroup_mma(a, xt_smem, part, use_acc=(t != t0) & (t % TILES_PER_GROUP != 0))
+            if ((t + 1) % TILES_PER_GROUP == 0) | (t == t_end - 1):
+                acc += gl.expand_dims(sc.to(gl.float32) * 64, 1) * part
+        return acc, part
+
+    @gluon.jit
+    def _store_out(acc, out_ptr, partials, counters, scales, sn, smask, M, N, stride_om, pid_n, pid_k, SPLIT_K,
+                   BN: gl.constexpr, ACC_L: gl.constexpr, TILES_PER_GROUP: gl.constexpr):
+        """out^T tile [BN, 16] in fp16, through split-K's partials and arrival counter (kernels/splitk.py)."""
+        if TILES_PER_GROUP == 0:
+            s = gl.load(scales + sn, mask=smask, other=0.0).to(gl.float32)
+            acc = gl.expand_dims(s * 64, 1) * acc
+        om = gl.arange(0, 16, layout=gl.SliceLayout(0, ACC_L))
+        omask = gl.expand_dims(smask, 1) & gl.expand_dims(om < M, 0)
+        out = out_ptr + gl.expand_dims(om, 0) * stride_om + gl.expand_dims(sn, 1)
+        if SPLIT_K == 1:
+            gl.store(out, acc.to(gl.float16), mask=omask)
+        else:
+            pofs = gl.expand_dims(om, 0) * N + gl.expand_dims(sn, 1)
+            gl.store(partials + pid_k * M * N + pofs, acc, mask=omask)
+            gl.thread_barrier()  # every thread's partial is written before the counter says so
+            arrived = gl.atomic_add(counters + pid_n, 1, sem="acq_rel")
+            if arrived == SPLIT_K - 1:
+                total = gl.zeros([BN, 16], gl.float32, ACC_L)
+                for k in range(0, SPLIT_K):
+                    total += gl.load(partials + k * M * N + pofs, mask=omask, other=0.0, cache_modifier=".cg")
+                gl.store(out, total.to(gl.float16), mask=omask)
+                gl.atomic_xchg(counters + pid_n, 0)
+
+    @gluon.jit
     def wint_mma_kernel(x_ptr, out_ptr, tiles, qzeros, scales, partials, counters, M, N, K, stride_xm, stride_om,
                         n_zero_words, SPLIT_K, GROUP: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
                         WORDS_L: gl.constexpr, A_L: gl.constexpr, ACC_L: gl.constexpr, X_L: gl.constexpr,
@@ -118,12 +172,11 @@ if gluon is not None:
         t0 = pid_k * per_split
         t_end = gl.minimum(t0 + per_split, k_tiles)
 
-        # word offsets in a tile, [BN rows, 4 (t), C2]: row n = 16 w + 8 rh + rl, words [w, rl, t, rh, c2]
+        # word offsets in a tile [BN rows, 4 (t), C2], row major
         rows = gl.arange(0, BN, layout=gl.SliceLayout(1, gl.SliceLayout(2, WORDS_L)))
-        row_off = (rows // 16 * 8 + rows % 8) * (8 * C2) + (rows // 8 % 2) * C2
         ts = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, WORDS_L)))
         cs = gl.arange(0, C2, layout=gl.SliceLayout(0, gl.SliceLayout(1, WORDS_L)))
-        off = (gl.expand_dims(gl.expand_dims(row_off, 1), 2) + gl.expand_dims(gl.expand_dims(ts * (2 * C2), 0), 2)
+        off = (gl.expand_dims(gl.expand_dims(rows * (4 * C2), 1), 2) + gl.expand_dims(gl.expand_dims(ts * C2, 0), 2)
                + gl.expand_dims(gl.expand_dims(cs, 0), 1))
         off = gl.max_contiguous(gl.multiple_of(off, [1, 1, C2]), [1, 1, C2])  # C2 words: one vector load
         tile_ptr = tiles + pid_n.to(gl.int64) * k_tiles * TILE_WORDS + off
@@ -157,48 +210,18 @@ if gluon is not None:
             zw_n = gl.load(qzeros + gn * n_zero_words + zn // 8, mask=zmask, other=0)
             sc_n = gl.load(scales + gn * N + sn, mask=smask, other=0.0)  # loaded with the words: no stall after the MMA
 
-            z = ((zw.to(gl.uint32, bitcast=True) >> zshift) & 15).to(gl.float32)
-            z1 = (1.0 + z / 64).to(gl.float16).to(gl.uint16, bitcast=True).to(gl.uint32)  # exact
-            zz = gl.expand_dims(gl.expand_dims(z1 | (z1 << 16), 1), 2)
-            a = _weights(words.to(gl.uint32, bitcast=True), zz, BN, BK, A_L)
+            a = _weights(words.to(gl.uint32, bitcast=True), _zero_pairs(zw, zshift), BN, BK, A_L)
             buf = xs.index(t % 2)
             buf.store(xt)
             fence_async_shared()
             gl.thread_barrier()
-            if TILES_PER_GROUP == 1:
-                part = warpgroup_mma(a, buf.permute((1, 0)), part, use_acc=False)
-                acc += gl.expand_dims(sc.to(gl.float32) * 64, 1) * part
-            elif TILES_PER_GROUP == 0:  # one group: the scale once, after the loop
-                acc = warpgroup_mma(a, buf.permute((1, 0)), acc)
-            else:
-                # fresh at a group's first tile and at this split's first
-                part = warpgroup_mma(a, buf.permute((1, 0)), part, use_acc=(t != t0) & (t % TILES_PER_GROUP != 0))
-                if ((t + 1) % TILES_PER_GROUP == 0) | (t == t_end - 1):
-                    acc += gl.expand_dims(sc.to(gl.float32) * 64, 1) * part
+            acc, part = _mma_step(a, buf.permute((1, 0)), acc, part, sc, t, t0, t_end, TILES_PER_GROUP)
             words = words_n
             xt = xt_n
             zw = zw_n
             sc = sc_n
-        if TILES_PER_GROUP == 0:
-            s = gl.load(scales + sn, mask=smask, other=0.0).to(gl.float32)
-            acc = gl.expand_dims(s * 64, 1) * acc
-
-        om = gl.arange(0, 16, layout=gl.SliceLayout(0, ACC_L))
-        omask = gl.expand_dims(smask, 1) & gl.expand_dims(om < M, 0)
-        out = out_ptr + gl.expand_dims(om, 0) * stride_om + gl.expand_dims(sn, 1)
-        if SPLIT_K == 1:
-            gl.store(out, acc.to(gl.float16), mask=omask)
-        else:
-            pofs = gl.expand_dims(om, 0) * N + gl.expand_dims(sn, 1)
-            gl.store(partials + pid_k * M * N + pofs, acc, mask=omask)
-            gl.thread_barrier()  # every thread's partial is written before the counter says so
-            arrived = gl.atomic_add(counters + pid_n, 1, sem="acq_rel")
-            if arrived == SPLIT_K - 1:
-                total = gl.zeros([BN, 16], gl.float32, ACC_L)
-                for k in range(0, SPLIT_K):
-                    total += gl.load(partials + k * M * N + pofs, mask=omask, other=0.0, cache_modifier=".cg")
-                gl.store(out, total.to(gl.float16), mask=omask)
-                gl.atomic_xchg(counters + pid_n, 0)
+        _store_out(acc, out_ptr, partials, counters, scales, sn, smask, M, N, stride_om, pid_n, pid_k, SPLIT_K, BN,
+                   ACC_L, TILES_PER_GROUP)
 
     def mma_layouts(BK: int, warps: int) -> dict:
         """The kernel's layouts for BLOCK_K and 4 or 8 warps (one or two warpgroups, stacked along N)."""
@@ -247,7 +270,7 @@ def run_mma(cfg: dict, x2: torch.Tensor, qweight, qzeros, scales, bits: int, gro
     x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
     out, partials, counters = split_buffers(x2, N, split, bn)
     grid = (triton.cdiv(N, bn), split)
+    layouts = mma_layouts(bk, warps)
     wint_mma_kernel[grid](x2, out, tiles, qzeros, scales, partials, counters, M, N, K, x2.stride(0), out.stride(0),
-                          qzeros.shape[1], split, GROUP=group, BN=bn, BK=bk, **mma_layouts(bk, warps),
-                          num_warps=warps)
+                          qzeros.shape[1], split, GROUP=group, BN=bn, BK=bk, **layouts, num_warps=warps)
     return out

@@ -25,26 +25,24 @@ def fresh_seed() -> int:
 
 def fragment_codes(words: torch.Tensor, N: int, K: int, BK: int, BN: int) -> torch.Tensor:
     """Codes [N, K] read back from the packed words through the fragment map of the kernel's docstring,
-    element by element as a thread of the kernel holds them: word [tile, kt, w, rl, t, rh, c2], nibble
-    4 c1 + 2 h + p is the code of n = tile * BN + 16 w + 8 rh + rl, k = kt * BK + 32 c2 + 16 c1 + 8 h + 2 t + p."""
+    element by element as a thread of the kernel holds them: word [tile, kt, n', t, c2], nibble
+    4 c1 + 2 h + p is the code of n = tile * BN + n', k = kt * BK + 32 c2 + 16 c1 + 8 h + 2 t + p."""
     n_pad = -(-N // BN) * BN
     out = torch.full((n_pad, K), -1, dtype=torch.int64)
     flat = words.long().tolist()
     i = 0
     for tile in range(n_pad // BN):
         for kt in range(K // BK):
-            for w in range(BN // 16):
-                for rl in range(8):
-                    for t in range(4):
-                        for rh in range(2):
-                            for c2 in range(BK // 32):
-                                word = flat[i] & 0xFFFFFFFF
-                                i += 1
-                                for nib in range(8):
-                                    c1, h, p = nib >> 2, (nib >> 1) & 1, nib & 1
-                                    n = tile * BN + 16 * w + 8 * rh + rl
-                                    k = kt * BK + 32 * c2 + 16 * c1 + 8 * h + 2 * t + p
-                                    out[n, k] = (word >> (4 * nib)) & 15
+            for row in range(BN):
+                for t in range(4):
+                    for c2 in range(BK // 32):
+                        word = flat[i] & 0xFFFFFFFF
+                        i += 1
+                        for nib in range(8):
+                            c1, h, p = nib >> 2, (nib >> 1) & 1, nib & 1
+                            n = tile * BN + row
+                            k = kt * BK + 32 * c2 + 16 * c1 + 8 * h + 2 * t + p
+                            out[n, k] = (word >> (4 * nib)) & 15
     assert i == len(flat)
     return out
 
@@ -83,8 +81,8 @@ def test_not_offered_where_it_cannot_run():
 @pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (wgmma) and Gluon")
 @pytest.mark.parametrize("group_size", [128, 64, -1])
 def test_wint_mma_kernel(group_size):
-    """M = 2, 5, 16; N = 100 (a masked tile), 256; split-K 1, 3 and one that leaves a split empty;
-    K tiles of 64 and 128, one and two warpgroups."""
+    """M = 2, 5, 16; N = 100 (a masked tile), 256; split-K 1, 3 and one split per K tile; K tiles of 64
+    and 128, one and two warpgroups."""
     seed = fresh_seed()
     for N, K in ((100, 512), (256, 1024)):
         layer = QuantLinear.from_quantized(rtn_quantize(torch.randn(N, K), 4, group_size, False), None).to(DEVICE)
@@ -96,7 +94,7 @@ def test_wint_mma_kernel(group_size):
             for bk, warps in ((128, 4), (64, 4), (128, 8)):
                 if group and group % bk:
                     continue
-                for split in (1, 3, K // bk):
+                for split in (1, 3, K // bk):  # 3: with 4 K tiles the last split has none
                     cfg = {"KERNEL": "wint_mma", "BLOCK_K": bk, "SPLIT_K": split, "num_warps": warps}
                     y = run_mma(cfg, x, layer.qweight, layer.qzeros, layer.scales, 4, group, N)
                     err = ((y.double() - ref).norm() / ref.norm()).item()
