@@ -1,6 +1,6 @@
 """qbench's Triton kernels: plain @triton.jit kernels and thin launchers, one file per weight format.
 
-    wint_matmul   W{2..8}A16 grouped integer (RTN/GPTQ/AWQ), act-order    kernels/wint.py (fp16: wint_h2.py, wint_tc.py)
+    wint_matmul   W{2..8}A16 grouped integer (RTN/GPTQ/AWQ), act-order    kernels/wint.py (fp16: wint_h2.py, wint_tc.py, wint_mma.py)
     nf4_matmul    NF4/FP4 blockwise absmax, double quant                   kernels/nf4.py (fp16 decode: nf4_h2.py)
     gguf_matmul   GGUF Q4_0, Q8_0, Q4_K                                     kernels/gguf.py
     int8_matmul   W8A8 int8 and LLM.int8() with 16-bit outlier columns     kernels/w8a8.py
