@@ -32,7 +32,9 @@ and a variant fed by TMA bulk copies through 3-5 shared-memory stages (correct, 
 Requires fp16 activations, 4 bits, no act-order, K a multiple of BLOCK_K and the group a multiple
 of BLOCK_K (or one group). Split-K ends as in kernels/splitk.py. Gluon kernels do not run under
 TRITON_INTERPRET=1: on the CPU the tuner never offers this kernel, and the CPU tests check the packing
-against the fragment map above (tests/test_wint_mma.py); the kernel itself is tested on CUDA.
+against the fragment map above and a torch emulation of the kernel's data flow (offsets, pair steps,
+join nesting, permutation, per-group scaling, split-K) against the reference (tests/test_wint_mma.py);
+the kernel itself is tested on a Hopper GPU.
 """
 
 import torch

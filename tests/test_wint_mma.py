@@ -1,5 +1,6 @@
-"""The Gluon W4A16 tensor-core kernel (kernels/wint_mma.py): its packed fragment layout on the CPU, the
-kernel itself against the torch reference on a Hopper GPU (Gluon kernels do not run interpreted)."""
+"""The Gluon W4A16 tensor-core kernel (kernels/wint_mma.py): on the CPU its packed fragment layout and a
+torch emulation of its data flow; the kernel itself against the torch reference on a Hopper GPU (Gluon
+kernels do not run under TRITON_INTERPRET=1)."""
 
 import os
 
@@ -76,6 +77,67 @@ def test_not_offered_where_it_cannot_run():
         for args in ((16, 4096, 4096, 4, 128, torch.bfloat16), (16, 4096, 4096, 3, 128, torch.float16),
                      (1, 4096, 4096, 4, 128, torch.float16), (17, 4096, 4096, 4, 128, torch.float16)):
             assert mma_configs(*args, DEVICE, 132) == []
+
+
+def emulate_kernel(x, qweight, qzeros, scales, N, K, group, BK, BN, split):
+    """wint_mma_kernel's data flow in torch, step by step as a program runs it (Gluon does not run under
+    TRITON_INTERPRET=1): the words of a tile at the kernel's offsets, the four pair steps as the PTX computes
+    them (bytes i of words << 4 and of words -> fp16 1 + q / 64, minus 1 + z / 64: exact), gl.join as
+    torch.stack(dim=-1) with the kernel's nesting, its permute and reshape, the fp32 product per K tile and
+    acc += 64 s * product per group (or the scale after the loop for one group), split-K partials summed."""
+    tiles = mma_layout(qweight, N, K, BK, BN).long() & 0xFFFFFFFF
+    C2, k_tiles = BK // 32, K // BK
+    tiles_per_group = 0 if group == 0 else group // BK
+    per_split = -(-k_tiles // split)
+    zcodes = (qzeros[:, :, None] >> torch.arange(0, 32, 4)) & 15  # [G, N/8, 8]
+    zcodes = zcodes.reshape(qzeros.shape[0], -1)
+    out = torch.zeros(x.shape[0], -(-N // BN) * BN, dtype=torch.float64)
+    rows, ts, cs = torch.arange(BN), torch.arange(4), torch.arange(C2)
+    off = rows[:, None, None] * (4 * C2) + ts[None, :, None] * C2 + cs[None, None, :]
+    for pid_n in range(-(-N // BN)):
+        n = pid_n * BN + rows
+        for pid_k in range(split):
+            t0, t_end = pid_k * per_split, min(pid_k * per_split + per_split, k_tiles)
+            acc = torch.zeros(BN, x.shape[0], dtype=torch.float64)
+            part = torch.zeros(BN, x.shape[0], dtype=torch.float64)
+            for t in range(t0, t_end):
+                words = tiles[(pid_n * k_tiles + t) * BN * BK // 8 + off]  # [BN, 4, C2]
+                g = 0 if group == 0 else t * BK // group
+                z = torch.where(n < N, zcodes[g, n.clamp(max=N - 1)], 0).double()
+                pairs = []
+                for i in range(4):  # pair i: nibbles 2i, 2i + 1 of the word
+                    q_lo, q_hi = (words >> (8 * i)) & 15, (words >> (8 * i + 4)) & 15
+                    pairs.append(torch.stack(((q_lo - z[:, None, None]) / 64, (q_hi - z[:, None, None]) / 64), -1))
+                j = torch.stack((torch.stack((pairs[0], pairs[2]), -1), torch.stack((pairs[1], pairs[3]), -1)), -1)
+                # [BN, t, c2, p, c1, h] -> the kernel's [BN, t, c2, c1, h, p]
+                w = j.permute(0, 1, 2, 4, 5, 3).permute(0, 2, 3, 4, 1, 5).reshape(BN, BK)
+                prod = w @ x[:, t * BK:(t + 1) * BK].double().T
+                s = torch.where(n < N, scales[g, n.clamp(max=N - 1)].double(), 0.0)[:, None]
+                if tiles_per_group == 0:
+                    acc += prod
+                else:
+                    fresh = t == t0 or t % tiles_per_group == 0
+                    part = prod if fresh else part + prod
+                    if (t + 1) % tiles_per_group == 0 or t == t_end - 1:
+                        acc += 64 * s * part
+            if tiles_per_group == 0:
+                acc = 64 * torch.where(n < N, scales[0, n.clamp(max=N - 1)].double(), 0.0)[:, None] * acc
+            out[:, pid_n * BN:(pid_n + 1) * BN] += acc.T
+    return out[:, :N]
+
+
+@pytest.mark.parametrize("group_size,BK,split", [(128, 128, 1), (128, 64, 3), (-1, 128, 2), (64, 64, 4)])
+def test_kernel_data_flow_on_cpu(group_size, BK, split):
+    """The kernel's arithmetic and indexing, emulated on the CPU (CI), equal x @ W^T of the dequantized
+    layer: a wrong pair order, join nesting, permutation or group scaling would not (checked by mutation)."""
+    seed = fresh_seed()
+    N, K = 100, 512
+    layer = QuantLinear.from_quantized(rtn_quantize(torch.randn(N, K), 4, group_size, False), None)
+    x = torch.randn(5, K).half()
+    group = 0 if group_size <= 0 else group_size
+    got = emulate_kernel(x, layer.qweight, layer.qzeros, layer.scales, N, K, group, BK, 64, split)
+    ref = x.double() @ layer.dequantize(torch.float64).T
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-6, f"seed {seed}"
 
 
 @pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (wgmma) and Gluon")
