@@ -37,6 +37,8 @@ join nesting, permutation, per-group scaling, split-K) against the reference (te
 the kernel itself is tested on a Hopper GPU.
 """
 
+import functools
+
 import torch
 import triton
 
@@ -49,6 +51,7 @@ except ImportError:  # pragma: no cover - older triton: the tuner does not offer
 
 from qbench.kernels.splitk import split_buffers, wave_splits
 from qbench.kernels.tune import interpreted
+from qbench.quant.packing import unpack_rows
 
 _PAIR = """{
 .reg .b32 d;
@@ -73,9 +76,7 @@ def mma_layout(qweight: torch.Tensor, N: int, K: int, BK: int, BN: int) -> torch
         return cached[1]
     if K % BK or BK % 32 or BN % 64:
         raise ValueError(f"wint_mma: K={K} must be a multiple of BLOCK_K={BK} (a multiple of 32), BLOCK_N={BN} of 64")
-    shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int32)
-    codes = (qweight[:, None, :] >> shifts[None, :, None]) & 15  # [K/8, 8, N]
-    codes = codes.reshape(K, N).T  # [N, K]
+    codes = unpack_rows(qweight, 4, K).T  # [N, K]
     n_pad = -(-N // BN) * BN
     if n_pad != N:
         codes = torch.cat((codes, codes.new_zeros(n_pad - N, K)))
@@ -225,6 +226,7 @@ if gluon is not None:
         _store_out(acc, out_ptr, partials, counters, scales, sn, smask, M, N, stride_om, pid_n, pid_k, SPLIT_K, BN,
                    ACC_L, TILES_PER_GROUP)
 
+    @functools.lru_cache(maxsize=None)  # built once per (BLOCK_K, warps), not on every call
     def mma_layouts(BK: int, warps: int) -> dict:
         """The kernel's layouts for BLOCK_K and 4 or 8 warps (one or two warpgroups, stacked along N)."""
         BN = tile_shape(BK, warps)

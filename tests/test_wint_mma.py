@@ -12,6 +12,7 @@ pytest.importorskip("triton")
 from qbench.kernels import wint_matmul  # noqa: E402
 from qbench.kernels.wint_mma import mma_configs, mma_layout, run_mma, usable  # noqa: E402
 from qbench.quant.grid import rtn_quantize  # noqa: E402
+from qbench.quant.packing import unpack_cols, unpack_rows  # noqa: E402
 from qbench.quant.qlinear import QuantLinear  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -53,8 +54,7 @@ def test_mma_layout_is_the_fragment_map(N, K, BK, BN):
     """Every code lands where the kernel's thread expects it (and every slot is filled); rows past N are 0."""
     fresh_seed()
     layer = QuantLinear.from_quantized(rtn_quantize(torch.randn(N, K), 4, 64, False), None)
-    shifts = torch.arange(0, 32, 4)
-    codes = ((layer.qweight[:, None, :] >> shifts[None, :, None]) & 15).reshape(K, N).T
+    codes = unpack_rows(layer.qweight, 4, K).T
     got = fragment_codes(mma_layout(layer.qweight, N, K, BK, BN), N, K, BK, BN)
     assert torch.equal(got[:N], codes.long())
     assert (got[N:] == 0).all()
@@ -89,8 +89,7 @@ def emulate_kernel(x, qweight, qzeros, scales, N, K, group, BK, BN, split):
     C2, k_tiles = BK // 32, K // BK
     tiles_per_group = 0 if group == 0 else group // BK
     per_split = -(-k_tiles // split)
-    zcodes = (qzeros[:, :, None] >> torch.arange(0, 32, 4)) & 15  # [G, N/8, 8]
-    zcodes = zcodes.reshape(qzeros.shape[0], -1)
+    zcodes = unpack_cols(qzeros, 4, N)  # [G, N]
     out = torch.zeros(x.shape[0], -(-N // BN) * BN, dtype=torch.float64)
     rows, ts, cs = torch.arange(BN), torch.arange(4), torch.arange(C2)
     off = rows[:, None, None] * (4 * C2) + ts[None, :, None] * C2 + cs[None, None, :]
