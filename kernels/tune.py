@@ -24,9 +24,14 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Bumped whenever a kernel's candidate list changes (2: IN_PLACE pairing of kernels/wint_h2.py), so a
+# machine's cached choices from an older list are re-tuned instead of kept.
+CANDIDATES_VERSION = 2
+
+
 def _cache_file(device_name: str) -> Path:
     root = Path(os.environ.get("QBENCH_CACHE_DIR", Path.home() / ".cache" / "qbench"))
-    return root / "autotune" / (device_name.replace(" ", "_") + ".json")
+    return root / "autotune" / f"v{CANDIDATES_VERSION}" / (device_name.replace(" ", "_") + ".json")
 
 
 def _load(device_name: str) -> None:

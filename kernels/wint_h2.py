@@ -10,13 +10,17 @@ exact; then, on both halves at once,
 The pair is cut out of a word by one lop3 with the two code masks and the bits of 1.0 (after a shift),
 or at 4 and 8 bits by a prmt that puts codes 2i and 2i+1 side by side (BYTE_PAIRS), so that their
 activations (x[2i], x[2i+1]) are one int32 load; at 3 bits each 3-word chunk of 32 codes is cut into
-24-bit slices whose codes pair across two slices. The fp16 pair sums of CHAIN words (16 weights) go
+24-bit slices whose codes pair across two slices. At 3 and 4 bits (IN_PLACE, the tuner's choice for
+even K) most pairs are not shifted at all: a code at bit pos < TOP reads 1 + q / 2**(10 - pos), and
+the subtraction becomes one fma by 2**(TOP - pos) with -(2**(TOP - pos) + z / UNIT) (placed_fma,
+exact too); the inputs of a pair are cut out of two int32 loads of x. The fp16 pair sums of CHAIN words (16 weights) go
 to float32 and are multiplied by UNIT * scale once per group. The partial sums hold x * (q - z) / UNIT
-(|.| <= |x|), never x * (q - z), which would overflow fp16 for large activations. About 3.1
-instructions per 4-bit weight (offline sm_90 compile). Split-K and stream-K (STREAM in a config:
+(|.| <= |x|), never x * (q - z), which would overflow fp16 for large activations. Offline sm_90
+compile, 512 x 64 tile, 4 warps: 3.16 instructions per 4-bit weight with BYTE_PAIRS, 2.96 IN_PLACE;
+3.41 per 3-bit weight, 3.32 IN_PLACE (whose 2-byte x loads had stayed synchronous LDGs). Split-K and stream-K (STREAM in a config:
 programs sharing the (column tile, K tile) units equally) end in kernels/splitk.py.
 
-The pair step is one inline-PTX block (`pair_fma`, `byte_pair_fma`). Triton's CPU interpreter cannot
+The pair step is one inline-PTX block (`pair_fma`, `byte_pair_fma`, `placed_fma`). Triton's CPU interpreter cannot
 run inline assembly, so under TRITON_INTERPRET=1 the same step is computed with Triton fp16 operations
 on the same packed registers (PTX=False); everything around it (packing of x and zeros, masks, groups,
 split-K) is the same code in both modes.
@@ -93,6 +97,58 @@ def byte_pair_fma(a, b, sel, mask2, xp, zz, acc, PTX: tl.constexpr):
 
 
 @triton.jit
+def placed_fma(src, pos: tl.constexpr, BITS: tl.constexpr, TOP: tl.constexpr, nzz, xp, acc, PTX: tl.constexpr):
+    """pair_fma of the codes at bits pos and 16 + pos of src read where they lie (IN_PLACE): with 1.0's
+    bits OR-ed in, a half reads 1 + q / 2**(10 - pos); one fma by S = 2**(TOP - pos) and nzz = -(S + z / UNIT)
+    gives (q - z) / UNIT as pair_fma's subtraction does (exact: S + q / UNIT is a multiple of fp16's step
+    at S), so no shift moves the codes to bit TOP. Needs pos + BITS <= 10."""
+    mask = tl.full((1, 1), (((1 << BITS) - 1) << pos) * 0x00010001, tl.uint32)
+    s2 = tl.full((1, 1), ((15 + TOP - pos) << 10) * 0x00010001, tl.uint32)  # fp16 S = 2**(TOP - pos), both halves
+    if PTX:
+        out = tl.inline_asm_elementwise(
+            """{
+            .reg .b32 d;
+            lop3.b32 d, $1, $2, 0x3C003C00, 0xEA;
+            fma.rn.f16x2 d, d, $3, $4;
+            fma.rn.f16x2 $0, d, $5, $6;
+            }""",
+            "=r,r,r,r,r,r,r", [src, mask, s2, nzz, xp, acc], dtype=tl.uint32, is_pure=True, pack=1)
+    else:
+        t_lo, t_hi = _h2((src & mask) | 0x3C003C00)
+        n_lo, n_hi = _h2(nzz)
+        S: tl.constexpr = 2.0 ** (TOP - pos)
+        d_lo = (t_lo.to(tl.float32) * S + n_lo.to(tl.float32)).to(tl.float16)  # exact
+        d_hi = (t_hi.to(tl.float32) * S + n_hi.to(tl.float32)).to(tl.float16)
+        x_lo, x_hi = _h2(xp)
+        a_lo, a_hi = _h2(acc)
+        out = _u32((d_lo.to(tl.float32) * x_lo.to(tl.float32) + a_lo.to(tl.float32)).to(tl.float16),
+                   (d_hi.to(tl.float32) * x_hi.to(tl.float32) + a_hi.to(tl.float32)).to(tl.float16))
+    return out
+
+
+@triton.jit
+def placed_zero(z, pos: tl.constexpr, TOP: tl.constexpr, UNIT: tl.constexpr):
+    """nzz of placed_fma for codes at bit pos: -(S + z / UNIT) in both fp16 halves, [1, BLOCK_N]."""
+    n = (-(2.0 ** (TOP - pos)) - z / UNIT).to(tl.float16)
+    return _u32(n, n)[None, :]
+
+
+@triton.jit
+def x_halves(a, b):
+    """Two int32 pairs of x, (x[i], x[i+1]) and (x[j], x[j+1]) -> the pairs (x[i], x[j]) and (x[i+1], x[j+1])."""
+    return ((a & 0xFFFF) | (b << 16))[:, None], ((a >> 16) | ((b >> 16) << 16))[:, None]
+
+
+@triton.jit
+def load_x_word(xw, j, k, K, EVEN: tl.constexpr):
+    """Word j of the int32 view of x, (x[k + 2j], x[k + 2j + 1]) (0 past K; K is even)."""
+    if EVEN:
+        return tl.load(xw + j)
+    else:
+        return tl.load(xw + j, mask=k + 2 * j < K, other=0)
+
+
+@triton.jit
 def load_rows(qweight, row, offs_n, nmask, N, n_rows, EVEN: tl.constexpr):
     """qweight[row, offs_n] as uint32 [len(row), BLOCK_N] (0 outside the matrix)."""
     ptrs = qweight + row[:, None] * N + offs_n[None, :]
@@ -104,23 +160,29 @@ def load_rows(qweight, row, offs_n, nmask, N, n_rows, EVEN: tl.constexpr):
 
 
 @triton.jit
-def code_pair(src, pos, k_lo, k_hi, xrow, K, mask2, zz, part, TOP: tl.constexpr, EVEN: tl.constexpr,
-              PTX: tl.constexpr):
-    """part + x * (q - z) / UNIT for the pair of codes at bits pos and 16 + pos of src, whose inputs are
-    k_lo and k_hi: both codes are moved to bit TOP of their half, then pair_fma."""
+def to_top(src, pos, TOP: tl.constexpr):
+    """src with the codes at bits pos and 16 + pos moved to bits TOP and 16 + TOP."""
     if pos == TOP:
         t = src
     elif pos < TOP:
         t = src << (TOP - pos)
     else:
         t = src >> (pos - TOP)
+    return t
+
+
+@triton.jit
+def code_pair(src, pos, k_lo, k_hi, xrow, K, mask2, zz, part, TOP: tl.constexpr, EVEN: tl.constexpr,
+              PTX: tl.constexpr):
+    """part + x * (q - z) / UNIT for the pair of codes at bits pos and 16 + pos of src, whose inputs are
+    k_lo and k_hi: both codes are moved to bit TOP of their half, then pair_fma."""
     if EVEN:
         x_lo = tl.load(xrow + k_lo)
         x_hi = tl.load(xrow + k_hi)
     else:
         x_lo = tl.load(xrow + k_lo, mask=k_lo < K, other=0.0)
         x_hi = tl.load(xrow + k_hi, mask=k_hi < K, other=0.0)
-    return pair_fma(t, mask2, _u32(x_lo, x_hi)[:, None], zz, part, PTX)
+    return pair_fma(to_top(src, pos, TOP), mask2, _u32(x_lo, x_hi)[:, None], zz, part, PTX)
 
 
 @triton.jit
@@ -137,10 +199,36 @@ def slice_pair3(va, vb, ka, kb, xrow, K, mask2, zz, part, EVEN: tl.constexpr, PT
 
 
 @triton.jit
+def slice_pair3_placed(va, vb, xw, ka, K, nz0, nz3, nz6, part, EVEN: tl.constexpr, PTX: tl.constexpr):
+    """slice_pair3 with x read as int32 pairs and the codes read where they lie (placed_fma). xw + j is
+    (x[ka + 2j], x[ka + 2j + 1]) (ka even, kb = ka + 8), so the inputs of code pair i, (x[ka + i],
+    x[ka + 8 + i]), are the low (i even) or high (i odd) halves of words i // 2 and 4 + i // 2: half the
+    loads of single fp16s, and 4-byte ones, which the pipeliner issues as cp.async (a 2-byte load stays a
+    synchronous LDG inside the loop). Codes 0-2 of both slices sit at bits 0, 3, 6 of lo, codes 3-4 at
+    bits 0, 3 of lo >> 9, codes 5-7 at bits 0, 3, 6 of hi: one shift for eight pairs instead of six."""
+    lo = (va & 0xFFFF) | (vb << 16)
+    lo9 = lo >> 9
+    hi = ((va >> 15) & 0xFFFF) | ((vb >> 15) << 16)
+    x0, x1 = x_halves(load_x_word(xw, 0, ka, K, EVEN), load_x_word(xw, 4, ka, K, EVEN))
+    x2, x3 = x_halves(load_x_word(xw, 1, ka, K, EVEN), load_x_word(xw, 5, ka, K, EVEN))
+    x4, x5 = x_halves(load_x_word(xw, 2, ka, K, EVEN), load_x_word(xw, 6, ka, K, EVEN))
+    x6, x7 = x_halves(load_x_word(xw, 3, ka, K, EVEN), load_x_word(xw, 7, ka, K, EVEN))
+    part = placed_fma(lo, 0, 3, 6, nz0, x0, part, PTX)
+    part = placed_fma(lo, 3, 3, 6, nz3, x1, part, PTX)
+    part = placed_fma(lo, 6, 3, 6, nz6, x2, part, PTX)
+    part = placed_fma(lo9, 0, 3, 6, nz0, x3, part, PTX)
+    part = placed_fma(lo9, 3, 3, 6, nz3, x4, part, PTX)
+    part = placed_fma(hi, 0, 3, 6, nz0, x5, part, PTX)
+    part = placed_fma(hi, 3, 3, 6, nz3, x6, part, PTX)
+    part = placed_fma(hi, 6, 3, 6, nz6, x7, part, PTX)
+    return part
+
+
+@triton.jit
 def _tile_sums(x_ptr, qweight, qzeros, scales, N, K, stride_xm, n_zero_words, offs_n, nmask, m, t_start, t_end,
                BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                PTX: tl.constexpr, EVEN: tl.constexpr, CHAIN: tl.constexpr, STAGES: tl.constexpr,
-               BYTE_PAIRS: tl.constexpr):
+               BYTE_PAIRS: tl.constexpr, IN_PLACE: tl.constexpr):
     """sum over K tiles t_start..t_end-1 of x[m, tile] @ W^T[tile, offs_n], float32 [BLOCK_N]."""
     PER: tl.constexpr = 32 if BITS == 3 else 32 // BITS  # codes per row: a word, or a 3-word chunk at 3 bits
     HALF: tl.constexpr = PER // 2  # pairs per word
@@ -164,6 +252,10 @@ def _tile_sums(x_ptr, qweight, qzeros, scales, N, K, stride_xm, n_zero_words, of
         z = stream_codes(qzeros + g * n_zero_words, offs_n, 1, n_zero_words, nmask, BITS)
         z1 = (1.0 + z / UNIT).to(tl.float16)  # 1 + z / UNIT, exact
         zz = _u32(z1, z1)[None, :]
+        if IN_PLACE:  # placed_fma's zero terms for the code positions used (3 bits: 0, 3, 6; 4 bits: 0, 4)
+            nz0 = placed_zero(z, 0, TOP, UNIT)
+            nz3 = placed_zero(z, 3 if BITS == 3 else 4, TOP, UNIT)
+            nz6 = placed_zero(z, 6, TOP, UNIT) if BITS == 3 else nz3
         part = tl.zeros((ROWS, BLOCK_N), dtype=tl.uint32)  # fp16 pair sums over CHAIN rows of a column
         for c in tl.static_range(CHAIN):
             row = k0 // PER + c * ROWS + offs_r
@@ -172,9 +264,26 @@ def _tile_sums(x_ptr, qweight, qzeros, scales, N, K, stride_xm, n_zero_words, of
                 w0 = load_rows(qweight, 3 * row, offs_n, nmask, N, n_words, EVEN)
                 w1 = load_rows(qweight, 3 * row + 1, offs_n, nmask, N, n_words, EVEN)
                 w2 = load_rows(qweight, 3 * row + 2, offs_n, nmask, N, n_words, EVEN)
-                part = slice_pair3(w0, (w0 >> 24) | (w1 << 8), k, k + 8, xrow, K, mask2, zz, part, EVEN, PTX)
-                part = slice_pair3((w1 >> 16) | (w2 << 16), w2 >> 8, k + 16, k + 24, xrow, K, mask2, zz, part,
-                                   EVEN, PTX)
+                v1 = (w0 >> 24) | (w1 << 8)
+                v2 = (w1 >> 16) | (w2 << 16)
+                v3 = w2 >> 8
+                if IN_PLACE:  # even K: x read as int32 pairs, 16 per chunk, codes read in place
+                    xw = x_ptr.to(tl.pointer_type(tl.uint32)) + m * (stride_xm // 2) + row * 16
+                    part = slice_pair3_placed(w0, v1, xw, k, K, nz0, nz3, nz6, part, EVEN, PTX)
+                    part = slice_pair3_placed(v2, v3, xw + 8, k + 16, K, nz0, nz3, nz6, part, EVEN, PTX)
+                else:
+                    part = slice_pair3(w0, v1, k, k + 8, xrow, K, mask2, zz, part, EVEN, PTX)
+                    part = slice_pair3(v2, v3, k + 16, k + 24, xrow, K, mask2, zz, part, EVEN, PTX)
+            elif IN_PLACE:  # 4 bits, even K: codes j, j + 4 at bits 4j of word (j < 2) or word >> 8 (j >= 2)
+                words = load_rows(qweight, row, offs_n, nmask, N, n_words, EVEN)
+                high = words >> 8
+                xw = x_ptr.to(tl.pointer_type(tl.uint32)) + m * (stride_xm // 2) + row * 4
+                x0, x1 = x_halves(load_x_word(xw, 0, k, K, EVEN), load_x_word(xw, 2, k, K, EVEN))
+                x2, x3 = x_halves(load_x_word(xw, 1, k, K, EVEN), load_x_word(xw, 3, k, K, EVEN))
+                part = placed_fma(words, 0, 4, 4, nz0, x0, part, PTX)
+                part = placed_fma(words, 4, 4, 4, nz3, x1, part, PTX)
+                part = placed_fma(high, 0, 4, 4, nz0, x2, part, PTX)
+                part = placed_fma(high, 4, 4, 4, nz3, x3, part, PTX)
             elif BYTE_PAIRS:  # 4/8 bits, even K: pair codes (2i, 2i+1), whose inputs are one int32 of x
                 words = load_rows(qweight, row, offs_n, nmask, N, n_words, EVEN)
                 xw = x_ptr.to(tl.pointer_type(tl.uint32)) + m * (stride_xm // 2) + row * (PER // 2)
@@ -205,6 +314,7 @@ def wint_h2_decode_kernel(x_ptr, out_ptr, qweight, qzeros, scales, partials, cou
                           n_zero_words, SPLIT_K, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_K: tl.constexpr, PTX: tl.constexpr, EVEN: tl.constexpr = False,
                           CHAIN: tl.constexpr = 2, STAGES: tl.constexpr = 1, BYTE_PAIRS: tl.constexpr = False,
+                          IN_PLACE: tl.constexpr = False,
                           STREAM: tl.constexpr = False):
     m = tl.program_id(2)
     k_tiles = tl.cdiv(K, BLOCK_K)
@@ -216,7 +326,7 @@ def wint_h2_decode_kernel(x_ptr, out_ptr, qweight, qzeros, scales, partials, cou
             offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
             nmask = offs_n < N
             res = _tile_sums(x_ptr, qweight, qzeros, scales, N, K, stride_xm, n_zero_words, offs_n, nmask, m, lo, hi,
-                             BITS, GROUP, BLOCK_N, BLOCK_K, PTX, EVEN, CHAIN, STAGES, BYTE_PAIRS)
+                             BITS, GROUP, BLOCK_N, BLOCK_K, PTX, EVEN, CHAIN, STAGES, BYTE_PAIRS, IN_PLACE)
             store_stream(out_ptr, res, partials, counters, offs_n, nmask, N, stride_om, tile, n_tiles, k_tiles, P, U,
                          BLOCK_N)
     else:
@@ -227,7 +337,7 @@ def wint_h2_decode_kernel(x_ptr, out_ptr, qweight, qzeros, scales, partials, cou
         t_end = tl.minimum(pid_k * per_split + per_split, k_tiles)
         res = _tile_sums(x_ptr, qweight, qzeros, scales, N, K, stride_xm, n_zero_words, offs_n, nmask, m,
                          pid_k * per_split, t_end, BITS, GROUP, BLOCK_N, BLOCK_K, PTX, EVEN, CHAIN, STAGES,
-                         BYTE_PAIRS)
+                         BYTE_PAIRS, IN_PLACE)
         store_result(out_ptr, res, partials, counters, offs_n, nmask, N, stride_om, SPLIT_K, BLOCK_N)
 
 def h2_decode_configs(M: int, N: int, K: int, bits: int, group: int, dtype: torch.dtype, n_sm: int) -> list[dict]:
@@ -237,12 +347,15 @@ def h2_decode_configs(M: int, N: int, K: int, bits: int, group: int, dtype: torc
     K range split so that two to four programs per SM fill the GPU in one wave, loads pipelined two
     or three tiles ahead (cp.async), 64-row K tiles, and at 4/8 bits codes paired within a byte
     (BYTE_PAIRS), which won every one of the top 14 places on both Llama-3-70B MLP shapes. Tiles
-    that run the whole K range each (no split) lost by 1.3-5x and are not tried."""
+    that run the whole K range each (no split) lost by 1.3-5x and are not tried. At 3 and 4 bits the
+    codes are read in place (IN_PLACE) since `decode_sweep --pairings` on an H200 (2026-12-01): at 3 bits
+    0.0435 / 0.0452 ms against 0.0475 / 0.0478 (8192x28672 / 28672x8192, best config of each), at 4
+    bits 0.0439 / 0.0430 against BYTE_PAIRS' 0.0447 / 0.0433; a 1024-column 4-warp tile did not win."""
     if M > 4 or bits not in (2, 3, 4, 8) or dtype != torch.float16:
         return []
     per = 32 if bits == 3 else 32 // bits  # codes per row of the kernel
     chain = 1 if bits == 3 else 2
-    byte_pairs = bits in (4, 8) and K % 2 == 0
+    pairing = {} if K % 2 else {"IN_PLACE": True} if bits in (3, 4) else {"BYTE_PAIRS": True} if bits == 8 else {}
     configs = []
     small = 64 if not group or group % 64 == 0 else 32  # a K tile must lie inside one group (g32: 32)
     for bn, bk, warps in ((512, small, 4), (256, small, 4), (1024, small, 8), (512, 128, 8)):
@@ -253,13 +366,13 @@ def h2_decode_configs(M: int, N: int, K: int, bits: int, group: int, dtype: torc
         for split in wave_splits(k_tiles, tiles, n_sm):
             for stages in (2, 3):
                 configs.append({"KERNEL": "wint_h2", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "CHAIN": chain,
-                                "STAGES": stages, "BYTE_PAIRS": byte_pairs, "num_warps": warps, "num_stages": 1})
+                                "STAGES": stages, "num_warps": warps, "num_stages": 1, **pairing})
         if (bn, warps) == (512, 4):  # stream-K, 3-5 equal programs per SM: no gain measured on the H100
             for per_sm in (3, 4, 5):
                 for stages in (2, 3):
                     configs.append({"KERNEL": "wint_h2", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1, "CHAIN": chain,
-                                    "STAGES": stages, "BYTE_PAIRS": byte_pairs, "num_warps": warps, "num_stages": 1,
-                                    "STREAM": max(per_sm * n_sm // M, 1)})
+                                    "STAGES": stages, "num_warps": warps, "num_stages": 1,
+                                    "STREAM": max(per_sm * n_sm // M, 1), **pairing})
     return configs
 
 
@@ -276,12 +389,13 @@ def run_h2_decode(cfg: dict, x2: torch.Tensor, qweight, qzeros, scales, bits: in
         out, partials, counters = split_buffers(x2, N, split, cfg["BLOCK_N"])
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), split, M)
     # x read as int32 pairs: needs an even K and row stride and a 4-byte aligned start
-    byte_pairs = cfg.get("BYTE_PAIRS", False) and bits in (4, 8) and K % 2 == 0 and x2.stride(0) % 2 == 0 \
-        and x2.data_ptr() % 4 == 0
+    x_words = K % 2 == 0 and x2.stride(0) % 2 == 0 and x2.data_ptr() % 4 == 0
+    byte_pairs = cfg.get("BYTE_PAIRS", False) and bits in (4, 8) and x_words
+    in_place = cfg.get("IN_PLACE", False) and bits in (3, 4) and x_words
     wint_h2_decode_kernel[grid](x2, out, qweight, qzeros, scales, partials, counters, N, K, x2.stride(0), out.stride(0),
                                 qzeros.shape[1], split, BITS=bits, GROUP=group, BLOCK_N=cfg["BLOCK_N"],
                                 BLOCK_K=cfg["BLOCK_K"], CHAIN=cfg["CHAIN"], STAGES=cfg.get("STAGES", 1),
                                 PTX=not interpreted(), EVEN=K % cfg["BLOCK_K"] == 0 and N % cfg["BLOCK_N"] == 0,
-                                BYTE_PAIRS=byte_pairs, STREAM=bool(stream),
+                                BYTE_PAIRS=byte_pairs, IN_PLACE=in_place, STREAM=bool(stream),
                                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out

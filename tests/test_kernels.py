@@ -106,9 +106,10 @@ def test_wint_decode_kernel(bits, group_size):
 
 
 def h2_cfg(split: int, block_k: int = 32, block_n: int = 16, chain: int = 2, stages: int = 1, byte_pairs=False,
-           stream: int = 0) -> dict:
+           stream: int = 0, in_place=False) -> dict:
     return {"KERNEL": "wint_h2", "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "CHAIN": chain,
-            "STAGES": stages, "BYTE_PAIRS": byte_pairs, "num_warps": 4, "num_stages": 1, "STREAM": stream}
+            "STAGES": stages, "BYTE_PAIRS": byte_pairs, "IN_PLACE": in_place, "num_warps": 4, "num_stages": 1,
+            "STREAM": stream}
 
 
 @pytest.mark.parametrize("bits,group_size", [(2, 32), (3, 32), (3, -1), (4, 32), (4, 64), (8, -1), (8, 32)])
@@ -122,9 +123,12 @@ def test_wint_h2_decode_kernel(bits, group_size):
     for N, K in ((37, 200 if group_size != 64 else 192), (32, 256)):
         layer = make_layer(N, K, bits, group_size)
         check(layer, 1, h2_cfg(1, chain=chain), dtype=torch.float16, tol=2e-3, seed=seed)
-        if bits in (4, 8):  # codes paired within a byte (prmt), x read as int32 pairs
-            check(layer, 1, h2_cfg(1, byte_pairs=True), dtype=torch.float16, tol=2e-3, seed=seed)
+        if bits in (3, 4, 8):  # x read as int32 pairs (4/8 bits: codes paired within a byte by prmt)
+            check(layer, 1, h2_cfg(1, chain=chain, byte_pairs=True), dtype=torch.float16, tol=2e-3, seed=seed)
             check(layer, 3, h2_cfg(3, chain=1, byte_pairs=True), dtype=torch.float16, tol=2e-3, seed=seed)
+        if bits in (3, 4):  # codes read where they lie (placed_fma), x as int32 pairs
+            check(layer, 1, h2_cfg(1, chain=chain, in_place=True), dtype=torch.float16, tol=2e-3, seed=seed)
+            check(layer, 3, h2_cfg(3, chain=1, in_place=True, stages=2), dtype=torch.float16, tol=2e-3, seed=seed)
         check(layer, 3, h2_cfg(2, chain=1, stages=3), dtype=torch.float16, tol=2e-3, seed=seed)  # pipelined loop
         check(layer, 1, h2_cfg(3, block_k=64, chain=chain) if group_size in (-1, 64) else h2_cfg(3, chain=chain),
               dtype=torch.float16, tol=2e-3, seed=seed)
@@ -140,8 +144,8 @@ def test_wint_h2_stream_k(bits):
     for N, K in ((37, 192), (48, 256)):
         layer = make_layer(N, K, bits, 32)  # 3 or 2 column tiles x 6 or 8 K tiles of 32
         for M, programs in ((1, 1), (1, 4), (3, 5), (1, 7), (1, 100)):
-            check(layer, M, h2_cfg(1, chain=chain, stream=programs, byte_pairs=bits == 4, stages=2),
-                  dtype=torch.float16, tol=2e-3, seed=seed)
+            check(layer, M, h2_cfg(1, chain=chain, stream=programs, byte_pairs=True, in_place=programs % 2 == 1,
+                                   stages=2), dtype=torch.float16, tol=2e-3, seed=seed)
 
 
 def test_wint_tc_kernel():

@@ -1,6 +1,7 @@
 """Time every candidate config of an integer decode kernel on one GPU.
 
     python -m qbench.bench.decode_sweep [--bits 4,3] [--shapes 8192x28672,28672x8192] [--group 128]
+    python -m qbench.bench.decode_sweep --pairings --bits 4,3           # BYTE_PAIRS vs IN_PLACE (wint_h2)
     python -m qbench.bench.decode_sweep --tc --m 16 --bits 4 --wide     # kernels/wint_tc.py
     python -m qbench.bench.decode_sweep --mma --m 16 --bits 4           # kernels/wint_mma.py (Hopper, Gluon)
 
@@ -39,6 +40,24 @@ def wide_grid(N: int, K: int, bits: int, group: int, n_sm: int) -> list[dict]:
     return out
 
 
+def pairing_grid(N: int, K: int, bits: int, group: int, n_sm: int) -> list[dict]:
+    """The ways of pairing codes and inputs (none, BYTE_PAIRS, IN_PLACE) on the 4-warp tiles of 512 and 1024
+    columns and the 8-warp tile of 1024, with the tuner's splits and pipeline depths."""
+    per = 32 if bits == 3 else 32 // bits
+    chain = 1 if bits == 3 else 2
+    pairings = {3: ({}, {"IN_PLACE": True}), 4: ({"BYTE_PAIRS": True}, {"IN_PLACE": True})}
+    out = []
+    for bn, bk, warps in ((512, 64, 4), (1024, 64, 4), (1024, 64, 8)):
+        if group % bk or bk // per < chain:
+            continue
+        for split in wave_splits(-(-K // bk), -(-N // bn), n_sm):
+            for stages in (2, 3):
+                for pairing in pairings.get(bits, ({},)):
+                    out.append({"KERNEL": "wint_h2", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "CHAIN": chain,
+                                "STAGES": stages, "num_warps": warps, "num_stages": 1, **pairing})
+    return out
+
+
 def wide_tc_grid(N: int, K: int, group: int, n_sm: int) -> list[dict]:
     """More wint_tc configs than the tuner tries: tile, warps, pipeline depth, programs per SM."""
     out = []
@@ -72,6 +91,7 @@ def main(argv=None) -> None:
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--wide", action="store_true", help="a wider grid than the tuner's candidates")
+    ap.add_argument("--pairings", action="store_true", help="the code/input pairings of kernels/wint_h2.py, side by side")
     ap.add_argument("--tc", action="store_true", help="the tensor-core kernel (kernels/wint_tc.py, 4 bits, 2-16 tokens)")
     ap.add_argument("--mma", action="store_true", help="the Gluon tensor-core kernel (kernels/wint_mma.py, Hopper)")
     ap.add_argument("--m", type=int, default=1, help="tokens")
@@ -95,6 +115,7 @@ def main(argv=None) -> None:
             else:
                 run = run_h2_decode
                 grid = wide_grid(N, K, bits, args.group, sm_count(dev)) if args.wide else \
+                    pairing_grid(N, K, bits, args.group, sm_count(dev)) if args.pairings else \
                     h2_decode_configs(args.m, N, K, bits, args.group, x.dtype, sm_count(dev))
             for cfg in grid:
                 y = run(cfg, x, qweight, qzeros, scales, bits, args.group, N)
