@@ -29,8 +29,9 @@ Q4_0, Q8_0, Q4_K = 0, 1, 2  # GGUF block types understood by dequant_gguf
 
 
 @triton.jit
-def stream_codes(base, index, stride, n_words, mask, BITS: tl.constexpr):
-    """Code number `index` of a little-endian bit stream of BITS-bit codes in int32 words at base + word*stride."""
+def stream_bits(base, index, stride, n_words, mask, BITS: tl.constexpr):
+    """Code number `index` of a little-endian bit stream of BITS-bit codes in int32 words at base + word*stride,
+    as uint32."""
     bit = index * BITS
     word = bit >> 5
     shift = (bit & 31).to(tl.uint32)
@@ -38,7 +39,13 @@ def stream_codes(base, index, stride, n_words, mask, BITS: tl.constexpr):
     if 32 % BITS != 0:  # the code may continue in the next word
         hi = tl.load(base + (word + 1) * stride, mask=mask & (word + 1 < n_words), other=0)
         v = v | ((hi.to(tl.uint32, bitcast=True) << 1) << (31 - shift))
-    return (v & ((1 << BITS) - 1)).to(tl.float32)
+    return v & ((1 << BITS) - 1)
+
+
+@triton.jit
+def stream_codes(base, index, stride, n_words, mask, BITS: tl.constexpr):
+    """stream_bits as float32."""
+    return stream_bits(base, index, stride, n_words, mask, BITS).to(tl.float32)
 
 
 @triton.jit

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qbench.kernels.dequant import stream_codes
+from qbench.kernels.dequant import stream_bits
 from qbench.kernels.splitk import split_buffers, store_result, store_stream, stream_bounds, stream_slots, stream_span, wave_splits
 from qbench.kernels.tune import interpreted
 
@@ -127,10 +127,12 @@ def placed_fma(src, pos: tl.constexpr, BITS: tl.constexpr, TOP: tl.constexpr, nz
 
 
 @triton.jit
-def placed_zero(z, pos: tl.constexpr, TOP: tl.constexpr, UNIT: tl.constexpr):
-    """nzz of placed_fma for codes at bit pos: -(S + z / UNIT) in both fp16 halves, [1, BLOCK_N]."""
-    n = (-(2.0 ** (TOP - pos)) - z / UNIT).to(tl.float16)
-    return _u32(n, n)[None, :]
+def placed_zero(z, pos: tl.constexpr, TOP: tl.constexpr):
+    """nzz of placed_fma for codes at bit pos, from the uint32 zero codes z: -(S + z / UNIT) in both fp16
+    halves, [1, BLOCK_N], built from its bits (sign, the exponent of S, mantissa z << pos) with integer
+    operations instead of a float round trip."""
+    SIGN_EXP: tl.constexpr = 0x8000 | ((15 + TOP - pos) << 10)
+    return (((z << pos) | SIGN_EXP) * 0x00010001)[None, :]
 
 
 @triton.jit
@@ -249,13 +251,14 @@ def _tile_sums(x_ptr, qweight, qzeros, scales, N, K, stride_xm, n_zero_words, of
             s = tl.load(scales + g * N + offs_n).to(tl.float32)
         else:
             s = tl.load(scales + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
-        z = stream_codes(qzeros + g * n_zero_words, offs_n, 1, n_zero_words, nmask, BITS)
-        z1 = (1.0 + z / UNIT).to(tl.float16)  # 1 + z / UNIT, exact
-        zz = _u32(z1, z1)[None, :]
+        z = stream_bits(qzeros + g * n_zero_words, offs_n, 1, n_zero_words, nmask, BITS)
         if IN_PLACE:  # placed_fma's zero terms for the code positions used (3 bits: 0, 3, 6; 4 bits: 0, 4)
-            nz0 = placed_zero(z, 0, TOP, UNIT)
-            nz3 = placed_zero(z, 3 if BITS == 3 else 4, TOP, UNIT)
-            nz6 = placed_zero(z, 6, TOP, UNIT) if BITS == 3 else nz3
+            nz0 = placed_zero(z, 0, TOP)
+            nz3 = placed_zero(z, 3 if BITS == 3 else 4, TOP)
+            nz6 = placed_zero(z, 6, TOP) if BITS == 3 else nz3
+        else:
+            z1 = (1.0 + z.to(tl.float32) / UNIT).to(tl.float16)  # 1 + z / UNIT, exact
+            zz = _u32(z1, z1)[None, :]
         part = tl.zeros((ROWS, BLOCK_N), dtype=tl.uint32)  # fp16 pair sums over CHAIN rows of a column
         for c in tl.static_range(CHAIN):
             row = k0 // PER + c * ROWS + offs_r
