@@ -40,3 +40,19 @@ def test_benchmark_formats_agree_with_their_reference_weight(fmt):
     assert err < 5e-3
     bits = {"nf4": 4 + 32 / 64, "nf4_dq": 4 + 8 / 64 + 32 / 64 / 256, "w4a16": 4 + (16 + 4) / 128}[fmt]
     assert nbytes * 8 / (K * N) == pytest.approx(bits, rel=1e-6)
+
+
+def test_report_marks_a_missed_target_and_points_to_the_reasons(tmp_path):
+    """A missed target is a **no** row with its measured figure, followed by where its reasons are written."""
+    from qbench.bench.kernels import MISSED_NOTE, write_report
+
+    env = dict(gpu="Test GPU", torch="t", triton="tr", cuda="c", date="2026-12-01", copy_gbps=3000.0)
+    row = dict(format="w4a16", group_size=128, K=8192, N=28672, M=1, path="wint_h2", ms=0.06, ms_eager=0.07,
+               fp16_ms=0.12, speedup_vs_fp16=2.0, gbps=2000.0, pct_copy_bw=66.7, tflops=7.8, tinygemm_ms=0.07,
+               int_mm_ms=None, scaled_mm_ms=None)
+    md = tmp_path / "r.md"
+    write_report(md, env, [row], [])
+    text = md.read_text()
+    assert "| W4A16 g128 M=1 >= 3.0x fp16 (8192x28672) | 2.00x | **no** |" in text
+    assert "| W4A16 g128 M=1 faster than tinygemm (8192x28672) | 0.0600 vs 0.0700 ms | yes |" in text
+    assert MISSED_NOTE in text and "reports/kernels/NOTES.md" in MISSED_NOTE

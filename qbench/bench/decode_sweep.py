@@ -40,17 +40,19 @@ def wide_grid(N: int, K: int, bits: int, group: int, n_sm: int) -> list[dict]:
     return out
 
 
-def pairing_grid(N: int, K: int, bits: int, group: int, n_sm: int) -> list[dict]:
-    """The ways of pairing codes and inputs (none, BYTE_PAIRS, IN_PLACE) on the 4-warp tiles of 512 and 1024
-    columns and the 8-warp tile of 1024, with the tuner's splits and pipeline depths."""
+def pairing_grid(N: int, K: int, bits: int, group: int, n_sm: int,
+                 tiles=((512, 64, 4), (1024, 64, 4), (1024, 64, 8)), per_sm=(2, 3, 4)) -> list[dict]:
+    """The ways of pairing codes and inputs (none, BYTE_PAIRS, IN_PLACE) on tiles (columns, K rows, warps;
+    default the 4-warp tiles of 512 and 1024 columns and the 8-warp tile of 1024), with the tuner's
+    pipeline depths and splits for per_sm programs per SM."""
     per = 32 if bits == 3 else 32 // bits
     chain = 1 if bits == 3 else 2
     pairings = {3: ({}, {"IN_PLACE": True}), 4: ({"BYTE_PAIRS": True}, {"IN_PLACE": True})}
     out = []
-    for bn, bk, warps in ((512, 64, 4), (1024, 64, 4), (1024, 64, 8)):
+    for bn, bk, warps in tiles:
         if group % bk or bk // per < chain:
             continue
-        for split in wave_splits(-(-K // bk), -(-N // bn), n_sm):
+        for split in wave_splits(-(-K // bk), -(-N // bn), n_sm, per_sm):
             for stages in (2, 3):
                 for pairing in pairings.get(bits, ({},)):
                     out.append({"KERNEL": "wint_h2", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "CHAIN": chain,
@@ -84,6 +86,12 @@ def packed_weights(K: int, N: int, bits: int, group: int, dev):
     return qweight, qzeros, scales, w
 
 
+def tile_args(args) -> tuple:
+    tiles = tuple(tuple(map(int, t.split("x"))) for t in args.tiles.split(",")) if args.tiles else \
+        ((512, 64, 4), (1024, 64, 4), (1024, 64, 8))
+    return tiles, tuple(map(int, args.per_sm.split(",")))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bits", default="4,3")
@@ -92,6 +100,9 @@ def main(argv=None) -> None:
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--wide", action="store_true", help="a wider grid than the tuner's candidates")
     ap.add_argument("--pairings", action="store_true", help="the code/input pairings of kernels/wint_h2.py, side by side")
+    ap.add_argument("--tiles", default="", help="with --pairings: tiles as COLSxKROWSxWARPS,... (e.g. 128x64x1)")
+    ap.add_argument("--per-sm", default="2,3,4", help="with --pairings: programs per SM the splits aim at")
+    ap.add_argument("--only", default="", help="with --pairings: one pairing only (IN_PLACE, BYTE_PAIRS)")
     ap.add_argument("--tc", action="store_true", help="the tensor-core kernel (kernels/wint_tc.py, 4 bits, 2-16 tokens)")
     ap.add_argument("--mma", action="store_true", help="the Gluon tensor-core kernel (kernels/wint_mma.py, Hopper)")
     ap.add_argument("--m", type=int, default=1, help="tokens")
@@ -115,8 +126,10 @@ def main(argv=None) -> None:
             else:
                 run = run_h2_decode
                 grid = wide_grid(N, K, bits, args.group, sm_count(dev)) if args.wide else \
-                    pairing_grid(N, K, bits, args.group, sm_count(dev)) if args.pairings else \
+                    pairing_grid(N, K, bits, args.group, sm_count(dev), *tile_args(args)) if args.pairings else \
                     h2_decode_configs(args.m, N, K, bits, args.group, x.dtype, sm_count(dev))
+            if args.only:
+                grid = [c for c in grid if c.get(args.only)]
             for cfg in grid:
                 y = run(cfg, x, qweight, qzeros, scales, bits, args.group, N)
                 err = ((y.float() - want).norm() / want.norm()).item()
