@@ -25,16 +25,17 @@ def test_put_row_replaces_only_the_same_shape_format_and_m():
 
 @pytest.mark.parametrize("fmt", ["nf4", "nf4_dq", "w4a16"])
 def test_benchmark_formats_agree_with_their_reference_weight(fmt):
-    """Each benchmark format's call (our kernel, interpreted on the CPU) computes x @ ref^T of the
-    reference weight it reports, and its byte count is what the format stores."""
+    """Each benchmark format's call (our kernel: interpreted on the CPU, compiled where there is a GPU)
+    computes x @ ref^T of the reference weight it reports, and its byte count is what the format stores."""
     import torch
 
     from qbench.bench.kernels import make_format
 
     torch.manual_seed(0)
     K, N = 256, 64
-    call, ref, nbytes, group = make_format(fmt, K, N, torch.device("cpu"))
-    x = torch.randn(2, K, dtype=torch.float16)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # conftest interprets only without one
+    call, ref, nbytes, group = make_format(fmt, K, N, dev)
+    x = torch.randn(2, K, dtype=torch.float16, device=dev)
     want = x.double() @ ref.double().T
     err = ((call(x).double() - want).norm() / want.norm()).item()
     assert err < 5e-3
