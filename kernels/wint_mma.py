@@ -22,7 +22,9 @@ tile is one quantization group (or inside one), its product P = W' x^T (W' = (q 
 accumulate) is taken fresh per group and added as acc += 64 s * P, which saves the fp16 multiply per
 weight pair and its rounding.
 
-The copy costs the 4-bit weight's memory once more (as the NF4 kernel's column copy). Loads run one K
+The copy costs the 4-bit weight's memory once more (as the NF4 kernel's column copy). It is built when
+the tuner first times a wint_mma config for a weight and kept even where another kernel wins that
+shape: the weight's other token counts (each tuned on its own) may use it. Loads run one K
 tile ahead in registers, scales and zeros included (a scale load after the MMA stalled every tile).
 Measured on the H200 (reports/kernels/NOTES.md), M=16 on the Llama-3-70B MLP shapes: 0.061 / 0.058 ms
 against 0.089 / 0.085 for wint_tc. Tried there and dropped: loads two tiles ahead in registers (128
