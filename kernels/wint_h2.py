@@ -13,15 +13,17 @@ activations (x[2i], x[2i+1]) are one int32 load; at 3 bits each 3-word chunk of 
 24-bit slices whose codes pair across two slices. At 3 and 4 bits (IN_PLACE, the tuner's choice for
 even K) most pairs are not shifted at all: a code at bit pos < TOP reads 1 + q / 2**(10 - pos), and
 the subtraction becomes one fma by 2**(TOP - pos) with -(2**(TOP - pos) + z / UNIT) (placed_fma,
-exact too); the inputs of a pair are cut out of two int32 loads of x. The fp16 pair sums of CHAIN words (16 weights) go
-to float32 and are multiplied by UNIT * scale once per group. The partial sums hold x * (q - z) / UNIT
+exact too); the inputs of a pair are cut out of two int32 loads of x. The fp16 pair sums of CHAIN
+words (16 weights) go to float32 and are multiplied by UNIT * scale once per group. The partial sums hold x * (q - z) / UNIT
 (|.| <= |x|), never x * (q - z), which would overflow fp16 for large activations. Offline sm_90
-compile, 512 x 64 tile, 4 warps: 3.16 instructions per 4-bit weight with BYTE_PAIRS, 2.96 IN_PLACE;
-3.41 per 3-bit weight, 3.32 IN_PLACE (whose 2-byte x loads had stayed synchronous LDGs). Split-K and stream-K (STREAM in a config:
-programs sharing the (column tile, K tile) units equally) end in kernels/splitk.py.
+compile, 512 x 64 tile, 4 warps, 3 stages: 3.23 instructions per 4-bit weight with BYTE_PAIRS, 2.95
+IN_PLACE; 3.47 per 3-bit weight, 3.27 IN_PLACE (the old 3-bit path's 2-byte x loads stay synchronous
+LDGs).
+Split-K and stream-K (STREAM in a config: programs sharing the (column tile, K tile) units equally)
+end in kernels/splitk.py.
 
-The pair step is one inline-PTX block (`pair_fma`, `byte_pair_fma`, `placed_fma`). Triton's CPU interpreter cannot
-run inline assembly, so under TRITON_INTERPRET=1 the same step is computed with Triton fp16 operations
+The pair step is one inline-PTX block (`pair_fma`, `byte_pair_fma`, `placed_fma`). Triton's CPU
+interpreter cannot run inline assembly, so under TRITON_INTERPRET=1 the same step is computed with Triton fp16 operations
 on the same packed registers (PTX=False); everything around it (packing of x and zeros, masks, groups,
 split-K) is the same code in both modes.
 """
