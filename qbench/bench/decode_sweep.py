@@ -40,8 +40,11 @@ def wide_grid(N: int, K: int, bits: int, group: int, n_sm: int) -> list[dict]:
     return out
 
 
-def pairing_grid(N: int, K: int, bits: int, group: int, n_sm: int,
-                 tiles=((512, 64, 4), (1024, 64, 4), (1024, 64, 8)), per_sm=(2, 3, 4)) -> list[dict]:
+PAIRING_TILES = ((512, 64, 4), (1024, 64, 4), (1024, 64, 8))  # (columns, K rows, warps)
+
+
+def pairing_grid(N: int, K: int, bits: int, group: int, n_sm: int, tiles=PAIRING_TILES,
+                 per_sm=(2, 3, 4)) -> list[dict]:
     """The ways of pairing codes and inputs (none, BYTE_PAIRS, IN_PLACE) on tiles (columns, K rows, warps;
     default the 4-warp tiles of 512 and 1024 columns and the 8-warp tile of 1024), with the tuner's
     pipeline depths and splits for per_sm programs per SM."""
@@ -87,8 +90,8 @@ def packed_weights(K: int, N: int, bits: int, group: int, dev):
 
 
 def tile_args(args) -> tuple:
-    tiles = tuple(tuple(map(int, t.split("x"))) for t in args.tiles.split(",")) if args.tiles else \
-        ((512, 64, 4), (1024, 64, 4), (1024, 64, 8))
+    """(tiles, per_sm) of pairing_grid from --tiles and --per-sm."""
+    tiles = tuple(tuple(map(int, t.split("x"))) for t in args.tiles.split(",")) if args.tiles else PAIRING_TILES
     return tiles, tuple(map(int, args.per_sm.split(",")))
 
 
