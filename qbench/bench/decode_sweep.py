@@ -92,6 +92,8 @@ def packed_weights(K: int, N: int, bits: int, group: int, dev):
 def tile_args(args) -> tuple:
     """(tiles, per_sm) of pairing_grid from --tiles and --per-sm."""
     tiles = tuple(tuple(map(int, t.split("x"))) for t in args.tiles.split(",")) if args.tiles else PAIRING_TILES
+    if any(len(t) != 3 for t in tiles):
+        raise ValueError("a tile has three numbers")
     return tiles, tuple(map(int, args.per_sm.split(",")))
 
 
@@ -110,6 +112,10 @@ def main(argv=None) -> None:
     ap.add_argument("--mma", action="store_true", help="the Gluon tensor-core kernel (kernels/wint_mma.py, Hopper)")
     ap.add_argument("--m", type=int, default=1, help="tokens")
     args = ap.parse_args(argv)
+    try:
+        tiles = tile_args(args)
+    except ValueError:
+        ap.error(f"--tiles {args.tiles!r} / --per-sm {args.per_sm!r}: use COLSxKROWSxWARPS,... and N,N,... (e.g. 512x64x4 / 2,3,4)")
     dev = torch.device("cuda")
     for bits in map(int, args.bits.split(",")):
         for K, N in (tuple(map(int, s.split("x"))) for s in args.shapes.split(",")):
@@ -129,7 +135,7 @@ def main(argv=None) -> None:
             else:
                 run = run_h2_decode
                 grid = wide_grid(N, K, bits, args.group, sm_count(dev)) if args.wide else \
-                    pairing_grid(N, K, bits, args.group, sm_count(dev), *tile_args(args)) if args.pairings else \
+                    pairing_grid(N, K, bits, args.group, sm_count(dev), *tiles) if args.pairings else \
                     h2_decode_configs(args.m, N, K, bits, args.group, x.dtype, sm_count(dev))
             if args.only:
                 grid = [c for c in grid if c.get(args.only)]
