@@ -1,7 +1,8 @@
 """One run: config in, one result record out.
 
-    validate -> load model (cached per process) -> make sure the baseline is recorded
-    -> quantize (method from the registry) -> export -> evaluate -> append the record
+    validate -> (resume=true: skip it if results_dir has its `ok` record) -> load model (cached per
+    process) -> make sure the baseline is recorded -> quantize (method from the registry) -> export
+    -> evaluate -> append the record
 A run that raises (bad data, NaN loss, out of memory) is recorded as `failed` with its reason, so a
 sweep goes on and no other run's record is lost.
 """
@@ -89,6 +90,27 @@ def find_baseline(results_dir: str, key: dict) -> dict | None:
     return None
 
 
+# Config keys that say where results go and how a run is shown, not what it measures.
+NOT_IDENTITY = ("results_dir", "resume", "quiet", "wandb")
+
+
+def run_identity(config: dict, bits, group_size) -> dict:
+    """What decides a run's numbers: its config with bits and group size resolved, NOT_IDENTITY left out."""
+    ident = {k: v for k, v in config.items() if k not in NOT_IDENTITY}
+    ident.update(bits=bits, group_size=group_size)
+    return ident
+
+
+def find_done(results_dir: str, record: dict) -> dict | None:
+    """The last `ok` record in results_dir of the run `record` is about to make (for resume=true)."""
+    want = run_identity(record["config"], record["bits"], record["group_size"])
+    for rec in reversed(read_records(records_path(results_dir))):
+        if rec.get("status") == "ok" and "config" in rec and \
+                run_identity(rec["config"], rec.get("bits"), rec.get("group_size")) == want:
+            return rec
+    return None
+
+
 def evaluate(model, tokenizer, cfg: DictConfig, ctx) -> dict:
     from qbench.data import perplexity_text
     from qbench.eval.perplexity import perplexity, tokenize
@@ -144,6 +166,9 @@ def run(cfg: DictConfig, sweep_id: str | None = None) -> dict:
     reason = qconfig.skip_reason(cfg)
     if reason:
         return _finish(cfg, record, "skipped", reason)
+    done = find_done(cfg.results_dir, record) if cfg.get("resume") else None
+    if done is not None:
+        return _finish(cfg, record, "skipped", f"already recorded as run {done['run_id']} (resume=true)")
     try:
         torch.manual_seed(int(cfg.seed))
         t0 = time.perf_counter()

@@ -75,6 +75,23 @@ def test_sweep_accounts_for_every_combination(tmp_path, data_dir, smollm2):
     assert len({r["sweep_id"] for r in records}) == 1
 
 
+def test_resume_skips_recorded_runs_only(default_run, tmp_path):
+    # the default run's records (rtn at its default bits) as if a sweep had been cut short after them
+    done_dir = tmp_path / "results"
+    done_dir.mkdir()
+    (done_dir / "runs.jsonl").write_text((default_run[0] / "results" / "runs.jsonl").read_text())
+    before = read_records(done_dir)
+    out = qbench("-m", "method=rtn", "bits=4,3", "resume=true", "wandb.mode=disabled", *QUICK, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    new = read_records(done_dir)[len(before):]
+    assert [(r["method"], r["bits"], r["status"]) for r in new] == [("rtn", 4, "skipped"), ("rtn", 3, "ok")]
+    assert before[1]["run_id"] in new[0]["error"] and "resume" in new[0]["error"]
+    assert not any(r.get("role") == "baseline" for r in new)  # the copied fp16 record serves as baseline
+    # without resume the same run is measured again
+    out = qbench("method=rtn", "bits=3", "wandb.mode=disabled", *QUICK, cwd=tmp_path)
+    assert out.returncode == 0 and read_records(done_dir)[-1]["status"] == "ok"
+
+
 def test_failing_run_is_recorded_and_sweep_goes_on(tmp_path, data_dir, smollm2):
     # a window longer than the text fails that run only
     out = qbench("-m", "eval.ppl.seqlen=10000000,256", "wandb.mode=disabled", "eval.ppl.datasets=[wikitext2]",
