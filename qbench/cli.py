@@ -88,7 +88,10 @@ def _hydra_main() -> None:
     if len(last) == 2 and last[1]:  # a multirun ended: its leaderboard as a W&B table + HTML artifact
         from qbench.wandb_log import log_sweep
 
-        log_sweep(*last)
+        try:
+            log_sweep(*last)
+        except Exception as err:  # the records are written; a logging failure is a note, not a crash
+            print(f"qbench: W&B sweep report not logged: {type(err).__name__}: {err}", file=sys.stderr)
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 """The qbench command end to end on the real default model (short windows on the CPU)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +91,20 @@ def test_resume_skips_recorded_runs_only(default_run, tmp_path):
     # without resume the same run is measured again
     out = qbench("method=rtn", "bits=3", "wandb.mode=disabled", *QUICK, cwd=tmp_path)
     assert out.returncode == 0 and read_records(done_dir)[-1]["status"] == "ok"
+
+
+def test_multirun_without_wandb_keeps_records_and_exit_code(tmp_path, data_dir, smollm2):
+    # W&B logging on (offline) where wandb cannot be imported: each record notes it, the multirun ends cleanly
+    fake = tmp_path / "fake"
+    (fake / "wandb").mkdir(parents=True)
+    (fake / "wandb" / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'wandb'\")\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-m", "qbench.cli", "-m", "method=fp16", "wandb.mode=offline", *QUICK],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=900, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "W&B sweep report not logged: ModuleNotFoundError" in out.stderr and "Traceback" not in out.stderr
+    records = read_records(tmp_path / "results")
+    assert [r["status"] for r in records] == ["ok"] and "wandb" in records[0]["wandb_error"]
 
 
 def test_failing_run_is_recorded_and_sweep_goes_on(tmp_path, data_dir, smollm2):

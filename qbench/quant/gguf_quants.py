@@ -31,9 +31,11 @@ All multi-byte fields are little endian; d/dmin/m are float16; "nibble" = low 4 
         w = d*scales[e//16]*(q-32)
 """
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
+
 import torch
 
 F32 = np.float32
@@ -396,8 +398,15 @@ def _half(b: torch.Tensor) -> torch.Tensor:
     return b.contiguous().view(torch.float16).float()
 
 
-def _shifts(*values, device):
+@functools.lru_cache(maxsize=None)
+def _shift_table(values: tuple, device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.uint8, device=device)
+
+
+def _shifts(*values, device):
+    """A constant uint8 tensor, made once per device and reused: making it is a host-to-device copy,
+    which a CUDA graph capture (eval.speed's graph decode) refuses. Never modify it in place."""
+    return _shift_table(values, torch.device(device))
 
 
 def _nibbles(qs: torch.Tensor) -> torch.Tensor:
