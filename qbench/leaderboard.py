@@ -143,8 +143,9 @@ def _envs(section: dict) -> dict:
 def settings_lines(section: dict) -> list[str]:
     key, env = section["key"], _envs(section)
     windows = key.get("ppl_max_windows") or "all"
+    shas = ", ".join(sha[:12] for sha in env.get("git_sha", "?").split(", "))  # each commit of the section
     lines = [f"device: {env.get('device_name', '?')} ({key.get('device')}, {key.get('dtype')})",
-             f"versions: qbench {env.get('qbench', '?')} (git {env.get('git_sha', '?')[:12]}), torch {env.get('torch', '?')}, "
+             f"versions: qbench {env.get('qbench', '?')} (git {shas}), torch {env.get('torch', '?')}, "
              f"transformers {env.get('transformers', '?')}" + (f", triton {env['triton']}" if "triton" in env else ""),
              f"perplexity: {', '.join(key.get('ppl_datasets', []))}, seqlen {key.get('ppl_seqlen')}, windows {windows}; "
              f"data {json.dumps(key.get('data'))}"]
@@ -167,6 +168,9 @@ def settings_lines(section: dict) -> list[str]:
     return lines
 
 
+ERROR_COLUMNS = {"decode_graph_error": "decode ms/tok graph"}  # <metric>_error -> the column it leaves empty
+
+
 def render_markdown(model: str, secs: list[dict], generated: str) -> str:
     out = [f"# Leaderboard: {model}", "", f"Rendered by `qbench report` from the result records on {generated}. "
            "Δ columns: difference to the baseline of the same section.", ""]
@@ -177,7 +181,11 @@ def render_markdown(model: str, secs: list[dict], generated: str) -> str:
         out.append("|" + "|".join("---" if j < 2 else "---:" for j in range(len(header))) + "|")
         out += ["| " + " | ".join(str(text) for text, _ in cells) + " |" for cells in rows]
         errors = [f"- {run_label(r)}: {r.get('error')}" for r in section["rows"] if r.get("error")]
-        out += ([""] + ["Failed runs:"] + errors if errors else []) + [""]
+        out += ([""] + ["Failed runs:"] + errors if errors else [])
+        # a metric a run could not measure says why in <metric>_error (decode_graph_error: no CUDA graph)
+        missing = [f"- {run_label(r)}: {ERROR_COLUMNS.get(k, k[:-len('_error')])}: {v}" for r in section["rows"]
+                   for k, v in sorted((r.get("metrics") or {}).items()) if k.endswith("_error")]
+        out += ([""] + ["Not measured:"] + missing if missing else []) + [""]
     return "\n".join(out)
 
 

@@ -100,3 +100,18 @@ def test_gguf_config_validation():
     with pytest.raises(ConfigError, match="unknown method.type for gguf 'Q7_K'; valid: Q4_0"):
         prevalidate(["method=gguf", "method.type=Q7_K"])
 
+
+
+def test_dequantize_makes_no_host_tensors_after_first_call(monkeypatch):
+    # a CUDA graph capture (eval.speed's graph decode) refuses host-to-device copies: after one call per
+    # type, dequantization must build no tensor from Python or numpy data
+    raws = {t: quantize(torch.randn(4, 512), t) for t in TYPES}
+    first = {t: dequantize(raw, t, 512) for t, raw in raws.items()}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a tensor made from host data inside dequantize")
+
+    for name in ("tensor", "as_tensor", "from_numpy"):
+        monkeypatch.setattr(torch, name, refuse)
+    for t, raw in raws.items():
+        assert torch.equal(dequantize(raw, t, 512), first[t]), t

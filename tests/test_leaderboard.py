@@ -51,6 +51,22 @@ def test_markdown_baseline_first_with_deltas_and_settings(tmp_path):
     assert "| 21.000 | +1.000 |" in rtn4  # ppl and its delta to the baseline
     assert "device: NVIDIA H100 (cuda, float16)" in md and "torch 2.11" in md and "zero-shot (lm-eval): piqa" in md
     assert "gguf: RuntimeError: boom" in md
+    assert "(git abcdef123456)," in md
+
+
+def test_settings_name_every_commit_of_a_section(tmp_path):
+    later = rec("awq", 4, 128, 22.0, 4.25, 1.0)
+    later["env"] = dict(ENV, git_sha="711e10c")
+    leaderboard.write_leaderboards(RECORDS + [later], tmp_path)
+    md = (tmp_path / "smollm2-135m" / "leaderboard.md").read_text()
+    assert "(git 711e10c, abcdef123456)," in md
+
+
+def test_metric_that_could_not_be_measured_says_why(tmp_path):
+    no_graph = rec("int8", 8, None, 20.2, 8.05, 2.0, decode_graph_error="AcceleratorError: capture failed")
+    leaderboard.write_leaderboards(RECORDS + [no_graph], tmp_path)
+    md = (tmp_path / "smollm2-135m" / "leaderboard.md").read_text()
+    assert "Not measured:\n- int8 w8: decode ms/tok graph: AcceleratorError: capture failed" in md
 
 
 def test_sections_per_eval_setting(tmp_path):
