@@ -229,6 +229,31 @@ def test_quantlinear_forward_triton_matches_torch():
     assert rel_err(layer(x), ref) < 1e-5
 
 
+@pytest.mark.parametrize("bits", [3, 4])
+def test_act_order_layer_runs_grouped_kernel_on_reordered_channels(bits, monkeypatch):
+    """An act-order layer (g_idx a permutation of k // group_size) calls wint_matmul without g_idx, on the
+    channels sorted by group and the codes repacked in that order; groups of other sizes keep g_idx."""
+    seed = fresh_seed()
+    import qbench.kernels.wint as wint_module
+
+    calls = []  # the g_idx argument of each call
+    monkeypatch.setattr(wint_module, "wint_matmul", lambda *a, **k: calls.append(a[4]) or wint_matmul(*a, **k))
+    layer = make_layer(40, 96, bits, 32, act_order=True)
+    x = torch.randn(3, 96, device=DEVICE)
+    layer.kernel = "torch"
+    ref = layer(x)
+    layer.kernel = "triton"
+    assert rel_err(layer(x), ref) < 1e-5, f"seed {seed}"
+    assert calls == [None]
+    uneven = torch.tensor([0] * 40 + [1] * 24 + [2] * 32, dtype=torch.int32, device=DEVICE)  # 40/24/32 channels
+    layer.g_idx.copy_(uneven[torch.randperm(96, device=DEVICE)])
+    layer.kernel = "torch"
+    ref = layer(x)
+    layer.kernel = "triton"
+    assert rel_err(layer(x), ref) < 1e-5, f"seed {seed}"
+    assert calls[-1] is not None and torch.equal(calls[-1], layer.g_idx)
+
+
 def test_kernel_choice(monkeypatch):
     cpu = torch.zeros(1)
     assert not use_triton("torch", cpu)

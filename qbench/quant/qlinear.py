@@ -15,6 +15,28 @@ from qbench.quant.kernel_choice import use_triton
 from qbench.quant.packing import pack_cols, pack_rows, unpack_cols, unpack_rows
 
 
+def group_order(layer: "QuantLinear") -> tuple | None:
+    """(perm, qweight') of an act-order layer: perm [K] int64 sorts the input channels by group and
+    qweight' holds the codes in that order, so x[..., perm] @ W'^T = x @ W^T with groups of
+    consecutive channels, which the fast decode kernels need (they read no g_idx; exllama reorders
+    the same way). None when sorted g_idx is not k // group_size (groups of other sizes); then the
+    g_idx kernel runs. Built once per weight and kept on the layer: a second packed weight in memory,
+    one gather of the activations per call."""
+    key = (layer.qweight.data_ptr(), layer.qweight._version, layer.g_idx.data_ptr(), layer.g_idx._version)
+    cached = getattr(layer, "_group_order", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    K, size = layer.in_features, layer.group_size if 0 < layer.group_size < layer.in_features else layer.in_features
+    perm = torch.argsort(layer.g_idx.long(), stable=True)
+    default = torch.arange(K, device=perm.device) // size
+    order = None
+    if torch.equal(layer.g_idx.long()[perm], default):
+        codes = unpack_rows(layer.qweight, layer.bits, K)  # [K, N]
+        order = (perm, pack_rows(codes[perm], layer.bits))
+    layer._group_order = (key, order)
+    return order
+
+
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, n_groups: int,
                  sym: bool, bias: bool, kernel: str = "auto"):
@@ -57,8 +79,13 @@ class QuantLinear(nn.Module):
         stamp = (self.g_idx.data_ptr(), self.g_idx._version)  # act-order is checked once per g_idx content
         if getattr(self, "_g_idx_stamp", None) != stamp:
             self._g_idx_stamp, self._act_order = stamp, not is_default_g_idx(self.g_idx, self.group_size)
-        g_idx = self.g_idx if self._act_order else None
-        y = wint_matmul(x, self.qweight, self.qzeros, self.scales, g_idx, self.bits, self.group_size)
+        order = group_order(self) if self._act_order else None
+        if order is not None:  # act-order as consecutive groups: the decode kernels without g_idx apply
+            perm, qweight = order
+            y = wint_matmul(x.index_select(-1, perm), qweight, self.qzeros, self.scales, None, self.bits, self.group_size)
+        else:
+            g_idx = self.g_idx if self._act_order else None
+            y = wint_matmul(x, self.qweight, self.qzeros, self.scales, g_idx, self.bits, self.group_size)
         return y if bias is None else y + bias
 
     def extra_repr(self) -> str:
