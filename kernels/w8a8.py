@@ -5,6 +5,9 @@ Layouts (K = in_features, N = out_features):
     fp8:   w_q float8_e4m3fn or float8_e5m2 [N, K], w_scale float32 [1] (per tensor) or [N] (per channel)
     LLM.int8(): the int8 layout plus outlier_idx int32 [n_out] (input columns kept in 16 bit) and
            w_outlier fp16/bf16 [N, n_out]; those columns of x are zeroed before x is quantized.
+           Or, for M <= 16, outlier_mask bool [K] instead (no index list, so no host sync and the
+           call can be captured in a CUDA graph): the 16-bit part is x * mask times the int8 weight
+           tile the int8 part loads anyway, converted to x's dtype, scaled by w_scale after the sum.
 Activations: s_x[m] = absmax(x[m, kept]) / QMAX (127 for int8, 448 for e4m3; a zero row gets scale 1),
 x_q = round-half-away(x / s_x) clamped to +-127 for int8, x / s_x cast to e4m3 for fp8.
     out = (x_q @ w_q^T) * s_x[:, None] * w_scale  (+ x[:, outlier_idx] @ w_outlier^T)
@@ -77,7 +80,9 @@ def w8a8_kernel(xq_ptr, sx_ptr, wq_ptr, sw_ptr, out_ptr, x16_ptr, oidx_ptr, wo_p
                 M, N, K, n_out, stride_xq, stride_x16, stride_om, SPLIT_K,
                 IS_INT: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_OUTLIERS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                GROUP_M: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr):
+                GROUP_M: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr, DENSE_OUTLIERS: tl.constexpr = False):
+    """DENSE_OUTLIERS: x16_ptr is x [M, K] with every column but the outliers zeroed (see the module
+    docstring); otherwise the HAS_OUTLIERS part gathers the n_out columns of oidx_ptr."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -90,21 +95,32 @@ def w8a8_kernel(xq_ptr, sx_ptr, wq_ptr, sw_ptr, out_ptr, x16_ptr, oidx_ptr, wo_p
     per_split = tl.cdiv(k_tiles, SPLIT_K)
     t_end = tl.minimum(pid_k * per_split + per_split, k_tiles)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if IS_INT else tl.float32)
+    acc16 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # DENSE_OUTLIERS: x[:, outliers] @ w_q^T
     for t in range(pid_k * per_split, t_end):
         offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
         if EVEN_K:  # no K mask: the loads stay unpredicated along K (vectorized, pipelined)
-            a = tl.load(xq_ptr + offs_m[:, None] * stride_xq + offs_k[None, :], mask=mmask[:, None], other=0.0)
+            xmask = mmask[:, None]
+            a = tl.load(xq_ptr + offs_m[:, None] * stride_xq + offs_k[None, :], mask=xmask, other=0.0)
             b = tl.load(wq_ptr + offs_n[None, :] * K + offs_k[:, None], mask=nmask[None, :], other=0.0)
         else:
             kmask = offs_k < K
-            a = tl.load(xq_ptr + offs_m[:, None] * stride_xq + offs_k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+            xmask = mmask[:, None] & kmask[None, :]
+            a = tl.load(xq_ptr + offs_m[:, None] * stride_xq + offs_k[None, :], mask=xmask, other=0.0)
             b = tl.load(wq_ptr + offs_n[None, :] * K + offs_k[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0)
         if IS_INT:
             acc += tl.dot(a, b, out_dtype=tl.int32)
         else:
             acc += tl.dot(a, b)
+        if DENSE_OUTLIERS:  # int8 codes are exact in fp16/bf16/fp32
+            xo = tl.load(x16_ptr + offs_m[:, None] * stride_x16 + offs_k[None, :], mask=xmask, other=0.0)
+            if x16_ptr.dtype.element_ty == tl.float32:
+                acc16 += tl.dot(xo, b.to(tl.float32), input_precision="ieee")
+            else:
+                acc16 += tl.dot(xo, b.to(xo.dtype))
     sw = tl.load(sw_ptr + offs_n, mask=nmask, other=0.0) if PER_CHANNEL else tl.load(sw_ptr)
     y = acc.to(tl.float32) * tl.load(sx_ptr + offs_m, mask=mmask, other=0.0)[:, None] * sw
+    if DENSE_OUTLIERS:
+        y += acc16 * sw
     if HAS_OUTLIERS:
         if pid_k == 0:
             for o0 in range(0, n_out, 16):
@@ -172,15 +188,21 @@ def candidate_configs(M: int, N: int, K: int, device: torch.device) -> list[dict
             _cfg(128, 256, 128, 8, 3, group_m=16)]
 
 
-def _w8a8(x, w_q, w_scale, act_dtype, outlier_idx=None, w_outlier=None, config=None, name="w8a8"):
+def _w8a8(x, w_q, w_scale, act_dtype, outlier_idx=None, w_outlier=None, config=None, name="w8a8", outlier_mask=None):
     K, N = x.shape[-1], w_q.shape[0]
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
-    has_out = outlier_idx is not None and outlier_idx.numel() > 0
+    dense = outlier_mask is not None
+    if dense and M > 16:
+        raise ValueError(f"outlier_mask serves M <= 16 (decode), got M={M}: pass outlier_idx and w_outlier")
+    has_out = not dense and outlier_idx is not None and outlier_idx.numel() > 0
     keep = None
-    if has_out:
+    if dense:  # device ops only: no host sync
+        keep = (~outlier_mask).to(torch.int8)
+        x16 = x2.masked_fill(~outlier_mask, 0)
+    elif has_out:
         keep = torch.ones(K, dtype=torch.int8, device=x.device)
         keep[outlier_idx.long()] = 0
         outlier_idx = outlier_idx.to(torch.int32).contiguous()
@@ -197,16 +219,17 @@ def _w8a8(x, w_q, w_scale, act_dtype, outlier_idx=None, w_outlier=None, config=N
         out = torch.zeros((M, N), dtype=torch.float32, device=x.device) if split > 1 else \
             torch.empty((M, N), dtype=x.dtype, device=x.device)
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split)
-        w8a8_kernel[grid](xq, sx, w_q, w_scale, out, x2 if has_out else None, outlier_idx if has_out else None,
+        x16_arg = x16 if dense else x2 if has_out else None
+        w8a8_kernel[grid](xq, sx, w_q, w_scale, out, x16_arg, outlier_idx if has_out else None,
                           w_outlier if has_out else None, M, N, K, outlier_idx.numel() if has_out else 0,
-                          xq.stride(0), x2.stride(0), out.stride(0), split, IS_INT=is_int, PER_CHANNEL=per_channel,
-                          HAS_OUTLIERS=has_out, ATOMIC=split > 1, EVEN_K=K % cfg["BLOCK_K"] == 0,
-                          **{k: v for k, v in cfg.items() if k != "SPLIT_K"})
+                          xq.stride(0), x16.stride(0) if dense else x2.stride(0), out.stride(0), split, IS_INT=is_int,
+                          PER_CHANNEL=per_channel, HAS_OUTLIERS=has_out, ATOMIC=split > 1, EVEN_K=K % cfg["BLOCK_K"] == 0,
+                          DENSE_OUTLIERS=dense, **{k: v for k, v in cfg.items() if k != "SPLIT_K"})
         return out.to(x.dtype)
 
-    tma_ok = not has_out and K % 16 == 0 and w_q.data_ptr() % 16 == 0  # TMA: 16-byte aligned rows and base
+    tma_ok = not has_out and not dense and K % 16 == 0 and w_q.data_ptr() % 16 == 0  # TMA: 16-byte aligned rows and base
     if config is None:
-        key = (m_bucket(M), N, K, str(x.dtype), str(w_q.dtype), per_channel, has_out)
+        key = (m_bucket(M), N, K, str(x.dtype), str(w_q.dtype), per_channel, has_out) + (("dense",) if dense else ())
         config = pick(name, key, lambda: [c for c in candidate_configs(M, N, K, x.device)
                                           if tma_ok or c.get("KERNEL") != "tma"], run, x.device)
     return run(config).reshape(*x.shape[:-1], N)
@@ -228,11 +251,13 @@ def _run_tma(cfg, xq, sx, w_q, w_scale, is_int, per_channel, out_dtype):
 
 
 def int8_matmul(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, outlier_idx: torch.Tensor | None = None,
-                w_outlier: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
-    """W8A8 int8 (per-row weight x per-token activation scales); LLM.int8() when outlier columns are given."""
+                w_outlier: torch.Tensor | None = None, config: dict | None = None,
+                outlier_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """W8A8 int8 (per-row weight x per-token activation scales); LLM.int8() when outlier columns are given,
+    as indices with their 16-bit weights or (at most 16 tokens) as a bool mask over the input columns."""
     if w_q.dtype != torch.int8 or w_q.shape[1] != x.shape[-1]:
         raise ValueError(f"int8 weight must be int8 [N, {x.shape[-1]}], got {w_q.dtype} {tuple(w_q.shape)}")
-    return _w8a8(x, w_q.contiguous(), w_scale, torch.int8, outlier_idx, w_outlier, config, "int8")
+    return _w8a8(x, w_q.contiguous(), w_scale, torch.int8, outlier_idx, w_outlier, config, "int8", outlier_mask)
 
 
 def fp8_matmul(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, config: dict | None = None) -> torch.Tensor:

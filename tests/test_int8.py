@@ -93,6 +93,25 @@ def test_triton_path_matches_torch():
     torch.testing.assert_close(layer(x), layer.forward_torch(x, outliers), rtol=1e-4, atol=1e-4)
 
 
+def test_triton_decode_path_has_no_host_sync(monkeypatch):
+    """At most 16 tokens the Triton path passes the outlier columns as a mask: no nonzero() (a host sync,
+    which also makes CUDA-graph capture fail), same output as the torch reference."""
+    pytest.importorskip("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    w, x = planted_layer(5)
+    w, x = w[:64, :128].to(device), x[:3, :128].to(device)
+    layer = Int8Linear(w, None, threshold=6.0, kernel="triton")
+    outliers = layer.outlier_columns(x)
+    assert outliers.sum() == 2
+    ref = layer.forward_torch(x, outliers)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("nonzero() on the decode path")
+
+    monkeypatch.setattr(torch.Tensor, "nonzero", refuse)
+    torch.testing.assert_close(layer(x), ref, rtol=1e-4, atol=1e-4)
+
+
 def window_ppl(model, ids, seqlen=512, windows=1):
     from qbench.eval.perplexity import perplexity
 

@@ -274,6 +274,31 @@ def test_int8_and_llm_int8():
             assert err < bound, f"rel err to x @ w^T {err:.2e} (seed {seed}, M={M}, outliers={idx is not None})"
 
 
+def test_llm_int8_outlier_mask_decode():
+    """LLM.int8() for M <= 16 with the outliers as a bool mask (no index list): the 16-bit part uses the
+    int8 weights times their row scale, as the index-list path's dequantized w_outlier does."""
+    seed = fresh_seed()
+    N, K = 23, 200  # K: not a multiple of the K tile
+    w = torch.randn(N, K)
+    w_scale = w.abs().amax(1) / 127
+    w_q = round_away(w / w_scale[:, None]).to(torch.int8)
+    mask = torch.zeros(K, dtype=torch.bool)
+    mask[[0, 57, 199]] = True
+    for M, cfg in [(1, DOT_SPLIT), (3, TILED), (16, DOT_SPLIT)]:
+        x = torch.randn(M, K)
+        x[:, 57] *= 30
+        xk = x * ~mask
+        sx = xk.abs().amax(1) / 127
+        xq = round_away(xk / sx[:, None]).clamp(-127, 127)
+        ref = (xq.double() @ w_q.double().T) * sx[:, None].double() * w_scale.double()
+        ref += (x * mask).double() @ (w_q.double() * w_scale.double()[:, None]).T
+        y = int8_matmul(x.to(DEVICE), w_q.to(DEVICE), w_scale.to(DEVICE), config=cfg, outlier_mask=mask.to(DEVICE)).cpu()
+        err = rel_err(y, ref)
+        assert err < 1e-5, f"rel err {err:.2e} (seed {seed}, M={M})"
+    with pytest.raises(ValueError, match="M <= 16"):
+        int8_matmul(torch.randn(17, K, device=DEVICE), w_q.to(DEVICE), w_scale.to(DEVICE), outlier_mask=mask.to(DEVICE))
+
+
 @pytest.mark.parametrize("wdtype,per_channel", [(torch.float8_e4m3fn, True), (torch.float8_e5m2, False)])
 def test_fp8(wdtype, per_channel):
     seed = fresh_seed()

@@ -96,9 +96,12 @@ class Int8Linear(nn.Module):
         """THE Triton path of int8 layers (qbench.kernels.int8_matmul, same layout)."""
         from qbench.kernels import int8_matmul as triton_int8_matmul
 
-        cols = outliers.nonzero().squeeze(1) if self.threshold > 0 else None
-        w_outlier = None if cols is None else self.dequantize(x2d.dtype, cols)
-        return triton_int8_matmul(x2d, self.weight_int8, self.weight_scale, cols, w_outlier)
+        if self.threshold <= 0:
+            return triton_int8_matmul(x2d, self.weight_int8, self.weight_scale)
+        if x2d.shape[0] <= 16:  # decode: the outliers as a mask, no index list (no host sync, CUDA-graph capturable)
+            return triton_int8_matmul(x2d, self.weight_int8, self.weight_scale, outlier_mask=outliers)
+        cols = outliers.nonzero().squeeze(1)
+        return triton_int8_matmul(x2d, self.weight_int8, self.weight_scale, cols, self.dequantize(x2d.dtype, cols))
 
     def _count(self, outliers: torch.Tensor) -> None:
         if self.outlier_cols_sum is None or self.outlier_cols_sum.device != outliers.device:
