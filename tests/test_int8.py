@@ -75,7 +75,11 @@ def test_outlier_counts_accumulate():
     w, x = planted_layer(4)
     layer = Int8Linear(w, None, threshold=6.0, kernel="torch")
     layer(x)
+    counters = [t.data_ptr() for t in (layer.calls, layer.outlier_cols_sum, layer.outlier_cols_ever)]
     layer(torch.randn(8, 576))  # no outliers in this call
+    # every counter, the call count too, is a tensor updated in place, so a call replayed from a CUDA
+    # graph counts as a call (a Python int would count the capture only)
+    assert [t.data_ptr() for t in (layer.calls, layer.outlier_cols_sum, layer.outlier_cols_ever)] == counters
     stats = layer.outlier_stats()
     assert stats["calls"] == 2
     assert stats["outlier_fraction"] == pytest.approx(4 / 576 / 2)

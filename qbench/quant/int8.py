@@ -54,8 +54,9 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_int8", codes)
         self.register_buffer("weight_scale", scale)
         self.register_buffer("bias", None if bias is None else bias.detach().clone().float())
-        # Outlier statistics over forward calls, kept on the input's device (no host sync per call).
-        self.calls = 0
+        # Outlier statistics over forward calls, kept on the input's device (no host sync per call; a call
+        # captured in a CUDA graph counts at every replay, the call count included).
+        self.calls = None  # int64 scalar: forward calls
         self.outlier_cols_sum = None  # int64 scalar: sum over calls of the number of outlier columns
         self.outlier_cols_ever = None  # bool [in]: columns that were outliers in some call
 
@@ -105,6 +106,7 @@ class Int8Linear(nn.Module):
 
     def _count(self, outliers: torch.Tensor) -> None:
         if self.outlier_cols_sum is None or self.outlier_cols_sum.device != outliers.device:
+            self.calls = torch.zeros((), dtype=torch.int64, device=outliers.device)
             self.outlier_cols_sum = torch.zeros((), dtype=torch.int64, device=outliers.device)
             self.outlier_cols_ever = torch.zeros_like(outliers)
         self.calls += 1
@@ -114,12 +116,13 @@ class Int8Linear(nn.Module):
     def outlier_stats(self) -> dict:
         """outlier_fraction: mean over forward calls of the fraction of input columns that were outliers;
         outlier_fraction_any: fraction of columns that were outliers in at least one call."""
-        if not self.calls:
+        calls = 0 if self.calls is None else int(self.calls)
+        if not calls:
             return {"outlier_fraction": None, "outlier_fraction_any": None, "calls": 0}
         return {
-            "outlier_fraction": int(self.outlier_cols_sum) / (self.calls * self.in_features),
+            "outlier_fraction": int(self.outlier_cols_sum) / (calls * self.in_features),
             "outlier_fraction_any": float(self.outlier_cols_ever.float().mean()),
-            "calls": self.calls,
+            "calls": calls,
         }
 
     def extra_repr(self) -> str:
