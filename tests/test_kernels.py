@@ -254,6 +254,18 @@ def test_act_order_layer_runs_grouped_kernel_on_reordered_channels(bits, monkeyp
     assert calls[-1] is not None and torch.equal(calls[-1], layer.g_idx)
 
 
+def test_triton_lookup_happens_once(monkeypatch):
+    import importlib.util
+
+    from qbench.quant import kernel_choice
+
+    kernel_choice.triton_available.cache_clear()
+    looked = []
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: looked.append(name) or real(name, *a))
+    assert all(kernel_choice.triton_available() for _ in range(3)) and looked == ["triton"]
+
+
 def test_kernel_choice(monkeypatch):
     cpu = torch.zeros(1)
     assert not use_triton("torch", cpu)
