@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from qbench.kernels.dequant import dequant_tile
-from qbench.kernels.tune import m_bucket, pick
+from qbench.kernels.tune import cdiv, m_bucket, pick
 
 WINT, NF4, GGUF = 0, 1, 2
 
@@ -101,7 +101,7 @@ def dequantize_t(fmt: int, K: int, N: int, ptrs: tuple, consts: tuple, i0: int =
     p = tuple(ptrs) + (None,) * (5 - len(ptrs))
     c = tuple(consts) + (0,) * (3 - len(consts))
     out = torch.empty((K, N), dtype=dtype, device=device if device is not None else ptrs[0].device)
-    grid = (triton.cdiv(K, block_k), triton.cdiv(N, block_n))
+    grid = (cdiv(K, block_k), cdiv(N, block_n))
     dequant_kernel[grid](out, *p, f0, N, K, i0, FMT=fmt, C0=c[0], C1=c[1], C2=c[2], BLOCK_N=block_n, BLOCK_K=block_k)
     return out
 
@@ -133,8 +133,8 @@ def _fast_configs(M: int, N: int, K: int, device: torch.device) -> list[dict]:
                 [(64, 128, 4, 3), (128, 128, 4, 3), (128, 64, 4, 4), (256, 64, 8, 3)]
         configs = []
         for bn, bk, warps, stages in tiles:
-            blocks = triton.cdiv(N, bn)
-            k_tiles = triton.cdiv(K, bk)
+            blocks = cdiv(N, bn)
+            k_tiles = cdiv(K, bk)
             want = max(1, (4 * sm_count(device)) // blocks)  # about four programs per SM
             split = min(1 << (want.bit_length() - 1), k_tiles)
             for s in sorted({1, max(split // 2, 1), split, min(2 * split, k_tiles)}):
@@ -171,7 +171,7 @@ def dequant_matmul(fmt: int, x: torch.Tensor, N: int, ptrs: tuple, consts: tuple
         split = cfg["SPLIT_K"]
         out = torch.zeros((M, N), dtype=torch.float32, device=x.device) if split > 1 else \
             torch.empty((M, N), dtype=x.dtype, device=x.device)
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split)
+        grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]), split)
         dequant_matmul_kernel[grid](x2, out, *p, f0, M, N, K, x2.stride(0), out.stride(0), i0, split,
                                     FMT=fmt, C0=c[0], C1=c[1], C2=c[2], ATOMIC=split > 1,
                                     **{k: v for k, v in cfg.items() if k not in ("SPLIT_K", "KERNEL")})

@@ -22,6 +22,7 @@ import triton.language as tl
 
 from qbench.kernels.matmul import NF4, dequant_matmul, sm_count
 from qbench.kernels.nf4_h2 import nf4_h2_configs, run_nf4_h2
+from qbench.kernels.tune import cdiv
 
 
 @triton.jit
@@ -72,8 +73,8 @@ def decode_configs(M: int, N: int, K: int, blocksize: int, device: torch.device)
         return []
     configs = []
     for bn, bk, warps in ((32, 256, 4), (64, 256, 4), (16, 512, 4), (64, 128, 4), (128, 256, 8)):
-        k_tiles = triton.cdiv(K, bk)
-        want = max(1, (4 * sm_count(device)) // (triton.cdiv(N, bn) * M))
+        k_tiles = cdiv(K, bk)
+        want = max(1, (4 * sm_count(device)) // (cdiv(N, bn) * M))
         split = min(1 << (want.bit_length() - 1), k_tiles)
         for s in sorted({1, max(split // 2, 1), split}):
             configs.append({"KERNEL": "nf4_decode", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": s,
@@ -101,7 +102,7 @@ def nf4_matmul(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, lut: 
             split = cfg["SPLIT_K"]
             out = torch.zeros((M, N), dtype=torch.float32, device=x2.device) if split > 1 else \
                 torch.empty((M, N), dtype=x2.dtype, device=x2.device)
-            grid = (triton.cdiv(N, cfg["BLOCK_N"]), split, M)
+            grid = (cdiv(N, cfg["BLOCK_N"]), split, M)
             nf4_decode_kernel[grid](x2, out, words, am, lut32, absmax2, code2, float(offset), N, K, x2.stride(0),
                                     out.stride(0), split, BLOCKSIZE=blocksize, DOUBLE_QUANT=double,
                                     BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], ATOMIC=split > 1,

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from qbench.kernels.splitk import split_buffers, store_result, store_stream, stream_bounds, stream_slots, stream_span, wave_splits
-from qbench.kernels.tune import interpreted
+from qbench.kernels.tune import cdiv, interpreted
 from qbench.kernels.wint_h2 import _h2, _u32
 
 
@@ -249,7 +249,7 @@ def nf4_h2_configs(M: int, N: int, K: int, blocksize: int, lut: torch.Tensor, dt
                                (1024, small, 8, None), (512, 128, 8, None)):
         if blocksize % bk:
             continue
-        tiles = triton.cdiv(N, bn) * M
+        tiles = cdiv(N, bn) * M
         for split in wave_splits(K // bk, tiles, n_sm):
             for stages in (2, 3):
                 configs.append({"KERNEL": "nf4_h2", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "CHAIN": 2,
@@ -289,14 +289,14 @@ def run_nf4_h2(cfg: dict, x2: torch.Tensor, codes: torch.Tensor, absmax, lut32, 
         x2 = x2.contiguous().clone()
     stream = cfg.get("STREAM", 0)  # stream-K: programs per token (0: split-K)
     if stream:
-        n_tiles, k_tiles = triton.cdiv(N, cfg["BLOCK_N"]), K // cfg["BLOCK_K"]
+        n_tiles, k_tiles = cdiv(N, cfg["BLOCK_N"]), K // cfg["BLOCK_K"]
         programs = min(stream, n_tiles * k_tiles)  # every program holds at least one unit
         out, partials, counters = split_buffers(x2, N, stream_slots(n_tiles, k_tiles, programs), cfg["BLOCK_N"])
         grid, split = (programs, 1, M), 1
     else:
         split = cfg["SPLIT_K"]
         out, partials, counters = split_buffers(x2, N, split, cfg["BLOCK_N"])
-        grid = (triton.cdiv(N, cfg["BLOCK_N"]), split, M)
+        grid = (cdiv(N, cfg["BLOCK_N"]), split, M)
     nf4_h2_decode_kernel[grid](x2, out, words, absmax_cols, table, slot_values, inv_c, partials, counters, N, K,
                                x2.stride(0), out.stride(0), split, BLOCKSIZE=blocksize, BLOCK_N=cfg["BLOCK_N"],
                                BLOCK_K=cfg["BLOCK_K"], CHAIN=cfg["CHAIN"], STAGES=cfg.get("STAGES", 1), PTX=not interpreted(),

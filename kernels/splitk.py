@@ -19,6 +19,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from qbench.kernels.tune import cdiv
 
 
 @triton.jit
@@ -112,7 +113,7 @@ def split_buffers(x2: torch.Tensor, N: int, split: int, block_n: int) -> tuple:
     """(out [M, N] in x2's dtype, partials, counters) for a launch over grid (cdiv(N, block_n), split, M)."""
     M = x2.shape[0]
     out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
-    n = M * triton.cdiv(N, block_n)
+    n = M * cdiv(N, block_n)
     counters = _COUNTERS.get(x2.device)
     if counters is None or counters.numel() < n:
         counters = torch.zeros(max(n, 4096), dtype=torch.int32, device=x2.device)

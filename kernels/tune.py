@@ -20,6 +20,12 @@ _CHOSEN: dict[str, dict] = {}
 _LOADED: set[str] = set()
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for launch grids and buffers: triton.cdiv is a constexpr function whose call from
+    Python costs about 3 us (triton 3.6, 2-core host), and launchers run it on every call."""
+    return -(-a // b)
+
+
 def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

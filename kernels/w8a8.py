@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from qbench.kernels.matmul import grouped_tile
-from qbench.kernels.tune import m_bucket, pick
+from qbench.kernels.tune import cdiv, m_bucket, pick
 
 INT8_MAX, E4M3_MAX = 127.0, 448.0
 
@@ -69,7 +69,7 @@ def quantize_rows(x2: torch.Tensor, dtype: torch.dtype, keep: torch.Tensor | Non
     s = torch.empty(M, dtype=torch.float32, device=x2.device)
     is_int = dtype == torch.int8
     qmax = INT8_MAX if is_int else E4M3_MAX if dtype == torch.float8_e4m3fn else torch.finfo(dtype).max
-    block = min(max(triton.next_power_of_2(K), 16), 2048)
+    block = min(max(1 << max(K - 1, 0).bit_length(), 16), 2048)  # next power of 2 (triton's costs a call)
     quantize_rows_kernel[(M,)](x2, q, s, keep, K, x2.stride(0), q.stride(0), QMAX=float(qmax), IS_INT=is_int,
                                HAS_KEEP=keep is not None, BLOCK_K=block, num_warps=4 if block <= 1024 else 8)
     return q, s
@@ -175,8 +175,8 @@ def candidate_configs(M: int, N: int, K: int, device: torch.device) -> list[dict
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
         configs = []
         for bn, bk, warps, stages in [(64, 256, 4, 3), (128, 128, 4, 4), (128, 256, 8, 3)]:
-            k_tiles = triton.cdiv(K, bk)
-            want = max(1, (4 * sms) // triton.cdiv(N, bn))
+            k_tiles = cdiv(K, bk)
+            want = max(1, (4 * sms) // cdiv(N, bn))
             split = min(1 << (want.bit_length() - 1), k_tiles)
             for s in sorted({1, split, min(2 * split, k_tiles)}):
                 configs.append(_cfg(16, bn, bk, warps, stages, split=s, group_m=1))
@@ -218,7 +218,7 @@ def _w8a8(x, w_q, w_scale, act_dtype, outlier_idx=None, w_outlier=None, config=N
         split = cfg["SPLIT_K"]
         out = torch.zeros((M, N), dtype=torch.float32, device=x.device) if split > 1 else \
             torch.empty((M, N), dtype=x.dtype, device=x.device)
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split)
+        grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]), split)
         x16_arg = x16 if dense else x2 if has_out else None
         w8a8_kernel[grid](xq, sx, w_q, w_scale, out, x16_arg, outlier_idx if has_out else None,
                           w_outlier if has_out else None, M, N, K, outlier_idx.numel() if has_out else 0,
@@ -243,7 +243,7 @@ def _run_tma(cfg, xq, sx, w_q, w_scale, is_int, per_channel, out_dtype):
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     xq_desc = TensorDescriptor.from_tensor(xq, [bm, bk])
     wq_desc = TensorDescriptor.from_tensor(w_q, [bn, bk])
-    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    grid = (cdiv(M, bm) * cdiv(N, bn),)
     w8a8_tma_kernel[grid](xq_desc, sx, wq_desc, w_scale, out, M, N, K, out.stride(0), IS_INT=is_int,
                           PER_CHANNEL=per_channel, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
                           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

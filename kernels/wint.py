@@ -33,6 +33,7 @@ from qbench.kernels.matmul import WINT, dequant_matmul, sm_count
 from qbench.kernels.wint_h2 import h2_decode_configs, run_h2_decode
 from qbench.kernels.wint_mma import mma_configs, run_mma
 from qbench.kernels.wint_tc import run_tc, tc_configs
+from qbench.kernels.tune import cdiv
 
 
 def is_default_g_idx(g_idx: torch.Tensor, group_size: int) -> bool:
@@ -132,8 +133,8 @@ def decode_configs(M: int, N: int, K: int, bits: int, group: int, device: torch.
     for bn, bk, warps in ((128, 128, 4), (256, 128, 8), (256, 64, 4), (64, 256, 4), (512, 64, 8)):
         if group and group % bk:
             continue
-        k_tiles = triton.cdiv(K, bk)
-        want = max(1, (4 * sm_count(device)) // (triton.cdiv(N, bn) * M))  # about four programs per SM
+        k_tiles = cdiv(K, bk)
+        want = max(1, (4 * sm_count(device)) // (cdiv(N, bn) * M))  # about four programs per SM
         split = min(1 << (want.bit_length() - 1), k_tiles)
         for s in sorted({1, max(split // 2, 1), split}):
             for in_place in ((False, True) if bits != 3 else (False,)):
@@ -147,7 +148,7 @@ def run_decode(cfg: dict, x2: torch.Tensor, qweight, qzeros, scales, bits: int, 
     split = cfg["SPLIT_K"]
     out = torch.zeros((M, N), dtype=torch.float32, device=x2.device) if split > 1 else \
         torch.empty((M, N), dtype=x2.dtype, device=x2.device)
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]), split, M)
+    grid = (cdiv(N, cfg["BLOCK_N"]), split, M)
     wint_decode_kernel[grid](x2, out, qweight, qzeros, scales, N, K, x2.stride(0), out.stride(0), qzeros.shape[1],
                              split, BITS=bits, GROUP=group, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                              ATOMIC=split > 1, IN_PLACE=cfg.get("IN_PLACE", False), num_warps=cfg["num_warps"],

@@ -34,7 +34,7 @@ import triton.language as tl
 
 from qbench.kernels.dequant import stream_bits
 from qbench.kernels.splitk import split_buffers, store_result, store_stream, stream_bounds, stream_slots, stream_span, wave_splits
-from qbench.kernels.tune import interpreted
+from qbench.kernels.tune import cdiv, interpreted
 
 @triton.jit
 def _h2(u):
@@ -366,8 +366,8 @@ def h2_decode_configs(M: int, N: int, K: int, bits: int, group: int, dtype: torc
     for bn, bk, warps in ((512, small, 4), (256, small, 4), (1024, small, 8), (512, 128, 8)):
         if (group and group % bk) or bk // per < chain:
             continue
-        k_tiles = triton.cdiv(K, bk)
-        tiles = triton.cdiv(N, bn) * M
+        k_tiles = cdiv(K, bk)
+        tiles = cdiv(N, bn) * M
         for split in wave_splits(k_tiles, tiles, n_sm):
             for stages in (2, 3):
                 configs.append({"KERNEL": "wint_h2", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "CHAIN": chain,
@@ -385,14 +385,14 @@ def run_h2_decode(cfg: dict, x2: torch.Tensor, qweight, qzeros, scales, bits: in
     M, K = x2.shape
     stream = cfg.get("STREAM", 0)  # stream-K: programs per token (0: split-K)
     if stream:
-        n_tiles, k_tiles = triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(K, cfg["BLOCK_K"])
+        n_tiles, k_tiles = cdiv(N, cfg["BLOCK_N"]), cdiv(K, cfg["BLOCK_K"])
         programs = min(stream, n_tiles * k_tiles)  # every program holds at least one unit
         out, partials, counters = split_buffers(x2, N, stream_slots(n_tiles, k_tiles, programs), cfg["BLOCK_N"])
         grid, split = (programs, 1, M), 1
     else:
         split = cfg["SPLIT_K"]
         out, partials, counters = split_buffers(x2, N, split, cfg["BLOCK_N"])
-        grid = (triton.cdiv(N, cfg["BLOCK_N"]), split, M)
+        grid = (cdiv(N, cfg["BLOCK_N"]), split, M)
     # x read as int32 pairs: needs an even K and row stride and a 4-byte aligned start
     x_words = K % 2 == 0 and x2.stride(0) % 2 == 0 and x2.data_ptr() % 4 == 0
     byte_pairs = cfg.get("BYTE_PAIRS", False) and bits in (4, 8) and x_words

@@ -52,7 +52,7 @@ except ImportError:  # pragma: no cover - older triton: the tuner does not offer
     gluon = None
 
 from qbench.kernels.splitk import split_buffers, wave_splits
-from qbench.kernels.tune import interpreted
+from qbench.kernels.tune import cdiv, interpreted
 from qbench.quant.packing import unpack_rows
 
 _PAIR = """{
@@ -260,7 +260,7 @@ def mma_configs(M: int, N: int, K: int, bits: int, group: int, dtype: torch.dtyp
     for bk, warps in ((128, 4), (64, 4), (128, 8)):
         if K % bk or (group and group % bk):
             continue
-        for split in wave_splits(K // bk, triton.cdiv(N, tile_shape(bk, warps)), n_sm, (2, 3, 4, 6, 8)):
+        for split in wave_splits(K // bk, cdiv(N, tile_shape(bk, warps)), n_sm, (2, 3, 4, 6, 8)):
             configs.append({"KERNEL": "wint_mma", "BLOCK_K": bk, "SPLIT_K": split, "num_warps": warps})
     return configs
 
@@ -275,7 +275,7 @@ def run_mma(cfg: dict, x2: torch.Tensor, qweight, qzeros, scales, bits: int, gro
     split = cfg["SPLIT_K"]
     x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
     out, partials, counters = split_buffers(x2, N, split, bn)
-    grid = (triton.cdiv(N, bn), split)
+    grid = (cdiv(N, bn), split)
     layouts = mma_layouts(bk, warps)
     wint_mma_kernel[grid](x2, out, tiles, qzeros, scales, partials, counters, M, N, K, x2.stride(0), out.stride(0),
                           qzeros.shape[1], split, GROUP=group, BN=bn, BK=bk, **layouts, num_warps=warps)

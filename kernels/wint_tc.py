@@ -23,7 +23,7 @@ import triton.language as tl
 
 from qbench.kernels.dequant import stream_codes
 from qbench.kernels.splitk import merge_partial, split_buffers, wave_splits
-from qbench.kernels.tune import interpreted
+from qbench.kernels.tune import cdiv, interpreted
 from qbench.kernels.wint_h2 import _h2, _u32
 
 
@@ -115,7 +115,7 @@ def tc_configs(M: int, N: int, K: int, bits: int, group: int, dtype: torch.dtype
     for bn, bk, warps, stages in ((64, 64, 4, 4), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 4, 2)):
         if K % bk or (group and group % bk):
             continue
-        for split in wave_splits(K // bk, triton.cdiv(N, bn), n_sm, (2, 3, 4, 6)):
+        for split in wave_splits(K // bk, cdiv(N, bn), n_sm, (2, 3, 4, 6)):
             configs.append({"KERNEL": "wint_tc", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "STAGES": stages,
                             "num_warps": warps, "num_stages": 1})
     return configs
@@ -127,7 +127,7 @@ def run_tc(cfg: dict, x2: torch.Tensor, qweight, qzeros, scales, bits: int, grou
         raise ValueError(f"wint_tc: 4 bits with BLOCK_K {cfg['BLOCK_K']} dividing K {K} and the group {group}")
     split = cfg["SPLIT_K"]
     out, partials, counters = split_buffers(x2, N, split, cfg["BLOCK_N"])
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]), split, triton.cdiv(M, 16))
+    grid = (cdiv(N, cfg["BLOCK_N"]), split, cdiv(M, 16))
     wint_tc_kernel[grid](x2, out, qweight, qzeros, scales, partials, counters, M, N, K, x2.stride(0), out.stride(0),
                          qzeros.shape[1], split, GROUP=group, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                          BLOCK_M=16, STAGES=cfg.get("STAGES", 1), PTX=not interpreted(), num_warps=cfg["num_warps"],
