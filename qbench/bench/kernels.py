@@ -25,8 +25,9 @@ SHAPES = [(8192, 28672), (28672, 8192), (4096, 4096), (4096, 14336), (14336, 409
 MS = [1, 16, 128, 2048]
 # nf4: float32 absmax per block of 64 (bitsandbytes without compress_statistics, 4.5 bits a weight);
 # nf4_dq: double-quantized absmax (uint8 codes + a float32 per 256 blocks, 4.13 bits a weight), which is
-# qbench's `method=nf4` default and QLoRA's.
-FORMATS = ["w4a16", "w3a16", "w8a16", "nf4", "nf4_dq", "fp8", "int8", "q4_k", "w2a16", "q4_0", "q8_0"]
+# qbench's `method=nf4` default and QLoRA's. int8: W8A8 (LLM.int8() at threshold 0); llm_int8: its
+# kernel with 1 in 200 input columns in 16 bit (outliers as a mask up to 16 tokens, an index list above).
+FORMATS = ["w4a16", "w3a16", "w8a16", "nf4", "nf4_dq", "fp8", "int8", "llm_int8", "q4_k", "w2a16", "q4_0", "q8_0"]
 NF4_TABLE = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
              -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
              0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
@@ -93,10 +94,24 @@ def make_format(fmt: str, K: int, N: int, dev) -> tuple:
         raw = raw.view(N, -1)
         return (lambda x: qk.gguf_matmul(x, raw, fmt)), ref, raw.numel(), elems
     w = torch.randn(N, K, device=dev)
-    if fmt == "int8":
+    if fmt in ("int8", "llm_int8"):
         s = w.abs().amax(1) / 127
         wq = torch.round(w / s[:, None]).to(torch.int8)
-        return (lambda x: qk.int8_matmul(x, wq, s)), wq.float() * s[:, None], wq.numel() + s.numel() * 4, -1
+        ref, nbytes = wq.float() * s[:, None], wq.numel() + s.numel() * 4
+        if fmt == "int8":
+            return (lambda x: qk.int8_matmul(x, wq, s)), ref, nbytes, -1
+        # LLM.int8()'s kernel with 1 in 200 input columns as outliers (16-bit part: the same int8 weights
+        # times their row scale, so ref holds for both parts): a mask up to 16 tokens, an index list above
+        idx = torch.arange(0, K, 200, device=dev)
+        mask = torch.zeros(K, dtype=torch.bool, device=dev)
+        mask[idx] = True
+        w_out = ref[:, idx].half().contiguous()
+
+        def llm_int8(x):
+            if x.shape[0] <= 16:
+                return qk.int8_matmul(x, wq, s, outlier_mask=mask)
+            return qk.int8_matmul(x, wq, s, idx.to(torch.int32), w_out.to(x.dtype))
+        return llm_int8, ref, nbytes, -1
     s = w.abs().amax(1) / 448
     wq = (w / s[:, None]).to(torch.float8_e4m3fn)
     return (lambda x: qk.fp8_matmul(x, wq, s)), wq.float() * s[:, None], wq.numel() + s.numel() * 4, -1
@@ -219,7 +234,7 @@ def sweep(shapes, ms_list, formats, dev, env, rows, out_json, deadline=float("in
                 path = describe(last_pick())
                 want = x.float() @ ref.T
                 err = ((y.float() - want).norm() / want.norm()).item()
-                tol = 0.05 if fmt in ("fp8", "int8") else 5e-3  # activation quantization for W8A8
+                tol = 0.05 if fmt in ("fp8", "int8", "llm_int8") else 5e-3  # activation quantization for W8A8
                 if not err < tol:
                     raise AssertionError(f"{fmt} K={K} N={N} M={M}: rel err {err:.3e} vs torch reference")
                 ms = bench(lambda: call(x))
