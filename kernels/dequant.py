@@ -20,12 +20,20 @@ Layouts (never changed here; the packing code of each format is the reference):
   Q4_K: 144 B per 256 elements = fp16 d, fp16 dmin, 12 B of 6-bit scales/mins (8 sub-blocks of 32),
         128 B nibbles (element e: byte 32*(e//64) + e%32, high nibble when e%64 >= 32);
         W = d * sc[e//32] * q - dmin * m[e//32].
+  Q4_1: 20 B = fp16 d, fp16 m, 16 B nibbles as Q4_0; W = d * q + m.
+  Q5_0: 22 B = fp16 d, 4 B qh (bit e: bit 4 of element e's code), 16 B nibbles as Q4_0; W = d * (q - 16).
+  Q5_1: 24 B = fp16 d, fp16 m, 4 B qh, 16 B nibbles; W = d * q + m.
+  Q5_K: 176 B per 256 = fp16 d, fp16 dmin, 12 B scales/mins as Q4_K, 32 B qh (bit e//32 of byte e%32:
+        bit 4 of the code), 128 B nibbles as Q4_K; W = d * sc * q - dmin * m.
+  Q6_K: 210 B per 256 = 128 B ql (low 4 bits), 64 B qh (2 high bits), 16 int8 scales, fp16 d. For
+        e = 128 h + 32 j + l (j < 4, l < 32): ql byte 64 h + l + 32 (j % 2), high nibble when j >= 2;
+        qh byte 32 h + l, bits 2j..2j+1; scale 8 h + l // 16 + 2 j; W = d * scale * (q - 32).
 """
 
 import triton
 import triton.language as tl
 
-Q4_0, Q8_0, Q4_K = 0, 1, 2  # GGUF block types understood by dequant_gguf
+Q4_0, Q8_0, Q4_K, Q4_1, Q5_0, Q5_1, Q5_K, Q6_K = range(8)  # GGUF block types understood by dequant_gguf
 
 
 @triton.jit
@@ -121,21 +129,53 @@ def dequant_gguf(raw, offs_k, offs_n, N, K, row_bytes, QTYPE: tl.constexpr):
         blk = row + (k // 32) * 34
         q = tl.load(blk + 2 + k % 32, mask=mask, other=0).to(tl.int8, bitcast=True)
         w = _f16_le(blk, mask) * q.to(tl.float32)
-    else:  # Q4_K
-        blk = row + (k // 256) * 144
+    elif QTYPE == 2 or QTYPE == 6:  # Q4_K, Q5_K (the same scales and nibbles; Q5_K adds qh and 16 B)
+        blk = row + (k // 256) * (144 if QTYPE == 2 else 176)
         e = k % 256
-        sub = e // 32
-        i = sub % 4
-        a = _byte(blk + 4 + i, mask)  # scales[i], scales[i+4], scales[i+8] hold sub-blocks i and i+4
-        b = _byte(blk + 8 + i, mask)
-        c = _byte(blk + 12 + i, mask)
-        low = sub < 4
-        sc = tl.where(low, a & 63, (c & 15) | ((a >> 6) << 4))
-        mn = tl.where(low, b & 63, (c >> 4) | ((b >> 6) << 4))
-        qb = _byte(blk + 16 + 32 * (e // 64) + e % 32, mask)
+        sc, mn = _scale_min_k4(blk + 4, e // 32, mask)
+        qb = _byte(blk + (16 if QTYPE == 2 else 48) + 32 * (e // 64) + e % 32, mask)
         q = tl.where(e % 64 < 32, qb & 15, qb >> 4)
+        if QTYPE == 6:
+            q = q | (((_byte(blk + 16 + e % 32, mask) >> (e // 32)) & 1) << 4)
         w = _f16_le(blk, mask) * (sc * q).to(tl.float32) - _f16_le(blk + 2, mask) * mn.to(tl.float32)
+    elif QTYPE == 7:  # Q6_K
+        blk = row + (k // 256) * 210
+        e = k % 256
+        h = e // 128
+        j = (e % 128) // 32
+        lane = e % 32
+        qb = _byte(blk + 64 * h + lane + 32 * (j % 2), mask)
+        low = tl.where(j < 2, qb & 15, qb >> 4)
+        high = (_byte(blk + 128 + 32 * h + lane, mask) >> (2 * j)) & 3
+        scale = tl.load(blk + 192 + 8 * h + lane // 16 + 2 * j, mask=mask, other=0).to(tl.int8, bitcast=True)
+        w = (_f16_le(blk + 208, mask) * scale.to(tl.float32)) * ((low | (high << 4)) - 32).to(tl.float32)
+    else:  # Q4_1, Q5_0, Q5_1: 32 elements, nibbles as Q4_0 after d (and m) (and qh)
+        nbytes: tl.constexpr = 20 if QTYPE == 3 else 22 if QTYPE == 4 else 24
+        qs: tl.constexpr = 4 if QTYPE == 3 else 6 if QTYPE == 4 else 8
+        blk = row + (k // 32) * nbytes
+        j = k % 32
+        b = _byte(blk + qs + j % 16, mask)
+        q = tl.where(j < 16, b & 15, b >> 4)
+        if QTYPE != 3:  # bit 4 of the code from qh (little-endian 32 bits before the nibbles)
+            q = q | (((_byte(blk + qs - 4 + j // 8, mask) >> (j % 8)) & 1) << 4)
+        if QTYPE == 4:
+            w = _f16_le(blk, mask) * (q - 16).to(tl.float32)
+        else:
+            w = _f16_le(blk, mask) * q.to(tl.float32) + _f16_le(blk + 2, mask)
     return w
+
+
+@triton.jit
+def _scale_min_k4(scales, sub, mask):
+    """ggml's get_scale_min_k4: the 6-bit scale and min of sub-block `sub` (0..7) of a Q4_K/Q5_K block."""
+    i = sub % 4
+    a = _byte(scales + i, mask)  # scales[i], scales[i+4], scales[i+8] hold sub-blocks i and i+4
+    b = _byte(scales + 4 + i, mask)
+    c = _byte(scales + 8 + i, mask)
+    low = sub < 4
+    sc = tl.where(low, a & 63, (c & 15) | ((a >> 6) << 4))
+    mn = tl.where(low, b & 63, (c >> 4) | ((b >> 6) << 4))
+    return sc, mn
 
 
 @triton.jit

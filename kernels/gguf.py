@@ -1,19 +1,22 @@
-"""GGUF Q4_0, Q8_0 and Q4_K weights times activations, straight from the ggml block bytes.
+"""GGUF weights times activations, straight from the ggml block bytes: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
+Q4_K, Q5_K, Q6_K (every type of the Q4_K_M and Q5_K_M mixes; Q2_K and Q3_K use the torch path).
 
     raw uint8 [N, K/block_elems*block_bytes]: each row of W as the GGUF file stores it (see dequant.py)
-    Q4_0: 32 elements in 18 B, Q8_0: 32 in 34 B, Q4_K: 256 in 144 B.
+    block layouts: kernels/dequant.py
 """
 
 import torch
 
-from qbench.kernels.dequant import Q4_0, Q4_K, Q8_0
+from qbench.kernels.dequant import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
 from qbench.kernels.matmul import GGUF, dequant_matmul
 
-BLOCKS = {"q4_0": (Q4_0, 32, 18), "q8_0": (Q8_0, 32, 34), "q4_k": (Q4_K, 256, 144)}  # type, elems, bytes
+BLOCKS = {"q4_0": (Q4_0, 32, 18), "q8_0": (Q8_0, 32, 34), "q4_k": (Q4_K, 256, 144),  # type, elems, bytes
+          "q4_1": (Q4_1, 32, 20), "q5_0": (Q5_0, 32, 22), "q5_1": (Q5_1, 32, 24), "q5_k": (Q5_K, 256, 176),
+          "q6_k": (Q6_K, 256, 210)}
 
 
 def gguf_matmul(x: torch.Tensor, raw: torch.Tensor, qtype: str, config: dict | None = None) -> torch.Tensor:
-    """x [..., K] @ W^T -> [..., N], W given as ggml blocks of type qtype (q4_0 | q8_0 | q4_k)."""
+    """x [..., K] @ W^T -> [..., N], W given as ggml blocks of type qtype (a key of BLOCKS)."""
     code, elems, nbytes = BLOCKS[qtype]
     K, N = x.shape[-1], raw.shape[0]
     if K % elems or raw.shape[1] != K // elems * nbytes or raw.dtype != torch.uint8:

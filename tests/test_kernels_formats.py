@@ -212,19 +212,22 @@ def test_nf4_column_layout_decodes_double_quant_exactly():
 # ---- GGUF blocks, checked against gguf-py's numpy dequantizer ------------------------------------
 
 def random_blocks(qtype: str, N: int, K: int) -> torch.Tensor:
-    elems, nbytes = {"q4_0": (32, 18), "q8_0": (32, 34), "q4_k": (256, 144)}[qtype]
+    from qbench.kernels.gguf import BLOCKS
+
+    _, elems, nbytes = BLOCKS[qtype]
     raw = torch.randint(0, 256, (N, K // elems, nbytes), dtype=torch.uint8)
-    n_half = 2 if qtype == "q4_k" else 1  # d (and dmin): finite float16 values
+    # the float16 fields (d, and m or dmin) must be finite: byte offset of the first, how many
+    first, n_half = {"q4_1": (0, 2), "q5_1": (0, 2), "q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208, 1)}.get(qtype, (0, 1))
     halves = (torch.rand(N, K // elems, n_half) * 0.02 + 0.001).half()
-    raw[..., : 2 * n_half] = halves.view(torch.uint8).view(N, K // elems, 2 * n_half)
+    raw[..., first: first + 2 * n_half] = halves.view(torch.uint8).view(N, K // elems, 2 * n_half)
     return raw.view(N, -1)
 
 
-@pytest.mark.parametrize("qtype", ["q4_0", "q8_0", "q4_k"])
+@pytest.mark.parametrize("qtype", ["q4_0", "q8_0", "q4_k", "q4_1", "q5_0", "q5_1", "q5_k", "q6_k"])
 def test_gguf(qtype):
     gguf = pytest.importorskip("gguf")
     seed = fresh_seed()
-    N, K = 3, 512 if qtype == "q4_k" else 96  # K=96 is not a multiple of the 64-wide tile used below
+    N, K = 3, 512 if qtype.endswith("_k") else 96  # K=96 is not a multiple of the 64-wide tile used below
     raw = random_blocks(qtype, N, K)
     w = torch.from_numpy(gguf.quants.dequantize(raw.numpy(), getattr(gguf.GGMLQuantizationType, qtype.upper())).copy())
     assert w.shape == (N, K)
