@@ -23,7 +23,7 @@ def test_put_row_replaces_only_the_same_shape_format_and_m():
     assert sorted((r["format"], r["M"], r["ms"]) for r in rows) == [("nf4", 1, 3.0), ("w4a16", 1, 0.5), ("w4a16", 16, 2.0)]
 
 
-@pytest.mark.parametrize("fmt", ["nf4", "nf4_dq", "w4a16", "llm_int8"])
+@pytest.mark.parametrize("fmt", ["nf4", "nf4_dq", "w4a16", "llm_int8", "q4_k", "q5_0", "q6_k"])
 def test_benchmark_formats_agree_with_their_reference_weight(fmt):
     """Each benchmark format's call (our kernel: interpreted on the CPU, compiled where there is a GPU)
     computes x @ ref^T of the reference weight it reports, and its byte count is what the format stores."""
@@ -41,7 +41,7 @@ def test_benchmark_formats_agree_with_their_reference_weight(fmt):
         err = ((call(x).double() - want).norm() / want.norm()).item()
         assert err < (0.05 if fmt == "llm_int8" else 5e-3)  # W8A8: activations rounded to int8
     bits = {"nf4": 4 + 32 / 64, "nf4_dq": 4 + 8 / 64 + 32 / 64 / 256, "w4a16": 4 + (16 + 4) / 128,
-            "llm_int8": 8 + 32 / K}[fmt]
+            "llm_int8": 8 + 32 / K, "q4_k": 4.5, "q5_0": 5.5, "q6_k": 6.5625}[fmt]
     assert nbytes * 8 / (K * N) == pytest.approx(bits, rel=1e-6)
 
 

@@ -27,7 +27,8 @@ MS = [1, 16, 128, 2048]
 # nf4_dq: double-quantized absmax (uint8 codes + a float32 per 256 blocks, 4.13 bits a weight), which is
 # qbench's `method=nf4` default and QLoRA's. int8: W8A8 (LLM.int8() at threshold 0); llm_int8: its
 # kernel with 1 in 200 input columns in 16 bit (outliers as a mask up to 16 tokens, an index list above).
-FORMATS = ["w4a16", "w3a16", "w8a16", "nf4", "nf4_dq", "fp8", "int8", "llm_int8", "q4_k", "w2a16", "q4_0", "q8_0"]
+FORMATS = ["w4a16", "w3a16", "w8a16", "nf4", "nf4_dq", "fp8", "int8", "llm_int8", "q4_k", "w2a16", "q4_0", "q8_0",
+           "q5_0", "q6_k"]
 NF4_TABLE = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
              -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
              0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
@@ -85,13 +86,19 @@ def make_format(fmt: str, K: int, N: int, dev) -> tuple:
         ref = (lut[codes] * (dequantize_dynamic(qcodes, absmax2) + offset).repeat_interleave(bs)).view(N, K)
         nbytes = packed.numel() + qcodes.numel() + absmax2.numel() * 4
         return (lambda x: qk.nf4_matmul(x, packed, qcodes, lut, N, bs, absmax2, code2, off)), ref, nbytes, bs
-    if fmt in ("q4_0", "q8_0", "q4_k"):
-        elems, nb = {"q4_0": (32, 18), "q8_0": (32, 34), "q4_k": (256, 144)}[fmt]
+    if fmt in ("q4_0", "q8_0", "q4_k", "q5_0", "q6_k"):
+        from qbench.kernels.gguf import BLOCKS
+        from qbench.quant.gguf_quants import dequantize
+
+        _, elems, nb = BLOCKS[fmt]
         raw = torch.randint(0, 256, (N, K // elems, nb), dtype=torch.uint8, device=dev)
-        halves = 2 if fmt == "q4_k" else 1
-        raw[..., : 2 * halves] = (torch.rand(N, K // elems, halves, device=dev) * 0.01 + 0.001).half().view(torch.uint8)
-        ref = gguf_reference(raw, fmt).view(N, K)
+        first, halves = {"q4_k": (0, 2), "q6_k": (208, 1)}.get(fmt, (0, 1))  # the float16 fields: finite
+        raw[..., first: first + 2 * halves] = \
+            (torch.rand(N, K // elems, halves, device=dev) * 0.01 + 0.001).half().view(torch.uint8)
+        ref = gguf_reference(raw, fmt).view(N, K) if fmt in ("q4_0", "q8_0", "q4_k") else None
         raw = raw.view(N, -1)
+        if ref is None:  # qbench's torch dequantization, equal to gguf-py's (tests/test_gguf_quants.py)
+            ref = dequantize(raw, fmt.upper(), K).float()
         return (lambda x: qk.gguf_matmul(x, raw, fmt)), ref, raw.numel(), elems
     w = torch.randn(N, K, device=dev)
     if fmt in ("int8", "llm_int8"):
