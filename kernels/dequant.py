@@ -28,12 +28,19 @@ Layouts (never changed here; the packing code of each format is the reference):
   Q6_K: 210 B per 256 = 128 B ql (low 4 bits), 64 B qh (2 high bits), 16 int8 scales, fp16 d. For
         e = 128 h + 32 j + l (j < 4, l < 32): ql byte 64 h + l + 32 (j % 2), high nibble when j >= 2;
         qh byte 32 h + l, bits 2j..2j+1; scale 8 h + l // 16 + 2 j; W = d * scale * (q - 32).
+  Q2_K: 84 B per 256 = 16 B scales (low nibble scale, high nibble min), 64 B 2-bit codes, fp16 d,
+        fp16 dmin. For e = 128 h + 32 j + 16 t + l (j < 4, t < 2, l < 16): code byte 32 h + 16 t + l,
+        bits 2j..2j+1; s = scales[8 h + 2 j + t]; W = d * (s & 15) * q - dmin * (s >> 4).
+  Q3_K: 110 B per 256 = 32 B hmask, 64 B 2-bit codes (as Q2_K), 12 B of 6-bit scales, fp16 d. Code
+        q - 4 unless bit 4 h + j of hmask[16 t + l] is set; scale c = 8 h + 2 j + t: low 4 bits of byte
+        c % 4 + 4 (c // 4 % 2) (high nibble when c >= 8), high 2 bits from byte 8 + c % 4 at bit
+        2 (c // 4); W = d * (scale - 32) * q.
 """
 
 import triton
 import triton.language as tl
 
-Q4_0, Q8_0, Q4_K, Q4_1, Q5_0, Q5_1, Q5_K, Q6_K = range(8)  # GGUF block types understood by dequant_gguf
+Q4_0, Q8_0, Q4_K, Q4_1, Q5_0, Q5_1, Q5_K, Q6_K, Q2_K, Q3_K = range(10)  # GGUF types of dequant_gguf
 
 
 @triton.jit
@@ -149,6 +156,25 @@ def dequant_gguf(raw, offs_k, offs_n, N, K, row_bytes, QTYPE: tl.constexpr):
         high = (_byte(blk + 128 + 32 * h + lane, mask) >> (2 * j)) & 3
         scale = tl.load(blk + 192 + 8 * h + lane // 16 + 2 * j, mask=mask, other=0).to(tl.int8, bitcast=True)
         w = (_f16_le(blk + 208, mask) * scale.to(tl.float32)) * ((low | (high << 4)) - 32).to(tl.float32)
+    elif QTYPE == 8 or QTYPE == 9:  # Q2_K, Q3_K: 2-bit codes in 4 planes per 32 bytes
+        blk = row + (k // 256) * (84 if QTYPE == 8 else 110)
+        e = k % 256
+        h = e // 128
+        j = (e % 128) // 32
+        t = (e % 32) // 16
+        lane = e % 16
+        c = 8 * h + 2 * j + t  # the 16-element sub-block's scale
+        q = (_byte(blk + (16 if QTYPE == 8 else 32) + 32 * h + 16 * t + lane, mask) >> (2 * j)) & 3
+        if QTYPE == 8:
+            sm = _byte(blk + c, mask)
+            w = (_f16_le(blk + 80, mask) * (sm & 15).to(tl.float32)) * q.to(tl.float32) \
+                - _f16_le(blk + 82, mask) * (sm >> 4).to(tl.float32)
+        else:
+            q = q - tl.where(((_byte(blk + 16 * t + lane, mask) >> (4 * h + j)) & 1) != 0, 0, 4)
+            g = c // 4
+            low = (_byte(blk + 96 + c % 4 + 4 * (g % 2), mask) >> (4 * (g // 2))) & 15
+            high = (_byte(blk + 104 + c % 4, mask) >> (2 * g)) & 3
+            w = (_f16_le(blk + 108, mask) * ((low | (high << 4)) - 32).to(tl.float32)) * q.to(tl.float32)
     else:  # Q4_1, Q5_0, Q5_1: 32 elements, nibbles as Q4_0 after d (and m) (and qh)
         nbytes: tl.constexpr = 20 if QTYPE == 3 else 22 if QTYPE == 4 else 24
         qs: tl.constexpr = 4 if QTYPE == 3 else 6 if QTYPE == 4 else 8

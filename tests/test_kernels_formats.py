@@ -217,13 +217,14 @@ def random_blocks(qtype: str, N: int, K: int) -> torch.Tensor:
     _, elems, nbytes = BLOCKS[qtype]
     raw = torch.randint(0, 256, (N, K // elems, nbytes), dtype=torch.uint8)
     # the float16 fields (d, and m or dmin) must be finite: byte offset of the first, how many
-    first, n_half = {"q4_1": (0, 2), "q5_1": (0, 2), "q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208, 1)}.get(qtype, (0, 1))
+    first, n_half = {"q4_1": (0, 2), "q5_1": (0, 2), "q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208, 1), "q2_k": (80, 2),
+                     "q3_k": (108, 1)}.get(qtype, (0, 1))
     halves = (torch.rand(N, K // elems, n_half) * 0.02 + 0.001).half()
     raw[..., first: first + 2 * n_half] = halves.view(torch.uint8).view(N, K // elems, 2 * n_half)
     return raw.view(N, -1)
 
 
-@pytest.mark.parametrize("qtype", ["q4_0", "q8_0", "q4_k", "q4_1", "q5_0", "q5_1", "q5_k", "q6_k"])
+@pytest.mark.parametrize("qtype", ["q4_0", "q8_0", "q4_k", "q4_1", "q5_0", "q5_1", "q5_k", "q6_k", "q2_k", "q3_k"])
 def test_gguf(qtype):
     gguf = pytest.importorskip("gguf")
     seed = fresh_seed()

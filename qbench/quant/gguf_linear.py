@@ -2,9 +2,9 @@
 
     qweight uint8 [out_features, (in_features // block_elems) * block_bytes]   (layout: gguf_quants.py)
     bias    float32 [out_features] or None
-The KERNEL_TYPES blocks go through the Triton dequant-matmul (kernels/gguf.py) where the shared
-kernel rule says so (qbench.quant.kernel_choice: kernel=auto on CUDA, kernel=triton); Q2_K and Q3_K,
-and kernel=torch, use the torch reference, which dequantizes the weight and multiplies.
+The blocks go through the Triton dequant-matmul (kernels/gguf.py) where the shared kernel rule says
+so (qbench.quant.kernel_choice: kernel=auto on CUDA, kernel=triton); kernel=torch (and a type not in
+KERNEL_TYPES) uses the torch reference, which dequantizes the weight and multiplies.
 """
 
 import torch
@@ -13,7 +13,7 @@ from torch import nn
 from qbench.quant.gguf_quants import TYPES, dequantize, quantize, row_bytes
 from qbench.quant.kernel_choice import use_triton
 
-KERNEL_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")  # block types with a Triton kernel
+KERNEL_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")  # with a Triton kernel
 
 
 def _triton_matmul(layer: "GGUFLinear", x: torch.Tensor) -> torch.Tensor | None:
