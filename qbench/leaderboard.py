@@ -171,6 +171,13 @@ def settings_lines(section: dict) -> list[str]:
 ERROR_COLUMNS = {"decode_graph_error": "decode ms/tok graph"}  # <metric>_error -> the column it leaves empty
 
 
+def not_measured(section: dict) -> list[str]:
+    """'<run>: <column>: <reason>' for each metric a run could not measure: it says why in <metric>_error
+    (decode_graph_error: the decode step could not be captured in a CUDA graph)."""
+    return [f"{run_label(r)}: {ERROR_COLUMNS.get(k, k[:-len('_error')])}: {v}" for r in section["rows"]
+            for k, v in sorted((r.get("metrics") or {}).items()) if k.endswith("_error")]
+
+
 def render_markdown(model: str, secs: list[dict], generated: str) -> str:
     out = [f"# Leaderboard: {model}", "", f"Rendered by `qbench report` from the result records on {generated}. "
            "Δ columns: difference to the baseline of the same section.", ""]
@@ -182,9 +189,7 @@ def render_markdown(model: str, secs: list[dict], generated: str) -> str:
         out += ["| " + " | ".join(str(text) for text, _ in cells) + " |" for cells in rows]
         errors = [f"- {run_label(r)}: {r.get('error')}" for r in section["rows"] if r.get("error")]
         out += ([""] + ["Failed runs:"] + errors if errors else [])
-        # a metric a run could not measure says why in <metric>_error (decode_graph_error: no CUDA graph)
-        missing = [f"- {run_label(r)}: {ERROR_COLUMNS.get(k, k[:-len('_error')])}: {v}" for r in section["rows"]
-                   for k, v in sorted((r.get("metrics") or {}).items()) if k.endswith("_error")]
+        missing = [f"- {line}" for line in not_measured(section)]
         out += ([""] + ["Not measured:"] + missing if missing else []) + [""]
     return "\n".join(out)
 
@@ -326,6 +331,9 @@ def render_html(model: str, secs: list[dict], generated: str) -> str:
             title = f" title='{e(str(rec.get('error')))}'" if rec.get("error") else ""
             out.append(f"<tr class='{cls}'{title}>{tds}</tr>")
         out.append("</tbody></table>")
+        missing = not_measured(section)
+        if missing:
+            out.append("<p>Not measured:</p><ul class='missing'>" + "".join(f"<li>{e(m)}</li>" for m in missing) + "</ul>")
         plots = section_plots(section)
         if plots:
             out.append("<div class='plots'>" + "".join(plots) + "</div>")

@@ -67,6 +67,8 @@ def test_metric_that_could_not_be_measured_says_why(tmp_path):
     leaderboard.write_leaderboards(RECORDS + [no_graph], tmp_path)
     md = (tmp_path / "smollm2-135m" / "leaderboard.md").read_text()
     assert "Not measured:\n- int8 w8: decode ms/tok graph: AcceleratorError: capture failed" in md
+    html_text = (tmp_path / "smollm2-135m" / "leaderboard.html").read_text()
+    assert "<li>int8 w8: decode ms/tok graph: AcceleratorError: capture failed</li>" in html_text
 
 
 def test_sections_per_eval_setting(tmp_path):
