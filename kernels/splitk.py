@@ -19,6 +19,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+
 from qbench.kernels.tune import cdiv
 
 

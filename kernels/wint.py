@@ -30,10 +30,10 @@ import triton.language as tl
 
 from qbench.kernels.dequant import stream_codes
 from qbench.kernels.matmul import WINT, dequant_matmul, sm_count
+from qbench.kernels.tune import cdiv
 from qbench.kernels.wint_h2 import h2_decode_configs, run_h2_decode
 from qbench.kernels.wint_mma import mma_configs, run_mma
 from qbench.kernels.wint_tc import run_tc, tc_configs
-from qbench.kernels.tune import cdiv
 
 
 def is_default_g_idx(g_idx: torch.Tensor, group_size: int) -> bool:

@@ -95,10 +95,8 @@ def make_format(fmt: str, K: int, N: int, dev) -> tuple:
         first, halves = {"q4_k": (0, 2), "q6_k": (208, 1)}.get(fmt, (0, 1))  # the float16 fields: finite
         raw[..., first: first + 2 * halves] = \
             (torch.rand(N, K // elems, halves, device=dev) * 0.01 + 0.001).half().view(torch.uint8)
-        ref = gguf_reference(raw, fmt).view(N, K) if fmt in ("q4_0", "q8_0", "q4_k") else None
         raw = raw.view(N, -1)
-        if ref is None:  # qbench's torch dequantization, equal to gguf-py's (tests/test_gguf_quants.py)
-            ref = dequantize(raw, fmt.upper(), K).float()
+        ref = dequantize(raw, fmt.upper(), K).float()  # qbench's torch path, equal to gguf-py's (tests)
         return (lambda x: qk.gguf_matmul(x, raw, fmt)), ref, raw.numel(), elems
     w = torch.randn(N, K, device=dev)
     if fmt in ("int8", "llm_int8"):
@@ -122,24 +120,6 @@ def make_format(fmt: str, K: int, N: int, dev) -> tuple:
     s = w.abs().amax(1) / 448
     wq = (w / s[:, None]).to(torch.float8_e4m3fn)
     return (lambda x: qk.fp8_matmul(x, wq, s)), wq.float() * s[:, None], wq.numel() + s.numel() * 4, -1
-
-
-def gguf_reference(raw: torch.Tensor, fmt: str) -> torch.Tensor:
-    """torch dequantization of ggml blocks [N, n_blocks, block_bytes] (ggml's dequantize_row_* formulas)."""
-    d = raw[..., 0:2].contiguous().view(torch.float16).float()  # [N, nb, 1]
-    b = raw.long()
-    if fmt == "q8_0":
-        return d * raw[..., 2:].contiguous().view(torch.int8).float()
-    if fmt == "q4_0":
-        q = torch.cat([b[..., 2:] & 15, b[..., 2:] >> 4], -1)
-        return d * (q - 8).float()
-    dmin = raw[..., 2:4].contiguous().view(torch.float16).float()
-    s = b[..., 4:16]
-    sc = torch.cat([s[..., 0:4] & 63, (s[..., 8:12] & 15) | ((s[..., 0:4] >> 6) << 4)], -1)  # [N, nb, 8]
-    mn = torch.cat([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], -1)
-    qs = b[..., 16:].view(*b.shape[:2], 4, 32)
-    q = torch.stack([qs & 15, qs >> 4], 3).view(*b.shape[:2], 8, 32)  # sub-block 2j: low nibbles of chunk j
-    return (d[..., None] * sc[..., None] * q - dmin[..., None] * mn[..., None]).flatten(1)
 
 
 # ---- torch peers ---------------------------------------------------------------------------------------
