@@ -86,27 +86,27 @@ def test_outlier_counts_accumulate():
     assert stats["outlier_fraction_any"] == pytest.approx(4 / 576)
 
 
-def test_triton_path_matches_torch():
+def triton_layer(tokens: int):
+    """A 128 -> 64 Int8Linear on the Triton path and `tokens` inputs with outlier features 7 and 100."""
     pytest.importorskip("triton")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     w, x = planted_layer(5)
-    w, x = w[:64, :128].to(device), x[:20, :128].to(device)
+    w, x = w[:64, :128].to(device), x[:tokens, :128].to(device)
     layer = Int8Linear(w, None, threshold=6.0, kernel="triton")
     outliers = layer.outlier_columns(x)
-    assert outliers.sum() == 2  # features 7 and 100
+    assert outliers.sum() == 2
+    return layer, x, outliers
+
+
+def test_triton_path_matches_torch():
+    layer, x, outliers = triton_layer(20)  # the index-list path (more than 16 tokens)
     torch.testing.assert_close(layer(x), layer.forward_torch(x, outliers), rtol=1e-4, atol=1e-4)
 
 
 def test_triton_decode_path_has_no_host_sync(monkeypatch):
     """At most 16 tokens the Triton path passes the outlier columns as a mask: no nonzero() (a host sync,
     which also makes CUDA-graph capture fail), same output as the torch reference."""
-    pytest.importorskip("triton")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    w, x = planted_layer(5)
-    w, x = w[:64, :128].to(device), x[:3, :128].to(device)
-    layer = Int8Linear(w, None, threshold=6.0, kernel="triton")
-    outliers = layer.outlier_columns(x)
-    assert outliers.sum() == 2
+    layer, x, outliers = triton_layer(3)
     ref = layer.forward_torch(x, outliers)
 
     def refuse(*args, **kwargs):
