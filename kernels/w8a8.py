@@ -200,8 +200,9 @@ def _w8a8(x, w_q, w_scale, act_dtype, outlier_idx=None, w_outlier=None, config=N
     has_out = not dense and outlier_idx is not None and outlier_idx.numel() > 0
     keep = None
     if dense:  # device ops only: no host sync
-        keep = (~outlier_mask).to(torch.int8)
-        x16 = x2.masked_fill(~outlier_mask, 0)
+        kept = ~outlier_mask
+        keep = kept.to(torch.int8)
+        x16 = x2.masked_fill(kept, 0)
     elif has_out:
         keep = torch.ones(K, dtype=torch.int8, device=x.device)
         keep[outlier_idx.long()] = 0
