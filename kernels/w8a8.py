@@ -76,6 +76,71 @@ def quantize_rows(x2: torch.Tensor, dtype: torch.dtype, keep: torch.Tensor | Non
 
 
 @triton.jit
+def outlier_split_kernel(x_ptr, q_ptr, s_ptr, keep_ptr, x16_ptr, calls_ptr, cols_sum_ptr, ever_ptr, M, K, threshold,
+                         stride_x, stride_q, stride_x16, COUNT: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
+    """LLM.int8()'s step before the matmul for at most 16 tokens, in one program: the outlier columns
+    (|x| > threshold in some token), x16 (x with every other column zeroed), keep (int8, 0 at the
+    outliers), the per-token scales and codes of the other columns (quantize_rows_kernel's arithmetic),
+    and with COUNT the layer's outlier statistics (calls, sum of outlier columns, columns ever outliers)."""
+    offs_m = tl.arange(0, BLOCK_M)
+    mmask = offs_m < M
+    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    n_out = tl.zeros((BLOCK_K,), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        kmask = offs_k < K
+        mask = mmask[:, None] & kmask[None, :]
+        x = tl.load(x_ptr + offs_m[:, None] * stride_x + offs_k[None, :], mask=mask, other=0.0)
+        ax = tl.abs(x.to(tl.float32))
+        out = tl.max(ax, axis=0) > threshold
+        tl.store(keep_ptr + offs_k, tl.where(out, 0, 1).to(tl.int8), mask=kmask)
+        tl.store(x16_ptr + offs_m[:, None] * stride_x16 + offs_k[None, :], tl.where(out[None, :], x, 0.0), mask=mask)
+        amax = tl.maximum(amax, tl.max(tl.where(out[None, :], 0.0, ax), axis=1))
+        if COUNT:
+            n_out += (out & kmask).to(tl.int32)
+            ever = tl.load(ever_ptr + offs_k, mask=kmask, other=0)
+            tl.store(ever_ptr + offs_k, ever | out, mask=kmask)
+    scale = tl.where(amax > 0, tl.div_rn(amax, 127.0), 1.0)  # IEEE division: codes match torch exactly
+    tl.store(s_ptr + offs_m, scale, mask=mmask)
+    if COUNT:
+        tl.store(calls_ptr, tl.load(calls_ptr) + 1)
+        tl.store(cols_sum_ptr, tl.load(cols_sum_ptr) + tl.sum(n_out, axis=0).to(tl.int64))
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        kmask = offs_k < K
+        mask = mmask[:, None] & kmask[None, :]
+        v = tl.load(x_ptr + offs_m[:, None] * stride_x + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+        v = tl.div_rn(v, scale[:, None])
+        v = tl.where(tl.load(keep_ptr + offs_k, mask=kmask, other=0)[None, :] != 0, v, 0.0)
+        v = tl.minimum(tl.maximum(v, -127.0), 127.0)
+        v = tl.where(v >= 0, tl.floor(v + 0.5), -tl.floor(0.5 - v))
+        tl.store(q_ptr + offs_m[:, None] * stride_q + offs_k[None, :], v.to(tl.int8), mask=mask)
+
+
+def outlier_split(x2: torch.Tensor, threshold: float, counters: tuple | None = None) -> tuple:
+    """LLM.int8()'s outlier split of x2 [M <= 16, K] in one launch -> (x_q int8 [M, K], s_x float32 [M],
+    keep int8 [K], x16 [M, K]): what int8_matmul's outlier_mask path computes with several torch ops
+    (see the module docstring). counters: (calls int64 [], cols_sum int64 [], ever bool [K]) updated in
+    place, on the device (no host sync: the call can be captured in a CUDA graph)."""
+    M, K = x2.shape
+    if M > 16:
+        raise ValueError(f"outlier_split serves M <= 16 (decode), got M={M}")
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    dev = x2.device
+    xq, sx = torch.empty((M, K), dtype=torch.int8, device=dev), torch.empty(M, dtype=torch.float32, device=dev)
+    keep, x16 = torch.empty(K, dtype=torch.int8, device=dev), torch.empty_like(x2)
+    block_m = 1 << max(M - 1, 0).bit_length()
+    block_k = min(8192 // block_m, max(16, 1 << max(K - 1, 0).bit_length()))
+    calls, cols_sum, ever = counters if counters is not None else (None, None, None)
+    outlier_split_kernel[(1,)](x2, xq, sx, keep, x16, calls, cols_sum, ever, M, K, float(threshold),
+                               x2.stride(0), xq.stride(0), x16.stride(0), COUNT=counters is not None,
+                               BLOCK_M=block_m, BLOCK_K=block_k, num_warps=8)
+    return xq, sx, keep, x16
+
+
+@triton.jit
 def w8a8_kernel(xq_ptr, sx_ptr, wq_ptr, sw_ptr, out_ptr, x16_ptr, oidx_ptr, wo_ptr,
                 M, N, K, n_out, stride_xq, stride_x16, stride_om, SPLIT_K,
                 IS_INT: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_OUTLIERS: tl.constexpr,
@@ -188,24 +253,27 @@ def candidate_configs(M: int, N: int, K: int, device: torch.device) -> list[dict
             _cfg(128, 256, 128, 8, 3, group_m=16)]
 
 
-def _w8a8(x, w_q, w_scale, act_dtype, outlier_idx=None, w_outlier=None, config=None, name="w8a8", outlier_mask=None):
+def _w8a8(x, w_q, w_scale, act_dtype, outlier_idx=None, w_outlier=None, config=None, name="w8a8", outlier_mask=None,
+          prologue=None):
     K, N = x.shape[-1], w_q.shape[0]
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
-    dense = outlier_mask is not None
+    dense = outlier_mask is not None or prologue is not None
     if dense and M > 16:
         raise ValueError(f"outlier_mask serves M <= 16 (decode), got M={M}: pass outlier_idx and w_outlier")
     has_out = not dense and outlier_idx is not None and outlier_idx.numel() > 0
     keep = None
-    if dense:  # device ops only: no host sync
+    if prologue is not None:  # outlier_split's x_q, s_x, keep, x16
+        keep, x16 = prologue[2], prologue[3]
+    elif dense:  # device ops only: no host sync
         kept = ~outlier_mask
         keep = kept.to(torch.int8)
         x16 = x2.masked_fill(kept, 0)
     elif has_out:
-        keep = torch.ones(K, dtype=torch.int8, device=x.device)
-        keep[outlier_idx.long()] = 0
+        # index_fill_, not keep[idx] = 0: that copies a host scalar, which a CUDA graph capture refuses
+        keep = torch.ones(K, dtype=torch.int8, device=x.device).index_fill_(0, outlier_idx.long(), 0)
         outlier_idx = outlier_idx.to(torch.int32).contiguous()
         w_outlier = w_outlier.contiguous()
     per_channel = w_scale.numel() > 1
@@ -213,7 +281,7 @@ def _w8a8(x, w_q, w_scale, act_dtype, outlier_idx=None, w_outlier=None, config=N
     is_int = act_dtype == torch.int8
 
     def run(cfg):
-        xq, sx = quantize_rows(x2, act_dtype, keep)
+        xq, sx = prologue[:2] if prologue is not None else quantize_rows(x2, act_dtype, keep)
         if cfg.get("KERNEL") == "tma":
             return _run_tma(cfg, xq, sx, w_q, w_scale, is_int, per_channel, x.dtype)
         split = cfg["SPLIT_K"]
@@ -259,6 +327,19 @@ def int8_matmul(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, outli
     if w_q.dtype != torch.int8 or w_q.shape[1] != x.shape[-1]:
         raise ValueError(f"int8 weight must be int8 [N, {x.shape[-1]}], got {w_q.dtype} {tuple(w_q.shape)}")
     return _w8a8(x, w_q.contiguous(), w_scale, torch.int8, outlier_idx, w_outlier, config, "int8", outlier_mask)
+
+
+def llm_int8_decode(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, threshold: float,
+                    counters: tuple | None = None, config: dict | None = None) -> torch.Tensor:
+    """LLM.int8() for at most 16 tokens with the outlier columns found on the device: outlier_split (one
+    launch: outliers, their 16-bit part, the int8 codes of the rest, the statistics) and the mask path
+    of w8a8_kernel. Same result as int8_matmul(x, ..., outlier_mask=|x| > threshold in some token)."""
+    if w_q.dtype != torch.int8 or w_q.shape[1] != x.shape[-1]:
+        raise ValueError(f"int8 weight must be int8 [N, {x.shape[-1]}], got {w_q.dtype} {tuple(w_q.shape)}")
+    x2 = x.reshape(-1, x.shape[-1])
+    prologue = outlier_split(x2, threshold, counters)
+    return _w8a8(x2, w_q.contiguous(), w_scale, torch.int8, config=config, name="int8", prologue=prologue) \
+        .reshape(*x.shape[:-1], w_q.shape[0])
 
 
 def fp8_matmul(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, config: dict | None = None) -> torch.Tensor:

@@ -116,6 +116,17 @@ def test_triton_decode_path_has_no_host_sync(monkeypatch):
     torch.testing.assert_close(layer(x), ref, rtol=1e-4, atol=1e-4)
 
 
+def test_triton_decode_path_counts_outliers_like_the_torch_path():
+    """The decode path counts in its kernel (outlier_split); the statistics equal the torch path's."""
+    layer, x, _ = triton_layer(3)
+    reference = Int8Linear(layer.dequantize(), None, threshold=6.0, kernel="torch")
+    for inputs in (x, x[:1] * 0.1, x[1:]):  # 2, 0 and 2 outlier columns
+        layer(inputs)
+        reference(inputs.cpu())
+    assert layer.outlier_stats() == reference.outlier_stats()
+    assert layer.outlier_stats()["calls"] == 3
+
+
 def window_ppl(model, ids, seqlen=512, windows=1):
     from qbench.eval.perplexity import perplexity
 

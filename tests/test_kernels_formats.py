@@ -11,7 +11,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from qbench.kernels import fp8_matmul, gguf_matmul, int8_matmul, nf4_matmul  # noqa: E402
+from qbench.kernels import fp8_matmul, gguf_matmul, int8_matmul, llm_int8_decode, nf4_matmul  # noqa: E402
+from qbench.kernels.w8a8 import outlier_split  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GEMV = dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=32, SPLIT_K=2, GROUP_M=1, num_warps=4, num_stages=2)
@@ -301,6 +302,55 @@ def test_llm_int8_outlier_mask_decode():
         assert err < 1e-5, f"rel err {err:.2e} (seed {seed}, M={M})"
     with pytest.raises(ValueError, match="M <= 16"):
         int8_matmul(torch.randn(17, K, device=DEVICE), w_q.to(DEVICE), w_scale.to(DEVICE), outlier_mask=mask.to(DEVICE))
+
+
+@pytest.mark.parametrize("M,K", [(1, 200), (3, 1000), (16, 1100)])  # K over one K block at M=16 (512)
+def test_outlier_split_matches_the_torch_ops(M, K):
+    """outlier_split's one launch gives what int8_matmul's mask path computes with several ops: the
+    outlier columns, x16, the int8 codes and scales of the rest (bitwise), and Int8Linear's statistics,
+    accumulated over calls."""
+    seed = fresh_seed()
+    counters = (torch.zeros((), dtype=torch.int64, device=DEVICE), torch.zeros((), dtype=torch.int64, device=DEVICE),
+                torch.zeros(K, dtype=torch.bool, device=DEVICE))
+    ever = torch.zeros(K, dtype=torch.bool)
+    total = 0
+    for call in range(2):
+        x = torch.randn(M, K)
+        cols = torch.randperm(K)[: 3 + call]
+        x[:, cols] *= 30  # outlier features; every other column stays under the threshold (|x| < 6)
+        x = x.clamp(-50, 50).half().float()  # values exact in fp16 (the dtype of the decode path on a GPU)
+        out = x.abs().amax(0) > 6.0
+        xq, sx, keep, x16 = outlier_split(x.to(DEVICE), 6.0, counters)
+        regular = x.masked_fill(out, 0)
+        ref_s = regular.abs().amax(1) / 127
+        ref_q = round_away(regular / ref_s[:, None]).clamp(-127, 127).to(torch.int8)  # w8a8's rounding: half away
+        assert torch.equal(keep.cpu(), (~out).to(torch.int8)), f"seed {seed}"
+        assert torch.equal(x16.cpu(), x * out), f"seed {seed}"
+        assert torch.equal(xq.cpu(), ref_q) and torch.equal(sx.cpu(), ref_s), f"seed {seed}"
+        ever |= out
+        total += int(out.sum())
+        assert int(counters[0]) == call + 1 and int(counters[1]) == total, f"seed {seed}"
+        assert torch.equal(counters[2].cpu(), ever), f"seed {seed}"
+    with pytest.raises(ValueError, match="M <= 16"):
+        outlier_split(torch.randn(17, K, device=DEVICE), 6.0)
+    zero = outlier_split(torch.zeros(2, K, device=DEVICE), 6.0)
+    assert (zero[0] == 0).all() and (zero[1] == 1).all()  # a zero row: scale 1, as quantize_rows_kernel
+
+
+def test_llm_int8_decode_equals_the_mask_path():
+    seed = fresh_seed()
+    N, K = 23, 300
+    w = torch.randn(N, K)
+    w_scale = w.abs().amax(1) / 127
+    w_q = round_away(w / w_scale[:, None]).to(torch.int8)
+    for M in (1, 5):
+        x = torch.randn(M, K)
+        x[:, [11, 250]] *= 30
+        mask = x.abs().amax(0) > 6.0
+        args = (x.to(DEVICE), w_q.to(DEVICE), w_scale.to(DEVICE))
+        y = llm_int8_decode(*args, 6.0, config=DOT_SPLIT).cpu()
+        ref = int8_matmul(*args, config=DOT_SPLIT, outlier_mask=mask.to(DEVICE)).cpu()
+        assert torch.equal(y, ref), f"seed {seed}, M={M}"
 
 
 @pytest.mark.parametrize("wdtype,per_channel", [(torch.float8_e4m3fn, True), (torch.float8_e5m2, False)])

@@ -73,12 +73,13 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features)
-        outliers = self.outlier_columns(x2d)
-        self._count(outliers)
-        if use_triton(self.kernel, x):
-            y = self.forward_triton(x2d, outliers)
+        triton = use_triton(self.kernel, x)
+        if triton and self.threshold > 0 and x2d.shape[0] <= 16:
+            y = self.forward_triton_decode(x2d)
         else:
-            y = self.forward_torch(x2d, outliers)
+            outliers = self.outlier_columns(x2d)
+            self._count(outliers)
+            y = self.forward_triton(x2d, outliers) if triton else self.forward_torch(x2d, outliers)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.view(*x.shape[:-1], self.out_features)
@@ -94,21 +95,31 @@ class Int8Linear(nn.Module):
         return y
 
     def forward_triton(self, x2d: torch.Tensor, outliers: torch.Tensor) -> torch.Tensor:
-        """THE Triton path of int8 layers (qbench.kernels.int8_matmul, same layout)."""
+        """The Triton path of int8 layers for plain W8A8 and for more than 16 tokens (qbench.kernels.int8_matmul,
+        the outlier columns as an index list with their dequantized weights)."""
         from qbench.kernels import int8_matmul as triton_int8_matmul
 
         if self.threshold <= 0:
             return triton_int8_matmul(x2d, self.weight_int8, self.weight_scale)
-        if x2d.shape[0] <= 16:  # decode: the outliers as a mask, no index list (no host sync, CUDA-graph capturable)
-            return triton_int8_matmul(x2d, self.weight_int8, self.weight_scale, outlier_mask=outliers)
         cols = outliers.nonzero().squeeze(1)
         return triton_int8_matmul(x2d, self.weight_int8, self.weight_scale, cols, self.dequantize(x2d.dtype, cols))
 
+    def forward_triton_decode(self, x2d: torch.Tensor) -> torch.Tensor:
+        """At most 16 tokens: outliers found, split off and counted in one launch before the matmul
+        (qbench.kernels.llm_int8_decode), on the device: no host sync, CUDA-graph capturable."""
+        from qbench.kernels import llm_int8_decode
+
+        return llm_int8_decode(x2d, self.weight_int8, self.weight_scale, self.threshold, self._counters(x2d.device))
+
+    def _counters(self, device: torch.device) -> tuple:
+        if self.outlier_cols_sum is None or self.outlier_cols_sum.device != device:
+            self.calls = torch.zeros((), dtype=torch.int64, device=device)
+            self.outlier_cols_sum = torch.zeros((), dtype=torch.int64, device=device)
+            self.outlier_cols_ever = torch.zeros(self.in_features, dtype=torch.bool, device=device)
+        return self.calls, self.outlier_cols_sum, self.outlier_cols_ever
+
     def _count(self, outliers: torch.Tensor) -> None:
-        if self.outlier_cols_sum is None or self.outlier_cols_sum.device != outliers.device:
-            self.calls = torch.zeros((), dtype=torch.int64, device=outliers.device)
-            self.outlier_cols_sum = torch.zeros((), dtype=torch.int64, device=outliers.device)
-            self.outlier_cols_ever = torch.zeros_like(outliers)
+        self._counters(outliers.device)
         self.calls += 1
         self.outlier_cols_sum += outliers.sum()
         self.outlier_cols_ever |= outliers
