@@ -76,67 +76,87 @@ def quantize_rows(x2: torch.Tensor, dtype: torch.dtype, keep: torch.Tensor | Non
 
 
 @triton.jit
-def outlier_split_kernel(x_ptr, q_ptr, s_ptr, keep_ptr, x16_ptr, calls_ptr, cols_sum_ptr, ever_ptr, M, K, threshold,
-                         stride_x, stride_q, stride_x16, COUNT: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_K: tl.constexpr):
-    """LLM.int8()'s step before the matmul for at most 16 tokens, in one program: the outlier columns
-    (|x| > threshold in some token), x16 (x with every other column zeroed), keep (int8, 0 at the
-    outliers), the per-token scales and codes of the other columns (quantize_rows_kernel's arithmetic),
-    and with COUNT the layer's outlier statistics (calls, sum of outlier columns, columns ever outliers)."""
+def outlier_find_kernel(x_ptr, keep_ptr, x16_ptr, amax_ptr, count_ptr, ever_ptr, M, K, threshold, stride_x, stride_x16,
+                        COUNT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """outlier_split, step 1, one program per BLOCK_K input columns: the outlier columns (|x| > threshold
+    in some token), keep (int8, 0 at the outliers), x16 (x with every other column zeroed), each token's
+    absmax over this block's other columns (amax [blocks, BLOCK_M]) and with COUNT the block's number of
+    outlier columns (count [blocks]) and the columns ever outliers (ever |= outliers)."""
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = pid * BLOCK_K + tl.arange(0, BLOCK_K)
+    kmask = offs_k < K
+    mask = (offs_m[:, None] < M) & kmask[None, :]
+    x = tl.load(x_ptr + offs_m[:, None] * stride_x + offs_k[None, :], mask=mask, other=0.0)
+    ax = tl.abs(x.to(tl.float32))
+    out = tl.max(ax, axis=0) > threshold
+    tl.store(keep_ptr + offs_k, tl.where(out, 0, 1).to(tl.int8), mask=kmask)
+    tl.store(x16_ptr + offs_m[:, None] * stride_x16 + offs_k[None, :], tl.where(out[None, :], x, 0.0), mask=mask)
+    tl.store(amax_ptr + pid * BLOCK_M + offs_m, tl.max(tl.where(out[None, :], 0.0, ax), axis=1))
+    if COUNT:
+        tl.store(count_ptr + pid, tl.sum((out & kmask).to(tl.int32), axis=0))
+        ever = tl.load(ever_ptr + offs_k, mask=kmask, other=0)
+        tl.store(ever_ptr + offs_k, ever | out, mask=kmask)
+
+
+@triton.jit
+def outlier_quantize_kernel(x_ptr, q_ptr, s_ptr, keep_ptr, amax_ptr, count_ptr, calls_ptr, cols_sum_ptr, M, K, n_blocks,
+                            stride_x, stride_q, COUNT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                            BLOCKS: tl.constexpr):
+    """outlier_split, step 2, one program per BLOCK_K input columns: each token's scale from the blocks'
+    absmax (every program reduces the few partial maxima itself; the first one stores the scales and
+    adds the counts to the layer's statistics) and the int8 codes of the kept columns, with
+    quantize_rows_kernel's arithmetic."""
+    pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     mmask = offs_m < M
-    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    n_out = tl.zeros((BLOCK_K,), dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        kmask = offs_k < K
-        mask = mmask[:, None] & kmask[None, :]
-        x = tl.load(x_ptr + offs_m[:, None] * stride_x + offs_k[None, :], mask=mask, other=0.0)
-        ax = tl.abs(x.to(tl.float32))
-        out = tl.max(ax, axis=0) > threshold
-        tl.store(keep_ptr + offs_k, tl.where(out, 0, 1).to(tl.int8), mask=kmask)
-        tl.store(x16_ptr + offs_m[:, None] * stride_x16 + offs_k[None, :], tl.where(out[None, :], x, 0.0), mask=mask)
-        amax = tl.maximum(amax, tl.max(tl.where(out[None, :], 0.0, ax), axis=1))
-        if COUNT:
-            n_out += (out & kmask).to(tl.int32)
-            ever = tl.load(ever_ptr + offs_k, mask=kmask, other=0)
-            tl.store(ever_ptr + offs_k, ever | out, mask=kmask)
+    offs_b = tl.arange(0, BLOCKS)
+    part = tl.load(amax_ptr + offs_b[:, None] * BLOCK_M + offs_m[None, :], mask=(offs_b < n_blocks)[:, None], other=0.0)
+    amax = tl.max(part, axis=0)
     scale = tl.where(amax > 0, tl.div_rn(amax, 127.0), 1.0)  # IEEE division: codes match torch exactly
-    tl.store(s_ptr + offs_m, scale, mask=mmask)
-    if COUNT:
-        tl.store(calls_ptr, tl.load(calls_ptr) + 1)
-        tl.store(cols_sum_ptr, tl.load(cols_sum_ptr) + tl.sum(n_out, axis=0).to(tl.int64))
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        kmask = offs_k < K
-        mask = mmask[:, None] & kmask[None, :]
-        v = tl.load(x_ptr + offs_m[:, None] * stride_x + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
-        v = tl.div_rn(v, scale[:, None])
-        v = tl.where(tl.load(keep_ptr + offs_k, mask=kmask, other=0)[None, :] != 0, v, 0.0)
-        v = tl.minimum(tl.maximum(v, -127.0), 127.0)
-        v = tl.where(v >= 0, tl.floor(v + 0.5), -tl.floor(0.5 - v))
-        tl.store(q_ptr + offs_m[:, None] * stride_q + offs_k[None, :], v.to(tl.int8), mask=mask)
+    if pid == 0:
+        tl.store(s_ptr + offs_m, scale, mask=mmask)
+        if COUNT:
+            n_out = tl.sum(tl.load(count_ptr + offs_b, mask=offs_b < n_blocks, other=0), axis=0)
+            tl.store(calls_ptr, tl.load(calls_ptr) + 1)
+            tl.store(cols_sum_ptr, tl.load(cols_sum_ptr) + n_out.to(tl.int64))
+    offs_k = pid * BLOCK_K + tl.arange(0, BLOCK_K)
+    kmask = offs_k < K
+    mask = mmask[:, None] & kmask[None, :]
+    v = tl.load(x_ptr + offs_m[:, None] * stride_x + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+    v = tl.div_rn(v, scale[:, None])
+    v = tl.where(tl.load(keep_ptr + offs_k, mask=kmask, other=0)[None, :] != 0, v, 0.0)
+    v = tl.minimum(tl.maximum(v, -127.0), 127.0)
+    v = tl.where(v >= 0, tl.floor(v + 0.5), -tl.floor(0.5 - v))
+    tl.store(q_ptr + offs_m[:, None] * stride_q + offs_k[None, :], v.to(tl.int8), mask=mask)
 
 
 def outlier_split(x2: torch.Tensor, threshold: float, counters: tuple | None = None) -> tuple:
-    """LLM.int8()'s outlier split of x2 [M <= 16, K] in one launch -> (x_q int8 [M, K], s_x float32 [M],
-    keep int8 [K], x16 [M, K]): what int8_matmul's outlier_mask path computes with several torch ops
-    (see the module docstring). counters: (calls int64 [], cols_sum int64 [], ever bool [K]) updated in
-    place, on the device (no host sync: the call can be captured in a CUDA graph)."""
+    """LLM.int8()'s outlier split of x2 [M <= 16, K] in two launches over column blocks -> (x_q int8 [M, K],
+    s_x float32 [M], keep int8 [K], x16 [M, K]): what int8_matmul's outlier_mask path computes with
+    several torch ops (see the module docstring). counters: (calls int64 [], cols_sum int64 [], ever
+    bool [K]) updated in place, on the device (no host sync: the call can be captured in a CUDA graph)."""
     M, K = x2.shape
     if M > 16:
         raise ValueError(f"outlier_split serves M <= 16 (decode), got M={M}")
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     dev = x2.device
+    block_m = 1 << max(M - 1, 0).bit_length()
+    block_k = min(4096 // block_m, max(16, 1 << max(K - 1, 0).bit_length()))  # tiles of <= 4096 values
+    blocks = cdiv(K, block_k)
     xq, sx = torch.empty((M, K), dtype=torch.int8, device=dev), torch.empty(M, dtype=torch.float32, device=dev)
     keep, x16 = torch.empty(K, dtype=torch.int8, device=dev), torch.empty_like(x2)
-    block_m = 1 << max(M - 1, 0).bit_length()
-    block_k = min(8192 // block_m, max(16, 1 << max(K - 1, 0).bit_length()))
+    amax = torch.empty((blocks, block_m), dtype=torch.float32, device=dev)
+    count = torch.empty(blocks, dtype=torch.int32, device=dev) if counters is not None else None
     calls, cols_sum, ever = counters if counters is not None else (None, None, None)
-    outlier_split_kernel[(1,)](x2, xq, sx, keep, x16, calls, cols_sum, ever, M, K, float(threshold),
-                               x2.stride(0), xq.stride(0), x16.stride(0), COUNT=counters is not None,
-                               BLOCK_M=block_m, BLOCK_K=block_k, num_warps=8)
+    warps = 4 if block_m * block_k <= 1024 else 8
+    outlier_find_kernel[(blocks,)](x2, keep, x16, amax, count, ever, M, K, float(threshold), x2.stride(0),
+                                   x16.stride(0), COUNT=counters is not None, BLOCK_M=block_m, BLOCK_K=block_k,
+                                   num_warps=warps)
+    outlier_quantize_kernel[(blocks,)](x2, xq, sx, keep, amax, count, calls, cols_sum, M, K, blocks, x2.stride(0),
+                                       xq.stride(0), COUNT=counters is not None, BLOCK_M=block_m, BLOCK_K=block_k,
+                                       BLOCKS=max(2, 1 << max(blocks - 1, 0).bit_length()), num_warps=warps)
     return xq, sx, keep, x16
 
 
@@ -331,8 +351,8 @@ def int8_matmul(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, outli
 
 def llm_int8_decode(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, threshold: float,
                     counters: tuple | None = None, config: dict | None = None) -> torch.Tensor:
-    """LLM.int8() for at most 16 tokens with the outlier columns found on the device: outlier_split (one
-    launch: outliers, their 16-bit part, the int8 codes of the rest, the statistics) and the mask path
+    """LLM.int8() for at most 16 tokens with the outlier columns found on the device: outlier_split (two
+    launches: outliers, their 16-bit part, the int8 codes of the rest, the statistics) and the mask path
     of w8a8_kernel. Same result as int8_matmul(x, ..., outlier_mask=|x| > threshold in some token)."""
     if w_q.dtype != torch.int8 or w_q.shape[1] != x.shape[-1]:
         raise ValueError(f"int8 weight must be int8 [N, {x.shape[-1]}], got {w_q.dtype} {tuple(w_q.shape)}")

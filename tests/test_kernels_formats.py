@@ -304,9 +304,9 @@ def test_llm_int8_outlier_mask_decode():
         int8_matmul(torch.randn(17, K, device=DEVICE), w_q.to(DEVICE), w_scale.to(DEVICE), outlier_mask=mask.to(DEVICE))
 
 
-@pytest.mark.parametrize("M,K", [(1, 200), (3, 1000), (16, 1100)])  # K over one K block at M=16 (512)
+@pytest.mark.parametrize("M,K", [(1, 200), (1, 5000), (3, 1000), (16, 1100)])  # 1, 2, 1, 5 column blocks
 def test_outlier_split_matches_the_torch_ops(M, K):
-    """outlier_split's one launch gives what int8_matmul's mask path computes with several ops: the
+    """outlier_split's two launches give what int8_matmul's mask path computes with several ops: the
     outlier columns, x16, the int8 codes and scales of the rest (bitwise), and Int8Linear's statistics,
     accumulated over calls."""
     seed = fresh_seed()

@@ -105,7 +105,7 @@ class Int8Linear(nn.Module):
         return triton_int8_matmul(x2d, self.weight_int8, self.weight_scale, cols, self.dequantize(x2d.dtype, cols))
 
     def forward_triton_decode(self, x2d: torch.Tensor) -> torch.Tensor:
-        """At most 16 tokens: outliers found, split off and counted in one launch before the matmul
+        """At most 16 tokens: outliers found, split off and counted in two launches before the matmul
         (qbench.kernels.llm_int8_decode), on the device: no host sync, CUDA-graph capturable."""
         from qbench.kernels import llm_int8_decode
 
