@@ -35,7 +35,7 @@ def test_benchmark_formats_agree_with_their_reference_weight(fmt):
     K, N = 256, 64
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # conftest interprets only without one
     call, ref, nbytes, group = make_format(fmt, K, N, dev)
-    for M in (2, 17) if fmt == "llm_int8" else (2,):  # LLM.int8(): the mask and the index-list path
+    for M in (2, 17) if fmt == "llm_int8" else (2,):  # LLM.int8(): outliers found on the device, index list
         x = torch.randn(M, K, dtype=torch.float16, device=dev)
         want = x.double() @ ref.double().T
         err = ((call(x).double() - want).norm() / want.norm()).item()
@@ -59,3 +59,22 @@ def test_report_marks_a_missed_target_and_points_to_the_reasons(tmp_path):
     assert "| W4A16 g128 M=1 >= 3.0x fp16 (8192x28672) | 2.00x | **no** |" in text
     assert "| W4A16 g128 M=1 faster than tinygemm (8192x28672) | 0.0600 vs 0.0700 ms | yes |" in text
     assert MISSED_NOTE in text and "reports/kernels/NOTES.md" in MISSED_NOTE
+
+
+@pytest.mark.parametrize("fmt", ["w4a16", "int8", "fp8", "nf4", "q5_0"])
+def test_host_profile_builds_each_format_s_layer(fmt):
+    """The host profile's layers are the formats' real modules on their Triton path, computing the linear."""
+    import torch
+
+    from qbench.bench.host_profile import build_layer
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 64, bias=False)
+    layer = build_layer(fmt, linear)
+    assert layer.kernel == "triton"
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(3, 256, device=dev, dtype=torch.float16 if dev == "cuda" else torch.float32)
+    layer = layer.to(dev)
+    want = x.double() @ linear.weight.to(dev).double().T
+    err = ((layer(x).double() - want).norm() / want.norm()).item()
+    assert err < 0.1  # 4-bit formats: the rounding of the weights

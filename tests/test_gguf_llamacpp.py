@@ -139,3 +139,16 @@ def test_hugging_face_tokenizer_export(smollm2, tmp_path):
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == smollm2.tokenizer(text).input_ids
     finally:
         llm.close()
+
+
+def test_no_weight_repacking_turns_extra_buffer_types_off_while_loading():
+    """The AMX work-around (qbench.eval.llamacpp): Llama() starts from defaults without extra buffer
+    types inside the context, and from llama.cpp's own defaults again after it."""
+    from qbench.eval.llamacpp import no_weight_repacking
+
+    if not hasattr(llama_cpp.llama_model_default_params(), "use_extra_bufts"):
+        pytest.skip("this llama.cpp has no use_extra_bufts")
+    assert llama_cpp.llama_model_default_params().use_extra_bufts
+    with no_weight_repacking(llama_cpp):
+        assert not llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts
+    assert llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts

@@ -6,10 +6,13 @@ The text is tokenized by the default model's Hugging Face tokenizer exactly as q
 llama.cpp evaluates each non-overlapping window from an empty cache, and the mean next-token NLL over
 windows gives the perplexity (qbench's convention). The KV cache is F32: llama.cpp's default F16 cache
 is a rounding that qbench does not do. What remains differs by design: llama.cpp's CPU matmuls
-quantize the activations (to Q8_0/Q8_K) for quantized weights.
+quantize the activations (to Q8_0/Q8_K) for quantized weights. A build with ggml's AMX kernels runs
+without weight repacking (no_weight_repacking: its AMX matmul crashes), which moves llama.cpp's
+figure slightly (reports/gguf.md).
 """
 
 import argparse
+import contextlib
 import math
 
 import numpy as np
@@ -18,11 +21,39 @@ import torch
 GGML_TYPE_F32 = 0
 
 
+def has_amx(llama_cpp) -> bool:
+    """Whether this llama.cpp build has ggml's AMX kernels (an x86 -march=native build on an AMX CPU)."""
+    return "AMX_INT8 = 1" in llama_cpp.llama_print_system_info().decode(errors="replace")
+
+
+@contextlib.contextmanager
+def no_weight_repacking(llama_cpp):
+    """Load without llama.cpp's extra buffer types (the CLI's --no-repack). ggml's AMX matmul, one of
+    them, segfaults in llama-cpp-python 0.3.36 built natively on an AMX CPU (seen on this project's
+    CPU machine: SIGSEGV in ggml_backend_amx_mul_mat on SmolLM2's first batch). Llama() takes no such
+    argument, so the defaults it starts from are patched while it loads."""
+    module = llama_cpp.llama_cpp
+    original = module.llama_model_default_params
+
+    def defaults():
+        params = original()
+        if hasattr(params, "use_extra_bufts"):
+            params.use_extra_bufts = False
+        return params
+
+    module.llama_model_default_params = defaults
+    try:
+        yield
+    finally:
+        module.llama_model_default_params = original
+
+
 def llama_cpp_perplexity(path: str, ids: torch.Tensor, seqlen: int, windows: int, threads: int = 2) -> float:
     import llama_cpp
 
-    llm = llama_cpp.Llama(path, n_ctx=seqlen, n_batch=seqlen, n_ubatch=seqlen, logits_all=True, n_threads=threads,
-                          type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, verbose=False)
+    with no_weight_repacking(llama_cpp) if has_amx(llama_cpp) else contextlib.nullcontext():
+        llm = llama_cpp.Llama(path, n_ctx=seqlen, n_batch=seqlen, n_ubatch=seqlen, logits_all=True, n_threads=threads,
+                              type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, verbose=False)
     try:
         nll = 0.0
         for w in range(windows):
