@@ -339,13 +339,17 @@ def _run_tma(cfg, xq, sx, w_q, w_scale, is_int, per_channel, out_dtype):
     return out
 
 
+def _check_int8_weight(x: torch.Tensor, w_q: torch.Tensor) -> None:
+    if w_q.dtype != torch.int8 or w_q.shape[1] != x.shape[-1]:
+        raise ValueError(f"int8 weight must be int8 [N, {x.shape[-1]}], got {w_q.dtype} {tuple(w_q.shape)}")
+
+
 def int8_matmul(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, outlier_idx: torch.Tensor | None = None,
                 w_outlier: torch.Tensor | None = None, config: dict | None = None,
                 outlier_mask: torch.Tensor | None = None) -> torch.Tensor:
     """W8A8 int8 (per-row weight x per-token activation scales); LLM.int8() when outlier columns are given,
     as indices with their 16-bit weights or (at most 16 tokens) as a bool mask over the input columns."""
-    if w_q.dtype != torch.int8 or w_q.shape[1] != x.shape[-1]:
-        raise ValueError(f"int8 weight must be int8 [N, {x.shape[-1]}], got {w_q.dtype} {tuple(w_q.shape)}")
+    _check_int8_weight(x, w_q)
     return _w8a8(x, w_q.contiguous(), w_scale, torch.int8, outlier_idx, w_outlier, config, "int8", outlier_mask)
 
 
@@ -354,8 +358,7 @@ def llm_int8_decode(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, t
     """LLM.int8() for at most 16 tokens with the outlier columns found on the device: outlier_split (two
     launches: outliers, their 16-bit part, the int8 codes of the rest, the statistics) and the mask path
     of w8a8_kernel. Same result as int8_matmul(x, ..., outlier_mask=|x| > threshold in some token)."""
-    if w_q.dtype != torch.int8 or w_q.shape[1] != x.shape[-1]:
-        raise ValueError(f"int8 weight must be int8 [N, {x.shape[-1]}], got {w_q.dtype} {tuple(w_q.shape)}")
+    _check_int8_weight(x, w_q)
     x2 = x.reshape(-1, x.shape[-1])
     prologue = outlier_split(x2, threshold, counters)
     return _w8a8(x2, w_q.contiguous(), w_scale, torch.int8, config=config, name="int8", prologue=prologue) \

@@ -247,12 +247,17 @@ def round_away(v):
     return torch.sign(v) * torch.floor(v.abs() + 0.5)
 
 
+def int8_weight(N: int, K: int) -> tuple:
+    """Random [N, K] weights as int8 codes and per-row absmax scales (w8a8's layout) -> (w, w_q, w_scale)."""
+    w = torch.randn(N, K)
+    w_scale = w.abs().amax(1) / 127
+    return w, round_away(w / w_scale[:, None]).to(torch.int8), w_scale
+
+
 def test_int8_and_llm_int8():
     seed = fresh_seed()
     N, K = 19, 100
-    w = torch.randn(N, K)
-    w_scale = w.abs().amax(1) / 127
-    w_q = round_away(w / w_scale[:, None]).to(torch.int8)
+    w, w_q, w_scale = int8_weight(N, K)
     outliers = torch.tensor([3, 41, 99], dtype=torch.int32)
     keep = torch.ones(K, dtype=torch.bool)
     keep[outliers.long()] = False
@@ -284,9 +289,7 @@ def test_llm_int8_outlier_mask_decode():
     int8 weights times their row scale, as the index-list path's dequantized w_outlier does."""
     seed = fresh_seed()
     N, K = 23, 200  # K: not a multiple of the K tile
-    w = torch.randn(N, K)
-    w_scale = w.abs().amax(1) / 127
-    w_q = round_away(w / w_scale[:, None]).to(torch.int8)
+    w, w_q, w_scale = int8_weight(N, K)
     mask = torch.zeros(K, dtype=torch.bool)
     mask[[0, 57, 199]] = True
     for M, cfg in [(1, DOT_SPLIT), (3, TILED), (16, DOT_SPLIT)]:
@@ -340,9 +343,7 @@ def test_outlier_split_matches_the_torch_ops(M, K):
 def test_llm_int8_decode_equals_the_mask_path():
     seed = fresh_seed()
     N, K = 23, 300
-    w = torch.randn(N, K)
-    w_scale = w.abs().amax(1) / 127
-    w_q = round_away(w / w_scale[:, None]).to(torch.int8)
+    w, w_q, w_scale = int8_weight(N, K)
     for M in (1, 5):
         x = torch.randn(M, K)
         x[:, [11, 250]] *= 30
