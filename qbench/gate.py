@@ -10,7 +10,9 @@ Every ppl_* metric of the baseline is compared: higher than the baseline by more
 is a regression; lower by more than it is an improvement (reported, so the baseline can be refreshed
 with --update). A baseline config with no ok record in the results (missing or failed), and any
 failed run, fail the gate. Exit 0: passed; 1: failed; 2: bad input (one line).
-Tolerance: "0.5%" is relative to the baseline's perplexity; a bare number ("0.05") is absolute.
+Tolerance: "0.5%" is relative to the baseline's perplexity; a bare number ("0.05") is absolute. A
+baseline config may carry its own ("tolerance", with a "why"): for a measurement that moves between
+machines by more than the command's tolerance (e.g. LLM.int8() on 1024 tokens); --update keeps it.
 """
 
 import argparse
@@ -59,14 +61,14 @@ def label(key: dict) -> str:
     return " ".join(parts)
 
 
-def parse_tolerance(text: str) -> tuple[float, bool]:
+def parse_tolerance(text: str, what: str = "--max-ppl-increase") -> tuple[float, bool]:
     """'0.5%' -> (0.005, relative); '0.05' -> (0.05, absolute)."""
     try:
         value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
-    except ValueError:
-        raise GateError(f"--max-ppl-increase must look like 0.5% (relative) or 0.05 (absolute), got {text!r}") from None
+    except (ValueError, AttributeError):
+        raise GateError(f"{what} must look like 0.5% (relative) or 0.05 (absolute), got {text!r}") from None
     if value < 0:
-        raise GateError(f"--max-ppl-increase must be >= 0, got {text!r}")
+        raise GateError(f"{what} must be >= 0, got {text!r}")
     return value, text.endswith("%")
 
 
@@ -91,6 +93,9 @@ def load_baseline(path: str) -> dict:
         raise GateError(f"baseline file {path} is not a qbench gate baseline ({FORMAT}) or holds no configs")
     if any("params" not in entry["key"] for entry in data["configs"]):
         raise GateError(f"baseline file {path} predates method parameters in the config keys: re-create it with --update")
+    for entry in data["configs"]:
+        if "tolerance" in entry:
+            parse_tolerance(entry["tolerance"], f"tolerance of {entry.get('label')} in {path}")
     return data
 
 
@@ -101,6 +106,8 @@ def compare(baseline: dict, records: list[dict], tol: float, relative: bool) -> 
     for entry in baseline["configs"]:
         name = label(entry["key"])
         rec = current.pop(key_str(entry["key"]), None)
+        own = "tolerance" in entry  # the config's own tolerance (see the module docstring)
+        entry_tol, entry_relative = parse_tolerance(entry["tolerance"]) if own else (tol, relative)
         if rec is None or rec.get("status") != "ok":
             why = "missing (no record)" if rec is None else f"failed: {rec.get('error')}"
             missing.append(name)
@@ -112,7 +119,7 @@ def compare(baseline: dict, records: list[dict], tol: float, relative: bool) -> 
                 missing.append(f"{name} {metric}")
                 rows.append([name, metric, f"{base:.4f}", "", "", "missing metric"])
                 continue
-            limit = tol * base if relative else tol
+            limit = entry_tol * base if entry_relative else entry_tol
             change = f"{(value - base) / base:+.3%}"
             if value > base + limit:
                 status = "REGRESSION"
@@ -122,6 +129,8 @@ def compare(baseline: dict, records: list[dict], tol: float, relative: bool) -> 
                 improved.append(f"{name} {metric}")
             else:
                 status = "ok"
+            if own:
+                status += f" (its tolerance {entry['tolerance']})"
             rows.append([name, metric, f"{base:.4f}", f"{value:.4f}", change, status])
     new = []
     for rec in current.values():
@@ -142,7 +151,8 @@ def render(result: dict) -> str:
                     tablefmt="github", disable_numparse=True)
 
 
-def make_baseline(records: list[dict], results: str) -> dict:
+def make_baseline(records: list[dict], results: str, previous: dict | None = None) -> dict:
+    """The baseline of the records' ok runs; a config's own tolerance (and why) is kept from `previous`."""
     ok = [r for r in records if r.get("status") == "ok"]
     models = sorted({r.get("model") for r in ok})
     if not ok:
@@ -151,6 +161,9 @@ def make_baseline(records: list[dict], results: str) -> dict:
         raise GateError(f"records of several models in {results} ({', '.join(models)}): pass --model")
     configs = [{"key": config_key(r), "label": label(config_key(r)), "run_id": r.get("run_id"),
                 "metrics": {k: v for k, v in sorted(r["metrics"].items()) if k.startswith("ppl_")}} for r in ok]
+    kept = {key_str(c["key"]): c for c in (previous or {}).get("configs", []) if "tolerance" in c}
+    for c in configs:
+        c.update({k: v for k, v in kept.get(key_str(c["key"]), {}).items() if k in ("tolerance", "why")})
     configs.sort(key=lambda c: c["label"])
     shas = sorted({(r.get("env") or {}).get("git_sha") for r in ok} - {None})  # the code that made the numbers
     return {"format": FORMAT, "model": models[0], "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -160,7 +173,8 @@ def make_baseline(records: list[dict], results: str) -> dict:
 def gate(baseline_path: str, results: str, tolerance: str = "0.5%", update: bool = False, model: str | None = None) -> int:
     tol, relative = parse_tolerance(tolerance)
     if update:
-        data = make_baseline(current_records(results, model), results)
+        previous = load_baseline(baseline_path) if Path(baseline_path).is_file() else None
+        data = make_baseline(current_records(results, model), results, previous)
         Path(baseline_path).parent.mkdir(parents=True, exist_ok=True)
         Path(baseline_path).write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
         print(f"qbench gate: wrote {len(data['configs'])} configs of {data['model']} to {baseline_path}")
@@ -182,7 +196,9 @@ def gate(baseline_path: str, results: str, tolerance: str = "0.5%", update: bool
     if result["improved"] or result["new"]:
         note = (f"; {len(result['improved'])} improved beyond tolerance, {len(result['new'])} new config(s): "
                 f"refresh with qbench gate --update --baseline {baseline_path} --results {results}")
-    print(f"qbench gate: passed ({len(baseline['configs'])} baseline configs within {shown}){note}")
+    own = sum("tolerance" in entry for entry in baseline["configs"])
+    own_note = f", {own} with their own tolerance" if own else ""
+    print(f"qbench gate: passed ({len(baseline['configs'])} baseline configs within {shown}{own_note}){note}")
     return 0
 
 

@@ -76,6 +76,29 @@ def test_failed_run_fails_and_new_config_is_reported(baseline, tmp_path, capsys)
     assert "1 improved beyond tolerance, 1 new config(s): refresh with qbench gate --update" in out
 
 
+def test_a_config_s_own_tolerance_applies_to_it_alone_and_survives_update(baseline, tmp_path, capsys):
+    data = json.loads(baseline.read_text())
+    w3 = next(c for c in data["configs"] if c["label"].startswith("rtn w3"))
+    w3.update(tolerance="3%", why="moves between machines")
+    baseline.write_text(json.dumps(data))
+    results = write(tmp_path / "r", [rec("fp16", None, 20.0), rec("rtn", 4, 22.0), rec("rtn", 3, 30.6)])  # w3 +2%
+    assert gate.gate(str(baseline), results, "0.5%") == 0
+    assert "ok (its tolerance 3%)" in capsys.readouterr().out
+    results = write(tmp_path / "r2", [rec("fp16", None, 20.0), rec("rtn", 4, 22.44), rec("rtn", 3, 31.0)])  # w4 +2%, w3 +3.3%
+    assert gate.gate(str(baseline), results, "0.5%") == 1
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "2 regression(s)" in last and "rtn w4 g128" in last and "rtn w3 g128" in last
+    assert gate.gate(str(baseline), str(tmp_path / "r"), update=True) == 0
+    kept = [c for c in json.loads(baseline.read_text())["configs"] if "tolerance" in c]
+    assert [(c["label"], c["tolerance"], c["why"]) for c in kept] == [("rtn w3 g128 [cpu seqlen 512 x2]", "3%", "moves between machines")]
+    w3["tolerance"] = "lots"
+    baseline.write_text(json.dumps(data))
+    with pytest.raises(gate.GateError):
+        gate.gate(str(baseline), str(tmp_path / "r"))
+    assert run_gate("--baseline", str(baseline), "--results", str(tmp_path / "r"), cwd=tmp_path).stdout.strip() == \
+        f"qbench gate: error: tolerance of rtn w3 g128 [cpu seqlen 512 x2] in {baseline} must look like 0.5% (relative) or 0.05 (absolute), got 'lots'"
+
+
 def test_changed_eval_settings_do_not_match(baseline, tmp_path):
     other = dict(KEY, ppl_max_windows=3)
     results = write(tmp_path / "r", [rec("fp16", None, 20.0, key=other), rec("rtn", 4, 22.0, key=other), rec("rtn", 3, 30.0, key=other)])
