@@ -30,9 +30,10 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-# Bumped whenever a kernel's candidate list changes (2: IN_PLACE pairing of kernels/wint_h2.py), so a
-# machine's cached choices from an older list are re-tuned instead of kept.
-CANDIDATES_VERSION = 2
+# Bumped whenever a kernel's candidate list changes (2: IN_PLACE pairing of kernels/wint_h2.py; 3: GGUF
+# decode through the integer kernel, kernels/gguf.py), so a machine's cached choices from an older list
+# are re-tuned instead of kept.
+CANDIDATES_VERSION = 3
 
 
 def _cache_file(device_name: str) -> Path:

@@ -229,11 +229,13 @@ def slice_pair3_placed(va, vb, xw, ka, K, nz0, nz3, nz6, part, EVEN: tl.constexp
 
 
 @triton.jit
-def _tile_sums(x_ptr, qweight, qzeros, scales, N, K, stride_xm, n_zero_words, offs_n, nmask, m, t_start, t_end,
-               BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def _tile_sums(x_ptr, qweight, qzeros, scales, mins, xsums, N, K, stride_xm, n_zero_words, offs_n, nmask, m,
+               t_start, t_end, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                PTX: tl.constexpr, EVEN: tl.constexpr, CHAIN: tl.constexpr, STAGES: tl.constexpr,
-               BYTE_PAIRS: tl.constexpr, IN_PLACE: tl.constexpr):
-    """sum over K tiles t_start..t_end-1 of x[m, tile] @ W^T[tile, offs_n], float32 [BLOCK_N]."""
+               BYTE_PAIRS: tl.constexpr, IN_PLACE: tl.constexpr, HAS_MIN: tl.constexpr):
+    """sum over K tiles t_start..t_end-1 of x[m, tile] @ W^T[tile, offs_n], float32 [BLOCK_N]. HAS_MIN: W has a
+    per-group min term, W = (q - z) * s - min (GGUF's Q4_1, Q4_K ..., kernels/gguf.py): each tile subtracts
+    xsums[m, tile] * mins[g, offs_n], xsums holding the sums of x over each K tile."""
     PER: tl.constexpr = 32 if BITS == 3 else 32 // BITS  # codes per row: a word, or a 3-word chunk at 3 bits
     HALF: tl.constexpr = PER // 2  # pairs per word
     ROWS: tl.constexpr = BLOCK_K // PER // CHAIN  # words (chunks) of a column per chained slab
@@ -246,6 +248,7 @@ def _tile_sums(x_ptr, qweight, qzeros, scales, N, K, stride_xm, n_zero_words, of
     n_words = tl.cdiv(K * BITS, 32)
     xrow = x_ptr + m * stride_xm
     acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)  # reduced over the rows once, after the loop
+    min_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for t in tl.range(t_start, t_end, num_stages=STAGES):
         k0 = t * BLOCK_K
         g = 0 if GROUP == 0 else k0 // GROUP  # the launcher makes BLOCK_K divide the group
@@ -253,6 +256,12 @@ def _tile_sums(x_ptr, qweight, qzeros, scales, N, K, stride_xm, n_zero_words, of
             s = tl.load(scales + g * N + offs_n).to(tl.float32)
         else:
             s = tl.load(scales + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
+        if HAS_MIN:
+            if EVEN:
+                mn = tl.load(mins + g * N + offs_n).to(tl.float32)
+            else:
+                mn = tl.load(mins + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
+            min_acc += tl.load(xsums + m * tl.cdiv(K, BLOCK_K) + t) * mn
         z = stream_bits(qzeros + g * n_zero_words, offs_n, 1, n_zero_words, nmask, BITS)
         if IN_PLACE:  # placed_fma's zero terms for the code positions used (3 bits: 0, 3, 6; 4 bits: 0, 4)
             nz0 = placed_zero(z, 0, TOP)
@@ -311,16 +320,17 @@ def _tile_sums(x_ptr, qweight, qzeros, scales, N, K, stride_xm, n_zero_words, of
                     part = code_pair(words, BITS * j, k + j, k + j + HALF, xrow, K, mask2, zz, part, TOP, EVEN, PTX)
         p_lo, p_hi = _h2(part)  # sum of x * (q - z) / UNIT over the chained rows, in two halves
         acc += (p_lo.to(tl.float32) + p_hi.to(tl.float32)) * (s * UNIT)[None, :]
+    if HAS_MIN:
+        return tl.sum(acc, axis=0) - min_acc
     return tl.sum(acc, axis=0)
 
 
 @triton.jit
-def wint_h2_decode_kernel(x_ptr, out_ptr, qweight, qzeros, scales, partials, counters, N, K, stride_xm, stride_om,
-                          n_zero_words, SPLIT_K, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, PTX: tl.constexpr, EVEN: tl.constexpr = False,
+def wint_h2_decode_kernel(x_ptr, out_ptr, qweight, qzeros, scales, mins, xsums, partials, counters, N, K, stride_xm,
+                          stride_om, n_zero_words, SPLIT_K, BITS: tl.constexpr, GROUP: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PTX: tl.constexpr, EVEN: tl.constexpr = False,
                           CHAIN: tl.constexpr = 2, STAGES: tl.constexpr = 1, BYTE_PAIRS: tl.constexpr = False,
-                          IN_PLACE: tl.constexpr = False,
-                          STREAM: tl.constexpr = False):
+                          IN_PLACE: tl.constexpr = False, STREAM: tl.constexpr = False, HAS_MIN: tl.constexpr = False):
     m = tl.program_id(2)
     k_tiles = tl.cdiv(K, BLOCK_K)
     if STREAM:  # grid axis 0: P programs, each a range of the (column tile, K tile) units (kernels/splitk.py)
@@ -330,8 +340,9 @@ def wint_h2_decode_kernel(x_ptr, out_ptr, qweight, qzeros, scales, partials, cou
             lo, hi = stream_bounds(tile, start, end, k_tiles)
             offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
             nmask = offs_n < N
-            res = _tile_sums(x_ptr, qweight, qzeros, scales, N, K, stride_xm, n_zero_words, offs_n, nmask, m, lo, hi,
-                             BITS, GROUP, BLOCK_N, BLOCK_K, PTX, EVEN, CHAIN, STAGES, BYTE_PAIRS, IN_PLACE)
+            res = _tile_sums(x_ptr, qweight, qzeros, scales, mins, xsums, N, K, stride_xm, n_zero_words, offs_n, nmask,
+                             m, lo, hi, BITS, GROUP, BLOCK_N, BLOCK_K, PTX, EVEN, CHAIN, STAGES, BYTE_PAIRS, IN_PLACE,
+                             HAS_MIN)
             store_stream(out_ptr, res, partials, counters, offs_n, nmask, N, stride_om, tile, n_tiles, k_tiles, P, U,
                          BLOCK_N)
     else:
@@ -340,9 +351,9 @@ def wint_h2_decode_kernel(x_ptr, out_ptr, qweight, qzeros, scales, partials, cou
         pid_k = tl.program_id(1)
         per_split = tl.cdiv(k_tiles, SPLIT_K)
         t_end = tl.minimum(pid_k * per_split + per_split, k_tiles)
-        res = _tile_sums(x_ptr, qweight, qzeros, scales, N, K, stride_xm, n_zero_words, offs_n, nmask, m,
+        res = _tile_sums(x_ptr, qweight, qzeros, scales, mins, xsums, N, K, stride_xm, n_zero_words, offs_n, nmask, m,
                          pid_k * per_split, t_end, BITS, GROUP, BLOCK_N, BLOCK_K, PTX, EVEN, CHAIN, STAGES,
-                         BYTE_PAIRS, IN_PLACE)
+                         BYTE_PAIRS, IN_PLACE, HAS_MIN)
         store_result(out_ptr, res, partials, counters, offs_n, nmask, N, stride_om, SPLIT_K, BLOCK_N)
 
 def h2_decode_configs(M: int, N: int, K: int, bits: int, group: int, dtype: torch.dtype, n_sm: int) -> list[dict]:
@@ -362,7 +373,7 @@ def h2_decode_configs(M: int, N: int, K: int, bits: int, group: int, dtype: torc
     chain = 1 if bits == 3 else 2
     pairing = {} if K % 2 else {"IN_PLACE": True} if bits in (3, 4) else {"BYTE_PAIRS": True} if bits == 8 else {}
     configs = []
-    small = 64 if not group or group % 64 == 0 else 32  # a K tile must lie inside one group (g32: 32)
+    small = 64 if not group or group % 64 == 0 else 32 if group % 32 == 0 else 16  # a K tile lies inside a group
     for bn, bk, warps in ((512, small, 4), (256, small, 4), (1024, small, 8), (512, 128, 8)):
         if (group and group % bk) or bk // per < chain:
             continue
@@ -381,8 +392,15 @@ def h2_decode_configs(M: int, N: int, K: int, bits: int, group: int, dtype: torc
     return configs
 
 
-def run_h2_decode(cfg: dict, x2: torch.Tensor, qweight, qzeros, scales, bits: int, group: int, N: int) -> torch.Tensor:
+def run_h2_decode(cfg: dict, x2: torch.Tensor, qweight, qzeros, scales, bits: int, group: int, N: int,
+                  mins: torch.Tensor | None = None) -> torch.Tensor:
+    """mins [G, N]: W = (q - z) * s - mins (HAS_MIN); the sums of x over each K tile are taken here."""
     M, K = x2.shape
+    xsums = scales
+    if mins is not None:
+        if K % cfg["BLOCK_K"]:
+            raise ValueError(f"wint_h2 with mins: BLOCK_K {cfg['BLOCK_K']} must divide K {K}")
+        xsums = x2.view(M, K // cfg["BLOCK_K"], cfg["BLOCK_K"]).sum(-1, dtype=torch.float32)
     stream = cfg.get("STREAM", 0)  # stream-K: programs per token (0: split-K)
     if stream:
         n_tiles, k_tiles = cdiv(N, cfg["BLOCK_N"]), cdiv(K, cfg["BLOCK_K"])
@@ -397,10 +415,10 @@ def run_h2_decode(cfg: dict, x2: torch.Tensor, qweight, qzeros, scales, bits: in
     x_words = K % 2 == 0 and x2.stride(0) % 2 == 0 and x2.data_ptr() % 4 == 0
     byte_pairs = cfg.get("BYTE_PAIRS", False) and bits in (4, 8) and x_words
     in_place = cfg.get("IN_PLACE", False) and bits in (3, 4) and x_words
-    wint_h2_decode_kernel[grid](x2, out, qweight, qzeros, scales, partials, counters, N, K, x2.stride(0), out.stride(0),
-                                qzeros.shape[1], split, BITS=bits, GROUP=group, BLOCK_N=cfg["BLOCK_N"],
+    wint_h2_decode_kernel[grid](x2, out, qweight, qzeros, scales, scales if mins is None else mins, xsums, partials,
+                                counters, N, K, x2.stride(0), out.stride(0), qzeros.shape[1], split, BITS=bits, GROUP=group, BLOCK_N=cfg["BLOCK_N"],
                                 BLOCK_K=cfg["BLOCK_K"], CHAIN=cfg["CHAIN"], STAGES=cfg.get("STAGES", 1),
                                 PTX=not interpreted(), EVEN=K % cfg["BLOCK_K"] == 0 and N % cfg["BLOCK_N"] == 0,
-                                BYTE_PAIRS=byte_pairs, IN_PLACE=in_place, STREAM=bool(stream),
+                                BYTE_PAIRS=byte_pairs, IN_PLACE=in_place, STREAM=bool(stream), HAS_MIN=mins is not None,
                                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out

@@ -28,3 +28,74 @@ def test_kernel_torch_uses_the_torch_dequantization():
     layer = GGUFLinear.from_linear(torch.nn.Linear(256, 16), "Q3_K", kernel="torch").to(DEVICE)
     x = torch.randn(2, 256, device=DEVICE)
     assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.dequantize(), layer.bias))
+
+
+H2_TYPES = ["Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q8_0", "Q6_K"]
+
+
+def test_integer_form_is_the_dequantization_bitwise():
+    """Every type taken apart into codes, scales, zero and mins gives back gguf_quants.dequantize exactly."""
+    from qbench.quant.gguf_integer import integer_form
+    from qbench.quant.gguf_quants import TYPES, dequantize, quantize
+
+    torch.manual_seed(0)
+    w = torch.randn(7, 512) * 0.05
+    w[0, 3], w[2, 100] = 1.0, -0.7  # outliers widen one block's range
+    for qtype in TYPES:
+        raw = quantize(w, qtype)
+        form = integer_form(raw, qtype, 512)
+        assert form.codes.dtype == torch.uint8 and int(form.codes.max()) < 2 ** form.bits, qtype
+        assert torch.equal(form.dequantize(), dequantize(raw, qtype, 512)), qtype
+
+
+def h2_cfg(split=1, stream=0, block_k=32, byte_pairs=False, in_place=False, chain=2, stages=1):
+    return {"KERNEL": "gguf_h2", "BLOCK_N": 16, "BLOCK_K": block_k, "SPLIT_K": split, "CHAIN": chain,
+            "STAGES": stages, "BYTE_PAIRS": byte_pairs, "IN_PLACE": in_place, "STREAM": stream, "num_warps": 4,
+            "num_stages": 1}
+
+
+@pytest.mark.parametrize("qtype", H2_TYPES)
+def test_gguf_decode_through_the_integer_kernel(qtype):
+    """M <= 4 fp16 decode on the integer fp16x2 kernel (kernels/gguf.py wint_layout): split-K, stream-K, the
+    pairings, min terms (Q4_1, Q5_1, Q4_K, Q5_K), groups of 16 (Q6_K); N=37 ends inside a column tile."""
+    from qbench.kernels.gguf import gguf_matmul, wint_layout
+    from qbench.quant.gguf_quants import dequantize, quantize
+    from qbench.quant.packing import unpack_rows
+
+    seed = int.from_bytes(__import__("os").urandom(4), "little")
+    torch.manual_seed(seed)
+    K = 512
+    raw = quantize(torch.randn(37, K) * 0.05, qtype).to(DEVICE)
+    w = dequantize(raw, qtype, K).double()
+    qweight, qzeros, scales, mins, bits, group = wint_layout(raw, qtype.lower(), K)
+    from qbench.quant.gguf_integer import integer_form
+    assert torch.equal(unpack_rows(qweight, bits, K).T.to(torch.uint8), integer_form(raw, qtype, K).codes)
+    assert (mins is not None) == (qtype in ("Q4_1", "Q5_1", "Q4_K", "Q5_K"))
+    bk = 16 if group == 16 else 32
+    pairing = {"in_place": True} if bits == 4 else {"byte_pairs": True}
+    for M, cfg in ((1, h2_cfg(block_k=bk)), (3, h2_cfg(split=3, block_k=bk, chain=1, **pairing)),
+                   (2, h2_cfg(stream=5, block_k=bk, stages=2, **pairing)), (1, h2_cfg(split=2, block_k=bk, stages=3))):
+        x = torch.randn(M, K, device=DEVICE, dtype=torch.float16)
+        ref = x.double() @ w.T
+        y = gguf_matmul(x, raw, qtype.lower(), config=cfg)
+        assert y.shape == (M, 37) and y.dtype == torch.float16
+        err = ((y.double() - ref).norm() / ref.norm()).item()
+        assert err < 2e-3, f"{qtype} rel err {err:.2e} (seed {seed}, M={M}, config={cfg})"
+
+
+def test_gguf_linear_fp16_decode_picks_the_integer_kernel():
+    """The tuner's candidates for fp16 decode start with the integer kernel (what the interpreter runs), and
+    GGUFLinear's Triton path agrees with its torch path."""
+    from qbench.kernels.gguf import gguf_matmul  # noqa: F401
+    from qbench.kernels.wint_h2 import h2_decode_configs
+
+    assert h2_decode_configs(1, 576, 576, 8, 32, torch.float16, 132)
+    assert h2_decode_configs(1, 576, 1536, 8, 16, torch.float16, 132)  # Q6_K: K tiles of 16
+    torch.manual_seed(1)
+    layer = GGUFLinear.from_linear(torch.nn.Linear(512, 48, bias=True), "Q5_0", kernel="triton").to(DEVICE).half()
+    x = torch.randn(1, 512, device=DEVICE, dtype=torch.float16)
+    y = layer(x)
+    assert hasattr(layer.qweight, "_qbench_wint")  # the integer layout was built and used
+    layer.kernel = "torch"
+    ref = layer(x)
+    assert ((y.float() - ref.float()).norm() / ref.float().norm()).item() < 2e-3
