@@ -5,31 +5,36 @@
 
 Two ways to multiply, compared by the tuner per shape:
 - straight from the block bytes (the dequant-matmul skeleton, kernels/matmul.py, every type and M);
-- for decode (M <= 4, fp16 activations) the integer fp16x2 kernel of kernels/wint_h2.py on a copy of the
-  weight in its layout (`wint_layout`, made once per weight and kept on `raw`). Every GGML type is integer
+- on a copy of the weight in the integer formats' layout (`wint_layout`, made once per weight and kept
+  on `raw`): for decode (M <= 4, fp16 activations) the integer fp16x2 kernel of kernels/wint_h2.py, for
+  any M the integer formats' skeleton configs (tiled tl.dot, or dequantize + cuBLAS: aligned 32-bit
+  words instead of bytes at 18-34-byte strides) with the min term added by one cuBLAS call. Every GGML type is integer
   codes with a per-group scale, an integer zero and a per-group min (qbench/quant/gguf_integer.py):
   Q4_0, Q4_1, Q4_K become 4-bit codes in groups of 32, Q5_0, Q5_1, Q5_K, Q8_0 8-bit codes (the 5-bit
   ones take 8 bits here: the kernel has no 5-bit path) in groups of 32, Q6_K 8-bit codes in groups of
-  16; the min term (Q4_1, Q5_1, Q4_K, Q5_K) is subtracted in the kernel as (sum of x over a tile) * min.
+  16; the min term (Q4_1, Q5_1, Q4_K, Q5_K) is subtracted in the fp16x2 kernel as (sum of x over a
+  tile) * min.
   Scales and mins are stored in fp16, which rounds the K-quants' float32 products d * sc and dmin * m
   (relative 2**-11, the rounding the torch path applies to every dequantized weight in an fp16 model);
   Q4_0, Q5_0, Q8_0 and the legacy mins are fp16 values already, so those copies are exact. The
   block bytes decoded one field at a time made Q5_0 and Q6_K decode at 0.34x / 0.27x fp16 on the
   H200 (reports/kernels/NOTES.md); the copy costs the memory of the weight again (at most 9 bits per
   weight), as the NF4 column copy does. Q2_K and Q3_K (groups of 16 at 2 and 3 bits, which the fp16x2
-  kernel's tiles do not fit) stay on the skeleton.
+  kernel's tiles do not fit) take only the skeleton configs on the copy.
 """
 
 import torch
 
 from qbench.kernels.dequant import Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
-from qbench.kernels.matmul import GGUF, dequant_matmul, sm_count
+from qbench.kernels.matmul import GGUF, WINT, candidate_configs, dequant_matmul, sm_count
 from qbench.kernels.wint_h2 import h2_decode_configs, run_h2_decode
 
 BLOCKS = {"q4_0": (Q4_0, 32, 18), "q8_0": (Q8_0, 32, 34), "q4_k": (Q4_K, 256, 144),  # type, elems, bytes
           "q4_1": (Q4_1, 32, 20), "q5_0": (Q5_0, 32, 22), "q5_1": (Q5_1, 32, 24), "q5_k": (Q5_K, 256, 176),
           "q6_k": (Q6_K, 256, 210), "q2_k": (Q2_K, 256, 84), "q3_k": (Q3_K, 256, 110)}
-H2_BITS = {"q4_0": 4, "q4_1": 4, "q4_k": 4, "q5_0": 8, "q5_1": 8, "q5_k": 8, "q8_0": 8, "q6_k": 8}  # kernel code bits
+# bits of the codes in the integer copy (5 and 6 bits stored as 8: the fp16x2 kernel has no such path)
+CODE_BITS = {"q4_0": 4, "q4_1": 4, "q4_k": 4, "q5_0": 8, "q5_1": 8, "q5_k": 8, "q8_0": 8, "q6_k": 8, "q2_k": 2, "q3_k": 3}
+GROUP = {"q6_k": 16, "q2_k": 16, "q3_k": 16}  # elements per scale (others: 32)
 
 
 def wint_layout(raw: torch.Tensor, qtype: str, K: int) -> tuple:
@@ -44,7 +49,7 @@ def wint_layout(raw: torch.Tensor, qtype: str, K: int) -> tuple:
     from qbench.quant.packing import pack_cols, pack_rows
 
     form = integer_form(raw, qtype.upper(), K)
-    bits = H2_BITS[qtype]
+    bits = CODE_BITS[qtype]
     groups = form.scales.shape[1]
     qweight = pack_rows(form.codes.T, bits)
     qzeros = pack_cols(torch.full((groups, raw.shape[0]), form.zero, dtype=torch.int32, device=raw.device), bits)
@@ -52,6 +57,18 @@ def wint_layout(raw: torch.Tensor, qtype: str, K: int) -> tuple:
     layout = (qweight, qzeros, form.scales.T.contiguous().half(), mins, bits, form.group)
     raw._qbench_wint = (key, layout)
     return layout
+
+
+def wint_with_mins(x2: torch.Tensor, qweight, qzeros, scales, mins, bits: int, group: int, N: int, config: dict):
+    """x2 @ W^T on the integer copy through the integer formats' dequant-matmul skeleton (any M: its tiled
+    tl.dot paths, or dequantize + cuBLAS), the min term after it: out -= (sums of x over each group) @ mins."""
+    M, K = x2.shape
+    out = dequant_matmul(WINT, x2, N, (qweight, qzeros, scales), (bits, group, False), i0=qzeros.shape[1],
+                         config=config)
+    if mins is None:
+        return out
+    sums = x2.view(M, K // group, group).sum(-1, dtype=torch.float32)
+    return torch.addmm(out.float(), sums, mins.float(), alpha=-1).to(x2.dtype)
 
 
 def gguf_matmul(x: torch.Tensor, raw: torch.Tensor, qtype: str, config: dict | None = None) -> torch.Tensor:
@@ -62,16 +79,17 @@ def gguf_matmul(x: torch.Tensor, raw: torch.Tensor, qtype: str, config: dict | N
         raise ValueError(f"{qtype}: raw {tuple(raw.shape)} {raw.dtype} does not fit K={K}")
     M = x.numel() // K if K else 0
     fast = None
-    if qtype in H2_BITS:
-        group = 16 if qtype == "q6_k" else 32
-
+    if qtype in CODE_BITS:
         def configs():
-            found = h2_decode_configs(M, N, K, H2_BITS[qtype], group, x.dtype, sm_count(x.device))
-            return [{**c, "KERNEL": "gguf_h2"} for c in found]
+            found = h2_decode_configs(M, N, K, CODE_BITS[qtype], GROUP.get(qtype, 32), x.dtype, sm_count(x.device))
+            return [{**c, "KERNEL": "gguf_h2"} for c in found] + \
+                [{"KERNEL": "gguf_wint", "WINT": c} for c in candidate_configs(M, N, K, x.device)]
 
         def run(cfg, x2):
             qweight, qzeros, scales, mins, bits, g = wint_layout(raw, qtype, K)
-            return run_h2_decode(cfg, x2, qweight, qzeros, scales, bits, g, N, mins=mins)
+            if cfg["KERNEL"] == "gguf_h2":
+                return run_h2_decode(cfg, x2, qweight, qzeros, scales, bits, g, N, mins=mins)
+            return wint_with_mins(x2, qweight, qzeros, scales, mins, bits, g, N, cfg["WINT"])
         fast = (configs, run)
     return dequant_matmul(GGUF, x, N, (raw.contiguous(),), (code,), i0=raw.shape[1], name=qtype, config=config,
                           fast=fast)

@@ -99,3 +99,31 @@ def test_gguf_linear_fp16_decode_picks_the_integer_kernel():
     layer.kernel = "torch"
     ref = layer(x)
     assert ((y.float() - ref.float()).norm() / ref.float().norm()).item() < 2e-3
+
+
+GEMV = dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=32, SPLIT_K=2, GROUP_M=1, num_warps=4, num_stages=2)
+DOT16 = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, SPLIT_K=3, GROUP_M=1, num_warps=4, num_stages=2)
+TILED = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=1, GROUP_M=2, num_warps=4, num_stages=2)
+CUBLAS = {"KERNEL": "dequant_cublas", "BLOCK_N": 64, "BLOCK_K": 64}
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+def test_gguf_any_m_through_the_integer_skeleton(qtype):
+    """The integer formats' skeleton on the copy (gguf_wint): GEMV with split-K, tl.dot for a few tokens,
+    the tiled GEMM, dequantize + cuBLAS; the min term added after it; float32 and fp16 activations."""
+    from qbench.kernels.gguf import gguf_matmul
+    from qbench.quant.gguf_quants import dequantize, quantize
+
+    seed = int.from_bytes(__import__("os").urandom(4), "little")
+    torch.manual_seed(seed)
+    K = 512
+    raw = quantize(torch.randn(37, K) * 0.05, qtype).to(DEVICE)
+    w = dequantize(raw, qtype, K).double()
+    for M, inner, dtype in ((1, GEMV, torch.float32), (3, DOT16, torch.float16), (17, TILED, torch.float32),
+                            (5, CUBLAS, torch.float16)):
+        x = torch.randn(M, K, device=DEVICE, dtype=dtype)
+        ref = x.double() @ w.T
+        y = gguf_matmul(x, raw, qtype.lower(), config={"KERNEL": "gguf_wint", "WINT": inner})
+        assert y.shape == (M, 37) and y.dtype == dtype
+        err = ((y.double() - ref).norm() / ref.norm()).item()
+        assert err < 2e-3, f"{qtype} rel err {err:.2e} (seed {seed}, M={M}, config={inner})"
