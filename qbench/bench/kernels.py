@@ -185,6 +185,8 @@ def describe(choice) -> str:
         return "-"
     cfg = choice[1]
     kind = cfg.get("KERNEL", "tiled")
+    if kind == "gguf_wint":  # the integer skeleton on a GGUF weight's integer copy: name the inner config
+        return "gguf_wint " + describe((choice[0], cfg["WINT"]))
     if kind == "tiled":
         bm = cfg["BLOCK_M"]
         kind = "gemv" if bm == 1 else "dot16" if bm == 16 else "gemm"
