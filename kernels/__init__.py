@@ -4,7 +4,7 @@
     nf4_matmul    NF4/FP4 blockwise absmax, double quant                   kernels/nf4.py (fp16 decode: nf4_h2.py)
     gguf_matmul   GGUF Q4_0/1, Q5_0/1, Q8_0, Q2_K .. Q6_K                  kernels/gguf.py
     int8_matmul   W8A8 int8 and LLM.int8() with 16-bit outlier columns     kernels/w8a8.py
-    llm_int8_decode  LLM.int8() for <= 16 tokens, outliers found on device  kernels/w8a8.py
+    llm_int8_decode  LLM.int8() for <= 32 tokens, outliers found on device  kernels/w8a8.py
     fp8_matmul    FP8 (E4M3/E5M2) weights, per-token FP8 activations       kernels/w8a8.py
 Importing this package imports triton; on a CPU, run under TRITON_INTERPRET=1.
 """

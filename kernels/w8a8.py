@@ -5,8 +5,8 @@ Layouts (K = in_features, N = out_features):
     fp8:   w_q float8_e4m3fn or float8_e5m2 [N, K], w_scale float32 [1] (per tensor) or [N] (per channel)
     LLM.int8(): the int8 layout plus outlier_idx int32 [n_out] (input columns kept in 16 bit) and
            w_outlier fp16/bf16 [N, n_out]; those columns of x are zeroed before x is quantized.
-           Or, for M <= 16, outlier_mask bool [K] instead (no index list, so no host sync and the
-           call can be captured in a CUDA graph): the 16-bit part is x * mask times the int8 weight
+           Or, for M <= DECODE_TOKENS (32), outlier_mask bool [K] instead (no index list, so no host
+           sync and the call can be captured in a CUDA graph): the 16-bit part is x * mask times the int8 weight
            tile the int8 part loads anyway, converted to x's dtype, scaled by w_scale after the sum.
 Activations: s_x[m] = absmax(x[m, kept]) / QMAX (127 for int8, 448 for e4m3; a zero row gets scale 1),
 x_q = round-half-away(x / s_x) clamped to +-127 for int8, x / s_x cast to e4m3 for fp8.
@@ -22,6 +22,10 @@ from qbench.kernels.matmul import grouped_tile
 from qbench.kernels.tune import cdiv, m_bucket, pick
 
 INT8_MAX, E4M3_MAX = 127.0, 448.0
+# Up to this many tokens LLM.int8() finds its outlier columns on the device (outlier_split, the mask path):
+# decode steps, batch 32 included. Beyond, the index list (a nonzero(), one host sync per layer) gathers
+# only the outlier columns, where the mask path's second, dense 16-bit product would cost a GEMM.
+DECODE_TOKENS = 32
 
 
 @triton.jit
@@ -132,13 +136,13 @@ def outlier_quantize_kernel(x_ptr, q_ptr, s_ptr, keep_ptr, amax_ptr, count_ptr, 
 
 
 def outlier_split(x2: torch.Tensor, threshold: float, counters: tuple | None = None) -> tuple:
-    """LLM.int8()'s outlier split of x2 [M <= 16, K] in two launches over column blocks -> (x_q int8 [M, K],
+    """LLM.int8()'s outlier split of x2 [M <= DECODE_TOKENS, K] in two launches over column blocks -> (x_q int8 [M, K],
     s_x float32 [M], keep int8 [K], x16 [M, K]): what int8_matmul's outlier_mask path computes with
     several torch ops (see the module docstring). counters: (calls int64 [], cols_sum int64 [], ever
     bool [K]) updated in place, on the device (no host sync: the call can be captured in a CUDA graph)."""
     M, K = x2.shape
-    if M > 16:
-        raise ValueError(f"outlier_split serves M <= 16 (decode), got M={M}")
+    if M > DECODE_TOKENS:
+        raise ValueError(f"outlier_split serves M <= {DECODE_TOKENS} (decode), got M={M}")
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     dev = x2.device
@@ -281,8 +285,8 @@ def _w8a8(x, w_q, w_scale, act_dtype, outlier_idx=None, w_outlier=None, config=N
         x2 = x2.contiguous()
     M = x2.shape[0]
     dense = outlier_mask is not None or prologue is not None
-    if dense and M > 16:
-        raise ValueError(f"outlier_mask serves M <= 16 (decode), got M={M}: pass outlier_idx and w_outlier")
+    if dense and M > DECODE_TOKENS:
+        raise ValueError(f"outlier_mask serves M <= {DECODE_TOKENS} (decode), got M={M}: pass outlier_idx and w_outlier")
     has_out = not dense and outlier_idx is not None and outlier_idx.numel() > 0
     keep = None
     if prologue is not None:  # outlier_split's x_q, s_x, keep, x16
@@ -319,7 +323,8 @@ def _w8a8(x, w_q, w_scale, act_dtype, outlier_idx=None, w_outlier=None, config=N
     tma_ok = not has_out and not dense and K % 16 == 0 and w_q.data_ptr() % 16 == 0  # TMA: 16-byte aligned rows and base
     if config is None:
         key = (m_bucket(M), N, K, str(x.dtype), str(w_q.dtype), per_channel, has_out) + (("dense",) if dense else ())
-        config = pick(name, key, lambda: [c for c in candidate_configs(M, N, K, x.device)
+        # the dense 16-bit part doubles a tile's accumulators: 16-row tiles (the decode list) up to 32 tokens
+        config = pick(name, key, lambda: [c for c in candidate_configs(min(M, 16) if dense else M, N, K, x.device)
                                           if tma_ok or c.get("KERNEL") != "tma"], run, x.device)
     return run(config).reshape(*x.shape[:-1], N)
 
@@ -348,14 +353,14 @@ def int8_matmul(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, outli
                 w_outlier: torch.Tensor | None = None, config: dict | None = None,
                 outlier_mask: torch.Tensor | None = None) -> torch.Tensor:
     """W8A8 int8 (per-row weight x per-token activation scales); LLM.int8() when outlier columns are given,
-    as indices with their 16-bit weights or (at most 16 tokens) as a bool mask over the input columns."""
+    as indices with their 16-bit weights or (at most DECODE_TOKENS) as a bool mask over the input columns."""
     _check_int8_weight(x, w_q)
     return _w8a8(x, w_q.contiguous(), w_scale, torch.int8, outlier_idx, w_outlier, config, "int8", outlier_mask)
 
 
 def llm_int8_decode(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, threshold: float,
                     counters: tuple | None = None, config: dict | None = None) -> torch.Tensor:
-    """LLM.int8() for at most 16 tokens with the outlier columns found on the device: outlier_split (two
+    """LLM.int8() for at most DECODE_TOKENS tokens with the outlier columns found on the device: outlier_split (two
     launches: outliers, their 16-bit part, the int8 codes of the rest, the statistics) and the mask path
     of w8a8_kernel. Same result as int8_matmul(x, ..., outlier_mask=|x| > threshold in some token)."""
     _check_int8_weight(x, w_q)

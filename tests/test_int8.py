@@ -99,21 +99,24 @@ def triton_layer(tokens: int):
 
 
 def test_triton_path_matches_torch():
-    layer, x, outliers = triton_layer(20)  # the index-list path (more than 16 tokens)
+    layer, x, outliers = triton_layer(40)  # the index-list path (more than DECODE_TOKENS = 32 tokens)
     torch.testing.assert_close(layer(x), layer.forward_torch(x, outliers), rtol=1e-4, atol=1e-4)
 
 
 def test_triton_decode_path_has_no_host_sync(monkeypatch):
-    """At most 16 tokens the Triton path passes the outlier columns as a mask: no nonzero() (a host sync,
-    which also makes CUDA-graph capture fail), same output as the torch reference."""
-    layer, x, outliers = triton_layer(3)
-    ref = layer.forward_torch(x, outliers)
+    """At most 32 tokens (decode, batch 32 included) the Triton path passes the outlier columns as a mask:
+    no nonzero() (a host sync, which also makes CUDA-graph capture fail), same output as the torch
+    reference."""
+    for tokens in (3, 32):
+        layer, x, outliers = triton_layer(tokens)
+        ref = layer.forward_torch(x, outliers)
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("nonzero() on the decode path")
+        def refuse(*args, **kwargs):
+            raise AssertionError("nonzero() on the decode path")
 
-    monkeypatch.setattr(torch.Tensor, "nonzero", refuse)
-    torch.testing.assert_close(layer(x), ref, rtol=1e-4, atol=1e-4)
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.Tensor, "nonzero", refuse)
+            torch.testing.assert_close(layer(x), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_triton_decode_path_counts_outliers_like_the_torch_path():

@@ -285,14 +285,14 @@ def test_int8_and_llm_int8():
 
 
 def test_llm_int8_outlier_mask_decode():
-    """LLM.int8() for M <= 16 with the outliers as a bool mask (no index list): the 16-bit part uses the
+    """LLM.int8() for M <= 32 with the outliers as a bool mask (no index list): the 16-bit part uses the
     int8 weights times their row scale, as the index-list path's dequantized w_outlier does."""
     seed = fresh_seed()
     N, K = 23, 200  # K: not a multiple of the K tile
     w, w_q, w_scale = int8_weight(N, K)
     mask = torch.zeros(K, dtype=torch.bool)
     mask[[0, 57, 199]] = True
-    for M, cfg in [(1, DOT_SPLIT), (3, TILED), (16, DOT_SPLIT)]:
+    for M, cfg in [(1, DOT_SPLIT), (3, TILED), (16, DOT_SPLIT), (32, TILED)]:
         x = torch.randn(M, K)
         x[:, 57] *= 30
         xk = x * ~mask
@@ -303,11 +303,11 @@ def test_llm_int8_outlier_mask_decode():
         y = int8_matmul(x.to(DEVICE), w_q.to(DEVICE), w_scale.to(DEVICE), config=cfg, outlier_mask=mask.to(DEVICE)).cpu()
         err = rel_err(y, ref)
         assert err < 1e-5, f"rel err {err:.2e} (seed {seed}, M={M})"
-    with pytest.raises(ValueError, match="M <= 16"):
-        int8_matmul(torch.randn(17, K, device=DEVICE), w_q.to(DEVICE), w_scale.to(DEVICE), outlier_mask=mask.to(DEVICE))
+    with pytest.raises(ValueError, match="M <= 32"):
+        int8_matmul(torch.randn(33, K, device=DEVICE), w_q.to(DEVICE), w_scale.to(DEVICE), outlier_mask=mask.to(DEVICE))
 
 
-@pytest.mark.parametrize("M,K", [(1, 200), (1, 5000), (3, 1000), (16, 1100)])  # 1, 2, 1, 5 column blocks
+@pytest.mark.parametrize("M,K", [(1, 200), (1, 5000), (3, 1000), (16, 1100), (32, 300)])  # 1, 2, 1, 5, 3 column blocks
 def test_outlier_split_matches_the_torch_ops(M, K):
     """outlier_split's two launches give what int8_matmul's mask path computes with several ops: the
     outlier columns, x16, the int8 codes and scales of the rest (bitwise), and Int8Linear's statistics,
@@ -334,8 +334,8 @@ def test_outlier_split_matches_the_torch_ops(M, K):
         total += int(out.sum())
         assert int(counters[0]) == call + 1 and int(counters[1]) == total, f"seed {seed}"
         assert torch.equal(counters[2].cpu(), ever), f"seed {seed}"
-    with pytest.raises(ValueError, match="M <= 16"):
-        outlier_split(torch.randn(17, K, device=DEVICE), 6.0)
+    with pytest.raises(ValueError, match="M <= 32"):
+        outlier_split(torch.randn(33, K, device=DEVICE), 6.0)
     zero = outlier_split(torch.zeros(2, K, device=DEVICE), 6.0)
     assert (zero[0] == 0).all() and (zero[1] == 1).all()  # a zero row: scale 1, as quantize_rows_kernel
 
@@ -344,7 +344,7 @@ def test_llm_int8_decode_equals_the_mask_path():
     seed = fresh_seed()
     N, K = 23, 300
     w, w_q, w_scale = int8_weight(N, K)
-    for M in (1, 5):
+    for M in (1, 5, 32):  # 32: two 16-row tiles
         x = torch.randn(M, K)
         x[:, [11, 250]] *= 30
         mask = x.abs().amax(0) > 6.0

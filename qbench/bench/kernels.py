@@ -26,7 +26,7 @@ MS = [1, 16, 128, 2048]
 # nf4: float32 absmax per block of 64 (bitsandbytes without compress_statistics, 4.5 bits a weight);
 # nf4_dq: double-quantized absmax (uint8 codes + a float32 per 256 blocks, 4.13 bits a weight), which is
 # qbench's `method=nf4` default and QLoRA's. int8: W8A8 (LLM.int8() at threshold 0); llm_int8: its
-# kernel with 1 in 200 input columns in 16 bit (outliers as a mask up to 16 tokens, an index list above).
+# kernel with 1 in 200 input columns in 16 bit (outliers as a mask up to 32 tokens, an index list above).
 FORMATS = ["w4a16", "w3a16", "w8a16", "nf4", "nf4_dq", "fp8", "int8", "llm_int8", "q4_k", "w2a16", "q4_0", "q8_0",
            "q5_0", "q6_k"]
 NF4_TABLE = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -57,6 +57,7 @@ def bench_eager(fn) -> float:
 def make_format(fmt: str, K: int, N: int, dev) -> tuple:
     """-> (call(x) -> y, reference fp32 [N, K] weight, weight bytes, group_size)."""
     from qbench import kernels as qk
+    from qbench.kernels.w8a8 import DECODE_TOKENS
     from qbench.quant.packing import pack_cols, pack_rows
 
     if fmt.startswith("w") and fmt.endswith("a16"):
@@ -106,14 +107,14 @@ def make_format(fmt: str, K: int, N: int, dev) -> tuple:
         if fmt == "int8":
             return (lambda x: qk.int8_matmul(x, wq, s)), ref, nbytes, -1
         # LLM.int8() as Int8Linear runs it (16-bit part: the same int8 weights times their row scale, so
-        # ref holds for both parts). Up to 16 tokens: the outliers found on the device (llm_int8_decode),
+        # ref holds for both parts). Up to DECODE_TOKENS: the outliers found on the device (llm_int8_decode),
         # threshold 2.8 so that about 1 in 200 columns of one standard normal token exceeds it (the time
         # does not depend on the count); above: an index list of 1 in 200 columns.
         idx = torch.arange(0, K, 200, device=dev)
         w_out = ref[:, idx].half().contiguous()
 
         def llm_int8(x):
-            if x.shape[0] <= 16:
+            if x.shape[0] <= DECODE_TOKENS:
                 return qk.llm_int8_decode(x, wq, s, 2.8)
             return qk.int8_matmul(x, wq, s, idx.to(torch.int32), w_out.to(x.dtype))
         return llm_int8, ref, nbytes, -1

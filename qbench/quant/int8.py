@@ -45,6 +45,12 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return acc
 
 
+def _decode_tokens() -> int:
+    from qbench.kernels.w8a8 import DECODE_TOKENS  # the Triton path only: importing it imports triton
+
+    return DECODE_TOKENS
+
+
 class Int8Linear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, threshold: float = 6.0, kernel: str = "auto"):
         super().__init__()
@@ -74,7 +80,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features)
         triton = use_triton(self.kernel, x)
-        if triton and self.threshold > 0 and x2d.shape[0] <= 16:
+        if triton and self.threshold > 0 and x2d.shape[0] <= _decode_tokens():
             y = self.forward_triton_decode(x2d)
         else:
             outliers = self.outlier_columns(x2d)
@@ -95,7 +101,7 @@ class Int8Linear(nn.Module):
         return y
 
     def forward_triton(self, x2d: torch.Tensor, outliers: torch.Tensor) -> torch.Tensor:
-        """The Triton path of int8 layers for plain W8A8 and for more than 16 tokens (qbench.kernels.int8_matmul,
+        """The Triton path of int8 layers for plain W8A8 and for more than DECODE_TOKENS tokens (qbench.kernels.int8_matmul,
         the outlier columns as an index list with their dequantized weights)."""
         from qbench.kernels import int8_matmul as triton_int8_matmul
 
@@ -105,7 +111,7 @@ class Int8Linear(nn.Module):
         return triton_int8_matmul(x2d, self.weight_int8, self.weight_scale, cols, self.dequantize(x2d.dtype, cols))
 
     def forward_triton_decode(self, x2d: torch.Tensor) -> torch.Tensor:
-        """At most 16 tokens: outliers found, split off and counted in two launches before the matmul
+        """At most DECODE_TOKENS (32) tokens: outliers found, split off and counted in two launches before the matmul
         (qbench.kernels.llm_int8_decode), on the device: no host sync, CUDA-graph capturable."""
         from qbench.kernels import llm_int8_decode
 
