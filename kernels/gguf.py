@@ -9,7 +9,7 @@ Two ways to multiply, compared by the tuner per shape:
   on `raw`): for decode (M <= 4, fp16 activations) the integer fp16x2 kernel of kernels/wint_h2.py, for
   any M the integer formats' skeleton configs (tiled tl.dot, or dequantize + cuBLAS: aligned 32-bit
   words instead of bytes at 18-34-byte strides) with the min term added by one cuBLAS call. Every GGML type is integer
-  codes with a per-group scale, an integer zero and a per-group min (qbench/quant/gguf_integer.py):
+  codes with a per-group scale, an integer zero and a per-group min (qbench/quant/gguf_quants.py, `integer_form`):
   Q4_0, Q4_1, Q4_K become 4-bit codes in groups of 32, Q5_0, Q5_1, Q5_K, Q8_0 8-bit codes (the 5-bit
   ones take 8 bits here: the kernel has no 5-bit path) in groups of 32, Q6_K 8-bit codes in groups of
   16; the min term (Q4_1, Q5_1, Q4_K, Q5_K) is subtracted in the fp16x2 kernel as (sum of x over a
@@ -45,7 +45,7 @@ def wint_layout(raw: torch.Tensor, qtype: str, K: int) -> tuple:
     cached = getattr(raw, "_qbench_wint", None)
     if cached is not None and cached[0] == key:
         return cached[1]
-    from qbench.quant.gguf_integer import integer_form
+    from qbench.quant.gguf_quants import integer_form
     from qbench.quant.packing import pack_cols, pack_rows
 
     form = integer_form(raw, qtype.upper(), K)

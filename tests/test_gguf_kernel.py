@@ -33,19 +33,25 @@ def test_kernel_torch_uses_the_torch_dequantization():
 H2_TYPES = ["Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q8_0", "Q6_K"]
 
 
-def test_integer_form_is_the_dequantization_bitwise():
-    """Every type taken apart into codes, scales, zero and mins gives back gguf_quants.dequantize exactly."""
-    from qbench.quant.gguf_integer import integer_form
-    from qbench.quant.gguf_quants import TYPES, dequantize, quantize
+def test_integer_form_fields():
+    """Every type taken apart into codes, scales, zero and mins (qbench's dequantization is its float32
+    formula): codes within their bits, one scale (and min) per group, the zero of the type, and the formula
+    bitwise equal to gguf-py's dequantizer."""
+    gguf = pytest.importorskip("gguf")
+    from qbench.quant.gguf_quants import TYPES, integer_form, quantize
 
     torch.manual_seed(0)
     w = torch.randn(7, 512) * 0.05
     w[0, 3], w[2, 100] = 1.0, -0.7  # outliers widen one block's range
+    zeros = {"Q4_0": 8, "Q5_0": 16, "Q8_0": 128, "Q3_K": 4, "Q6_K": 32}
     for qtype in TYPES:
         raw = quantize(w, qtype)
         form = integer_form(raw, qtype, 512)
         assert form.codes.dtype == torch.uint8 and int(form.codes.max()) < 2 ** form.bits, qtype
-        assert torch.equal(form.dequantize(), dequantize(raw, qtype, 512)), qtype
+        assert form.scales.shape == (7, 512 // form.group) and form.zero == zeros.get(qtype, 0), qtype
+        assert (form.mins is not None) == (qtype in ("Q4_1", "Q5_1", "Q2_K", "Q4_K", "Q5_K")), qtype
+        ref = gguf.quants.dequantize(raw.numpy(), getattr(gguf.GGMLQuantizationType, qtype))
+        assert torch.equal(form.dequantize(), torch.from_numpy(ref.copy())), qtype
 
 
 def h2_cfg(split=1, stream=0, block_k=32, byte_pairs=False, in_place=False, chain=2, stages=1):
@@ -68,7 +74,7 @@ def test_gguf_decode_through_the_integer_kernel(qtype):
     raw = quantize(torch.randn(37, K) * 0.05, qtype).to(DEVICE)
     w = dequantize(raw, qtype, K).double()
     qweight, qzeros, scales, mins, bits, group = wint_layout(raw, qtype.lower(), K)
-    from qbench.quant.gguf_integer import integer_form
+    from qbench.quant.gguf_quants import integer_form
     assert torch.equal(unpack_rows(qweight, bits, K).T.to(torch.uint8), integer_form(raw, qtype, K).codes)
     assert (mins is not None) == (qtype in ("Q4_1", "Q5_1", "Q4_K", "Q5_K"))
     bk = 16 if group == 16 else 32
