@@ -8,8 +8,9 @@ Two ways to multiply, compared by the tuner per shape:
 - on a copy of the weight in the integer formats' layout (`wint_layout`, made once per weight and kept
   on `raw`): for decode (M <= 4, fp16 activations) the integer fp16x2 kernel of kernels/wint_h2.py, for
   any M the integer formats' skeleton configs (tiled tl.dot, or dequantize + cuBLAS: aligned 32-bit
-  words instead of bytes at 18-34-byte strides) with the min term added by one cuBLAS call. Every GGML type is integer
-  codes with a per-group scale, an integer zero and a per-group min (qbench/quant/gguf_quants.py, `integer_form`):
+  words instead of bytes at 18-34-byte strides) with the min term added by one cuBLAS call. Every GGML
+  type is integer codes with a per-group scale, an integer zero and a per-group min (`integer_form` in
+  qbench/quant/gguf_quants.py):
   Q4_0, Q4_1, Q4_K become 4-bit codes in groups of 32, Q5_0, Q5_1, Q5_K, Q8_0 8-bit codes (the 5-bit
   ones take 8 bits here: the kernel has no 5-bit path) in groups of 32, Q6_K 8-bit codes in groups of
   16; the min term (Q4_1, Q5_1, Q4_K, Q5_K) is subtracted in the fp16x2 kernel as (sum of x over a
@@ -32,9 +33,6 @@ from qbench.kernels.wint_h2 import h2_decode_configs, run_h2_decode
 BLOCKS = {"q4_0": (Q4_0, 32, 18), "q8_0": (Q8_0, 32, 34), "q4_k": (Q4_K, 256, 144),  # type, elems, bytes
           "q4_1": (Q4_1, 32, 20), "q5_0": (Q5_0, 32, 22), "q5_1": (Q5_1, 32, 24), "q5_k": (Q5_K, 256, 176),
           "q6_k": (Q6_K, 256, 210), "q2_k": (Q2_K, 256, 84), "q3_k": (Q3_K, 256, 110)}
-# bits of the codes in the integer copy (5 and 6 bits stored as 8: the fp16x2 kernel has no such path)
-CODE_BITS = {"q4_0": 4, "q4_1": 4, "q4_k": 4, "q5_0": 8, "q5_1": 8, "q5_k": 8, "q8_0": 8, "q6_k": 8, "q2_k": 2, "q3_k": 3}
-GROUP = {"q6_k": 16, "q2_k": 16, "q3_k": 16}  # elements per scale (others: 32)
 
 
 def wint_layout(raw: torch.Tensor, qtype: str, K: int) -> tuple:
@@ -49,7 +47,7 @@ def wint_layout(raw: torch.Tensor, qtype: str, K: int) -> tuple:
     from qbench.quant.packing import pack_cols, pack_rows
 
     form = integer_form(raw, qtype.upper(), K)
-    bits = CODE_BITS[qtype]
+    bits = form.bits if form.bits in (2, 3, 4, 8) else 8  # 5- and 6-bit codes take 8: no such kernel path
     groups = form.scales.shape[1]
     qweight = pack_rows(form.codes.T, bits)
     qzeros = pack_cols(torch.full((groups, raw.shape[0]), form.zero, dtype=torch.int32, device=raw.device), bits)
@@ -78,18 +76,17 @@ def gguf_matmul(x: torch.Tensor, raw: torch.Tensor, qtype: str, config: dict | N
     if K % elems or raw.shape[1] != K // elems * nbytes or raw.dtype != torch.uint8:
         raise ValueError(f"{qtype}: raw {tuple(raw.shape)} {raw.dtype} does not fit K={K}")
     M = x.numel() // K if K else 0
-    fast = None
-    if qtype in CODE_BITS:
-        def configs():
-            found = h2_decode_configs(M, N, K, CODE_BITS[qtype], GROUP.get(qtype, 32), x.dtype, sm_count(x.device))
-            return [{**c, "KERNEL": "gguf_h2"} for c in found] + \
-                [{"KERNEL": "gguf_wint", "WINT": c} for c in candidate_configs(M, N, K, x.device)]
 
-        def run(cfg, x2):
-            qweight, qzeros, scales, mins, bits, g = wint_layout(raw, qtype, K)
-            if cfg["KERNEL"] == "gguf_h2":
-                return run_h2_decode(cfg, x2, qweight, qzeros, scales, bits, g, N, mins=mins)
-            return wint_with_mins(x2, qweight, qzeros, scales, mins, bits, g, N, cfg["WINT"])
-        fast = (configs, run)
+    def configs():
+        _, _, _, _, bits, group = wint_layout(raw, qtype, K)
+        found = h2_decode_configs(M, N, K, bits, group, x.dtype, sm_count(x.device))
+        return [{**c, "KERNEL": "gguf_h2"} for c in found] + \
+            [{"KERNEL": "gguf_wint", "WINT": c} for c in candidate_configs(M, N, K, x.device)]
+
+    def run(cfg, x2):
+        qweight, qzeros, scales, mins, bits, group = wint_layout(raw, qtype, K)
+        if cfg["KERNEL"] == "gguf_h2":
+            return run_h2_decode(cfg, x2, qweight, qzeros, scales, bits, group, N, mins=mins)
+        return wint_with_mins(x2, qweight, qzeros, scales, mins, bits, group, N, cfg["WINT"])
     return dequant_matmul(GGUF, x, N, (raw.contiguous(),), (code,), i0=raw.shape[1], name=qtype, config=config,
-                          fast=fast)
+                          fast=(configs, run))
