@@ -1,14 +1,17 @@
 """Where LLM.int8()'s perplexity loss on a model comes from: `python -m qbench.bench.int8_study`.
 
-Perplexity on the first WikiText-2 windows (float32, CPU by default) of the model with every decoder
-linear replaced by one variant at a time:
-    fp32            the model itself
+Perplexity on the first WikiText-2 windows (float32, CPU by default; `--device cuda --dtype float16
+--windows 0` for the whole test set on the GPU, `--datasets wikitext2,c4`) of the model with every
+decoder linear replaced by one variant at a time:
+    baseline        the model itself (in --dtype)
     llm_int8        qbench's Int8Linear (int8 weights and activations, outlier columns in 16 bit)
     weights_only    int8 weights (per-row absmax), activations untouched
     acts_only       int8 activations (per-token absmax, outlier columns kept), weights untouched
     eq3             both, but the outlier columns multiply the original weights (the paper's eq. 3,
                     which needs a 16-bit copy of the weights; bitsandbytes and qbench keep only int8)
-    bitsandbytes    bitsandbytes' Linear8bitLt in eval mode (skipped when it is not installed)
+    bitsandbytes    bitsandbytes' Linear8bitLt in eval mode (skipped when it is not installed); on CUDA
+                    its int8 matmul, as `load_in_8bit` runs it
+`--thresholds 6,3` repeats llm_int8 and bitsandbytes at each outlier threshold.
 Numbers for SmolLM2-135M are in reports/formats.md.
 """
 
@@ -49,20 +52,22 @@ def bitsandbytes_int8(linear: nn.Linear, threshold: float = 6.0) -> nn.Module:
 
     peer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                has_fp16_weights=False, threshold=threshold)
-    peer.weight = bnb.nn.Int8Params(linear.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
+    # A CPU tensor: Int8Params quantizes when it is moved to a device (.to in main)
+    peer.weight = bnb.nn.Int8Params(linear.weight.data.cpu().clone(), requires_grad=False, has_fp16_weights=False)
     if linear.bias is not None:
-        peer.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+        peer.bias = nn.Parameter(linear.bias.data.cpu().clone(), requires_grad=False)
     return peer.eval()  # training mode takes a weight-only path on the CPU
 
 
-VARIANTS = {
-    "fp32": lambda lin: lin,
-    "llm_int8": lambda lin: Int8Linear(lin.weight.data, lin.bias, 6.0, "torch"),
-    "weights_only": lambda lin: Int8Variant(lin, True, False),
-    "acts_only": lambda lin: Int8Variant(lin, False, True),
-    "eq3": lambda lin: Int8Variant(lin, True, True),
+VARIANTS = {  # name -> (linear, threshold) -> module; kernel "auto": the Triton kernels on CUDA
+    "baseline": lambda lin, t: lin,
+    "llm_int8": lambda lin, t: Int8Linear(lin.weight.data, lin.bias, t, "auto"),
+    "weights_only": lambda lin, t: Int8Variant(lin, True, False, t),
+    "acts_only": lambda lin, t: Int8Variant(lin, False, True, t),
+    "eq3": lambda lin, t: Int8Variant(lin, True, True, t),
     "bitsandbytes": bitsandbytes_int8,
 }
+THRESHOLDED = ("llm_int8", "bitsandbytes")
 
 
 def main(argv=None) -> None:
@@ -72,12 +77,19 @@ def main(argv=None) -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--windows", type=int, default=2)
+    ap.add_argument("--windows", type=int, default=2, help="windows per dataset; 0 = all")
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--thresholds", default="6", help="outlier thresholds of llm_int8 and bitsandbytes")
+    ap.add_argument("--datasets", default="wikitext2")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
     args = ap.parse_args(argv)
-    lm = load_model(args.model, device="cpu", dtype="float32")
-    ids = tokenize(lm.tokenizer, perplexity_text("wikitext2"))
+    lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    texts = {name: tokenize(lm.tokenizer, perplexity_text(name)) for name in args.datasets.split(",")}
+    print(f"{args.model} {args.dtype} on {args.device}, windows of {args.seqlen}: " + ", ".join(
+        f"{name} {ids.numel() // args.seqlen if args.windows == 0 else args.windows}" for name, ids in texts.items()))
+    runs = []
     for name in args.variants.split(","):
         if name == "bitsandbytes":
             try:
@@ -85,12 +97,20 @@ def main(argv=None) -> None:
             except ImportError:
                 print("bitsandbytes: not installed, skipped")
                 continue
+        for t in (float(v) for v in args.thresholds.split(",")) if name in THRESHOLDED else (6.0,):
+            runs.append((name, t))
+    for name, threshold in runs:
         model = copy.deepcopy(lm.model)
         for lname, lin in quantizable_linears(model, False).items():
-            set_module(model, lname, VARIANTS[name](lin))
-        with torch.no_grad():
-            result = perplexity(model, ids, args.seqlen, max_windows=args.windows)
-        print(f"{name:14} {result['ppl']:.3f}", flush=True)
+            set_module(model, lname, VARIANTS[name](lin, threshold).to(args.device))
+        label = f"{name} t={threshold:g}" if name in THRESHOLDED else name
+        figures = []
+        for ids in texts.values():
+            with torch.no_grad():
+                result = perplexity(model, ids, args.seqlen, max_windows=args.windows or None)
+            figures.append(f"{result['ppl']:.4f}")
+        print(f"{label:18} " + "  ".join(figures), flush=True)
+        del model
 
 
 if __name__ == "__main__":
