@@ -13,7 +13,8 @@ any shape) and nf4_decode_kernel below for decode (M <= 4) when every row of W h
 multiplies the looked-up code values by the activations, sums each word's 8 products, and only then
 applies the block's absmax, so the absmax (and its double-quant decoding) costs one lookup per word
 instead of one per weight. With fp16 activations a third, kernels/nf4_h2.py (fp16x2 arithmetic on a
-column copy of the codes), joins the decode candidates.
+column copy of the codes), joins the decode candidates, and for 2-16 tokens kernels/nf4_tc.py (the same
+copy and register table, the looked-up tile fed to tensor cores).
 """
 
 import torch
@@ -22,6 +23,7 @@ import triton.language as tl
 
 from qbench.kernels.matmul import NF4, dequant_matmul, sm_count
 from qbench.kernels.nf4_h2 import nf4_h2_configs, run_nf4_h2
+from qbench.kernels.nf4_tc import nf4_tc_configs, run_nf4_tc
 from qbench.kernels.tune import cdiv
 
 
@@ -110,11 +112,14 @@ def nf4_matmul(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, lut: 
             return out.to(x2.dtype)
         def configs():
             return nf4_h2_configs(M, N, K, blocksize, lut32, x.dtype, sm_count(x.device)) + \
+                nf4_tc_configs(M, N, K, blocksize, lut32, x.dtype, sm_count(x.device)) + \
                 decode_configs(M, N, K, blocksize, x.device)
 
         def run(cfg, x2):
             if cfg["KERNEL"] == "nf4_h2":
                 return run_nf4_h2(cfg, x2, codes, absmax, lut32, absmax2, code2, offset, N, blocksize)
+            if cfg["KERNEL"] == "nf4_tc":
+                return run_nf4_tc(cfg, x2, codes, absmax, lut32, absmax2, code2, offset, N, blocksize)
             return run_decode(cfg, x2)
         fast = (configs, run)
     return dequant_matmul(NF4, x, N, ptrs, (blocksize, double), f0=float(offset), name="nf4", config=config, fast=fast)
