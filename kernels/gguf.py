@@ -14,7 +14,8 @@ Two ways to multiply, compared by the tuner per shape:
   Q4_0, Q4_1, Q4_K become 4-bit codes in groups of 32, Q5_0, Q5_1, Q5_K, Q8_0 8-bit codes (the 5-bit
   ones take 8 bits here: the kernel has no 5-bit path) in groups of 32, Q6_K 8-bit codes in groups of
   16; the min term (Q4_1, Q5_1, Q4_K, Q5_K) is subtracted in the fp16x2 kernel as (sum of x over a
-  tile) * min.
+  tile) * min. For 2-16 tokens the tensor-core kernel of kernels/wint_tc.py (4- and 8-bit codes, the
+  min term per K tile) joins the candidates.
   Scales and mins are stored in fp16, which rounds the K-quants' float32 products d * sc and dmin * m
   (relative 2**-11, the rounding the torch path applies to every dequantized weight in an fp16 model);
   Q4_0, Q5_0, Q8_0 and the legacy mins are fp16 values already, so those copies are exact. The
@@ -29,6 +30,7 @@ import torch
 from qbench.kernels.dequant import Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
 from qbench.kernels.matmul import GGUF, WINT, candidate_configs, dequant_matmul, sm_count
 from qbench.kernels.wint_h2 import h2_decode_configs, run_h2_decode
+from qbench.kernels.wint_tc import run_tc, tc_configs
 
 BLOCKS = {"q4_0": (Q4_0, 32, 18), "q8_0": (Q8_0, 32, 34), "q4_k": (Q4_K, 256, 144),  # type, elems, bytes
           "q4_1": (Q4_1, 32, 20), "q5_0": (Q5_0, 32, 22), "q5_1": (Q5_1, 32, 24), "q5_k": (Q5_K, 256, 176),
@@ -79,14 +81,18 @@ def gguf_matmul(x: torch.Tensor, raw: torch.Tensor, qtype: str, config: dict | N
 
     def configs():
         _, _, _, _, bits, group = wint_layout(raw, qtype, K)
-        found = h2_decode_configs(M, N, K, bits, group, x.dtype, sm_count(x.device))
+        n_sm = sm_count(x.device)
+        found = h2_decode_configs(M, N, K, bits, group, x.dtype, n_sm)
         return [{**c, "KERNEL": "gguf_h2"} for c in found] + \
+            [{**c, "KERNEL": "gguf_tc"} for c in tc_configs(M, N, K, bits, group, x.dtype, n_sm)] + \
             [{"KERNEL": "gguf_wint", "WINT": c} for c in candidate_configs(M, N, K, x.device)]
 
     def run(cfg, x2):
         qweight, qzeros, scales, mins, bits, group = wint_layout(raw, qtype, K)
         if cfg["KERNEL"] == "gguf_h2":
             return run_h2_decode(cfg, x2, qweight, qzeros, scales, bits, group, N, mins=mins)
+        if cfg["KERNEL"] == "gguf_tc":
+            return run_tc(cfg, x2, qweight, qzeros, scales, bits, group, N, mins=mins)
         return wint_with_mins(x2, qweight, qzeros, scales, mins, bits, group, N, cfg["WINT"])
     return dequant_matmul(GGUF, x, N, (raw.contiguous(),), (code,), i0=raw.shape[1], name=qtype, config=config,
                           fast=(configs, run))

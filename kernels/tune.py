@@ -31,9 +31,10 @@ def interpreted() -> bool:
 
 
 # Bumped whenever a kernel's candidate list changes (2: IN_PLACE pairing of kernels/wint_h2.py; 3: GGUF
-# decode through the integer kernel, kernels/gguf.py), so a machine's cached choices from an older list
+# decode through the integer kernel, kernels/gguf.py; 4: tensor-core candidates for 2-16 tokens of NF4/FP4,
+# W8A16 and GGUF, kernels/nf4_tc.py and wint_tc.py), so a machine's cached choices from an older list
 # are re-tuned instead of kept.
-CANDIDATES_VERSION = 3
+CANDIDATES_VERSION = 4
 
 
 def _cache_file(device_name: str) -> Path:

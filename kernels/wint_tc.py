@@ -1,4 +1,4 @@
-"""W4A16 for a few tokens (M = 2..16 per program) on tensor cores, the weight as the MMA's A operand.
+"""W4A16 and W8A16 for a few tokens (M = 2..16 per program) on tensor cores, the weight as the MMA's A operand.
 
 Same packed layout as kernels/wint.py (GPTQ: qweight [K/8, N] int32, codes along K). At M = 16 the
 tiled tl.dot path of kernels/matmul.py spends about 8 instructions per weight, one of them a 16-bit
@@ -14,6 +14,10 @@ Timed on the H100 (reports/kernels): at M=16 it takes W4A16 from 1.5x to 1.9-2.0
 Llama-3-70B MLP shapes, short of the 2.5x target; the tuner offers it next to the other candidates. On
 Hopper kernels/wint_mma.py (Gluon, the weights packed in the MMA's register fragment order) avoids its
 shared-memory round trip and wins (H200: 0.061 vs 0.089 ms); this one stays for other GPUs.
+At 8 bits (BITS=8: 4 codes a word) a `prmt` puts codes 2i and 2i+1 into the low bytes of two fp16
+1024.0s (1024 + q, exact), then the same `sub.f16x2` (1024 + z) and `mul.rn.f16x2` by the scale. With
+HAS_MIN (the GGUF types with a per-group min, kernels/gguf.py: W = (q - z) * s - min) each K tile,
+inside one group, subtracts min[n] * (sum of x over the tile) from the float32 product.
 Under TRITON_INTERPRET=1 the pair step runs as Triton fp16 operations on the same registers.
 """
 
@@ -56,10 +60,37 @@ def pair_weights(shifted, words, sel, zz, ss, PTX: tl.constexpr):
 
 
 @triton.jit
-def wint_tc_kernel(x_ptr, out_ptr, qweight, qzeros, scales, partials, counters, M, N, K, stride_xm, stride_om,
+def pair_bytes(words, sel, zz, ss, PTX: tl.constexpr):
+    """fp16 pair ((q_a - z) * s, (q_b - z) * s) of each word of four 8-bit codes (sel: 0x4140 picks codes 0
+    and 1, 0x4342 codes 2 and 3, each into the low byte of an fp16 1024.0)."""
+    if PTX:
+        out = tl.inline_asm_elementwise(
+            """{
+            .reg .b32 d;
+            prmt.b32 d, $1, 0x64646464, $2;
+            sub.f16x2 d, d, $3;
+            mul.rn.f16x2 $0, d, $4;
+            }""",
+            "=r,r,r,r,r", [words, sel, zz, ss], dtype=tl.uint32, is_pure=True, pack=1)
+    else:
+        i = sel & 3  # the pair's first code; the second is the next byte
+        lo = ((words >> (8 * i)) & 0xFF) | 0x6400
+        hi = ((words >> (8 * i + 8)) & 0xFF) | 0x6400
+        t_lo, _ = _h2(lo)
+        t_hi, _ = _h2(hi)
+        z_lo, _ = _h2(zz)
+        s_lo, _ = _h2(ss)
+        out = _u32(((t_lo - z_lo).to(tl.float32) * s_lo.to(tl.float32)).to(tl.float16),
+                   ((t_hi - z_lo).to(tl.float32) * s_lo.to(tl.float32)).to(tl.float16))
+    return out
+
+
+@triton.jit
+def wint_tc_kernel(x_ptr, out_ptr, qweight, qzeros, scales, mins, partials, counters, M, N, K, stride_xm, stride_om,
                    n_zero_words, SPLIT_K, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   BLOCK_M: tl.constexpr, STAGES: tl.constexpr, PTX: tl.constexpr):
-    WORDS: tl.constexpr = BLOCK_K // 8
+                   BLOCK_M: tl.constexpr, STAGES: tl.constexpr, PTX: tl.constexpr, BITS: tl.constexpr = 4,
+                   HAS_MIN: tl.constexpr = False):
+    WORDS: tl.constexpr = BLOCK_K * BITS // 32
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -76,24 +107,37 @@ def wint_tc_kernel(x_ptr, out_ptr, qweight, qzeros, scales, partials, counters, 
         k0 = t * BLOCK_K
         g = 0 if GROUP == 0 else k0 // GROUP
         s = tl.load(scales + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
-        z = stream_codes(qzeros + g * n_zero_words, offs_n, 1, n_zero_words, nmask, 4)
-        z1 = (1.0 + z / 64).to(tl.float16)  # 1 + z / 64, exact
-        s64 = (s * 64).to(tl.float16)  # exact: a power of two times an fp16
-        zz = _u32(z1, z1)[:, None]
-        ss = _u32(s64, s64)[:, None]
-        words = tl.load(qweight + (k0 // 8 + offs_w)[None, :] * N + offs_n[:, None], mask=nmask[:, None], other=0)
+        z = stream_codes(qzeros + g * n_zero_words, offs_n, 1, n_zero_words, nmask, BITS)
+        words = tl.load(qweight + (k0 * BITS // 32 + offs_w)[None, :] * N + offs_n[:, None], mask=nmask[:, None],
+                        other=0)
         words = words.to(tl.uint32, bitcast=True)  # [BLOCK_N, WORDS]
-        shifted = words << 4
-        p0 = pair_weights(shifted, words, tl.full((1, 1), 0 | (4 << 8), tl.uint32), zz, ss, PTX)
-        p1 = pair_weights(shifted, words, tl.full((1, 1), 1 | (5 << 8), tl.uint32), zz, ss, PTX)
-        p2 = pair_weights(shifted, words, tl.full((1, 1), 2 | (6 << 8), tl.uint32), zz, ss, PTX)
-        p3 = pair_weights(shifted, words, tl.full((1, 1), 3 | (7 << 8), tl.uint32), zz, ss, PTX)
-        # pairs in K order (word w, pair i) -> [BLOCK_N, BLOCK_K / 2], then each pair's two halves
-        pairs = tl.reshape(tl.join(tl.join(p0, p2), tl.join(p1, p3)), (BLOCK_N, BLOCK_K // 2))
+        if BITS == 4:
+            z1 = (1.0 + z / 64).to(tl.float16)  # 1 + z / 64, exact
+            s64 = (s * 64).to(tl.float16)  # exact: a power of two times an fp16
+            zz = _u32(z1, z1)[:, None]
+            ss = _u32(s64, s64)[:, None]
+            shifted = words << 4
+            p0 = pair_weights(shifted, words, tl.full((1, 1), 0 | (4 << 8), tl.uint32), zz, ss, PTX)
+            p1 = pair_weights(shifted, words, tl.full((1, 1), 1 | (5 << 8), tl.uint32), zz, ss, PTX)
+            p2 = pair_weights(shifted, words, tl.full((1, 1), 2 | (6 << 8), tl.uint32), zz, ss, PTX)
+            p3 = pair_weights(shifted, words, tl.full((1, 1), 3 | (7 << 8), tl.uint32), zz, ss, PTX)
+            # pairs in K order (word w, pair i) -> [BLOCK_N, BLOCK_K / 2], then each pair's two halves
+            pairs = tl.reshape(tl.join(tl.join(p0, p2), tl.join(p1, p3)), (BLOCK_N, BLOCK_K // 2))
+        else:
+            z1 = (1024.0 + z).to(tl.float16)  # exact
+            s16 = s.to(tl.float16)
+            zz = _u32(z1, z1)[:, None]
+            ss = _u32(s16, s16)[:, None]
+            p0 = pair_bytes(words, tl.full((1, 1), 0x4140, tl.uint32), zz, ss, PTX)
+            p1 = pair_bytes(words, tl.full((1, 1), 0x4342, tl.uint32), zz, ss, PTX)
+            pairs = tl.reshape(tl.join(p0, p1), (BLOCK_N, BLOCK_K // 2))
         lo, hi = _h2(pairs)
         w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
         xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + (k0 + offs_k)[:, None], mask=mmask[None, :], other=0.0)
         acc += tl.dot(w, xt)
+        if HAS_MIN:  # the tile lies inside group g
+            mn = tl.load(mins + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
+            acc -= mn[:, None] * tl.sum(xt.to(tl.float32), axis=0)[None, :]
     out = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
     mask = nmask[:, None] & mmask[None, :]
     if SPLIT_K == 1:
@@ -104,15 +148,19 @@ def wint_tc_kernel(x_ptr, out_ptr, qweight, qzeros, scales, partials, counters, 
 
 
 def tc_configs(M: int, N: int, K: int, bits: int, group: int, dtype: torch.dtype, n_sm: int) -> list[dict]:
-    """Configs of wint_tc_kernel: 4 bits, fp16 activations, 2 <= M <= 16 tokens, K tiles inside a group;
-    the K range split so that two to six programs per SM fill the GPU. From `python -m
+    """Configs of wint_tc_kernel: 4 or 8 bits, fp16 activations, 2 <= M <= 16 tokens, K tiles inside a
+    group; the K range split so that two to six programs per SM fill the GPU. From `python -m
     qbench.bench.decode_sweep --tc --m 16 --bits 4 --wide` on the H100 (90 and 120 configs on the two
     Llama-3-70B MLP shapes): 64-row K tiles with 64 or 128 columns and 4 warps took the top places on
-    both; 8 warps, 256 columns and a pipeline of 2 were 5-15 % slower."""
-    if not 2 <= M <= 16 or bits != 4 or dtype != torch.float16:
+    both; 8 warps, 256 columns and a pipeline of 2 were 5-15 % slower. Groups under 64 (the GGUF types'
+    16 and 32) get K tiles of the group."""
+    if not 2 <= M <= 16 or bits not in (4, 8) or dtype != torch.float16:
         return []
+    tiles = ((64, 64, 4, 4), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 4, 2))
+    if group and group < 64:
+        tiles = ((64, group, 4, 4), (128, group, 4, 4), (256, group, 8, 3))
     configs = []
-    for bn, bk, warps, stages in ((64, 64, 4, 4), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 4, 2)):
+    for bn, bk, warps, stages in tiles:
         if K % bk or (group and group % bk):
             continue
         for split in wave_splits(K // bk, cdiv(N, bn), n_sm, (2, 3, 4, 6)):
@@ -121,15 +169,20 @@ def tc_configs(M: int, N: int, K: int, bits: int, group: int, dtype: torch.dtype
     return configs
 
 
-def run_tc(cfg: dict, x2: torch.Tensor, qweight, qzeros, scales, bits: int, group: int, N: int) -> torch.Tensor:
+def run_tc(cfg: dict, x2: torch.Tensor, qweight, qzeros, scales, bits: int, group: int, N: int,
+           mins: torch.Tensor | None = None) -> torch.Tensor:
+    """mins [G, N]: W = (q - z) * s - mins (HAS_MIN)."""
     M, K = x2.shape
-    if bits != 4 or K % cfg["BLOCK_K"] or (group and group % cfg["BLOCK_K"]):
-        raise ValueError(f"wint_tc: 4 bits with BLOCK_K {cfg['BLOCK_K']} dividing K {K} and the group {group}")
+    if bits not in (4, 8) or K % cfg["BLOCK_K"] or (group and group % cfg["BLOCK_K"]) or cfg["BLOCK_K"] % 16:
+        raise ValueError(f"wint_tc: 4 or 8 bits with BLOCK_K {cfg['BLOCK_K']} (a multiple of 16) dividing K {K} "
+                         f"and the group {group}")
+    if mins is not None and not group:
+        raise ValueError("wint_tc: a min term needs groups")
     split = cfg["SPLIT_K"]
     out, partials, counters = split_buffers(x2, N, split, cfg["BLOCK_N"])
     grid = (cdiv(N, cfg["BLOCK_N"]), split, cdiv(M, 16))
-    wint_tc_kernel[grid](x2, out, qweight, qzeros, scales, partials, counters, M, N, K, x2.stride(0), out.stride(0),
-                         qzeros.shape[1], split, GROUP=group, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                         BLOCK_M=16, STAGES=cfg.get("STAGES", 1), PTX=not interpreted(), num_warps=cfg["num_warps"],
-                         num_stages=cfg["num_stages"])
+    wint_tc_kernel[grid](x2, out, qweight, qzeros, scales, scales if mins is None else mins, partials, counters, M, N,
+                         K, x2.stride(0), out.stride(0), qzeros.shape[1], split, GROUP=group, BLOCK_N=cfg["BLOCK_N"],
+                         BLOCK_K=cfg["BLOCK_K"], BLOCK_M=16, STAGES=cfg.get("STAGES", 1), PTX=not interpreted(),
+                         BITS=bits, HAS_MIN=mins is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out

@@ -148,13 +148,14 @@ def test_wint_h2_stream_k(bits):
                                    stages=2), dtype=torch.float16, tol=2e-3, seed=seed)
 
 
-def test_wint_tc_kernel():
-    """The tensor-core W4A16 kernel for a few tokens (weights as the MMA's A operand, fp16x2 dequant):
+@pytest.mark.parametrize("bits", [4, 8])
+def test_wint_tc_kernel(bits):
+    """The tensor-core W4A16/W8A16 kernel for a few tokens (weights as the MMA's A operand, fp16x2 dequant):
     M = 2, 16 and 19 (two row programs), split-K 1 and 3, N=40 masked, groups of 64 and one group. On
-    the CPU its inline PTX step is replaced by the same fp16 operations (wint_tc.pair_weights)."""
+    the CPU its inline PTX step is replaced by the same fp16 operations (wint_tc.pair_weights/pair_bytes)."""
     seed = fresh_seed()
     for group_size, K in ((64, 256), (-1, 192)):
-        layer = make_layer(40, K, 4, group_size)
+        layer = make_layer(40, K, bits, group_size)
         for M, split, bn, bk in ((2, 1, 32, 64), (16, 3, 16, 32), (19, 2, 32, 64)):
             cfg = {"KERNEL": "wint_tc", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "STAGES": 2,
                    "num_warps": 4, "num_stages": 1}
