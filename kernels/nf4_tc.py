@@ -6,7 +6,10 @@ of labels two `prmt`s and a `xor` for the low bytes, the same for the high bytes
 interleave them into the fp16 pairs (v(e0), v(e1)) and (v(e2), v(e3))). As in kernels/wint_tc.py the
 tile is W [BLOCK_N, BLOCK_K] against x^T [BLOCK_K, BLOCK_M] (out^T = W x^T), the pairs put in K order by
 join/reshape. The values are the table's v * c (fp16, exact table entries up to fp16 rounding); the
-block's absmax / c is applied once per K tile to the float32 product, so a K tile lies inside one block.
+block's absmax / c is applied once per K tile to the float32 product (a K tile inside one block), or
+(SCALE_IN) rounded to fp16 and multiplied into the pairs (`mul.rn.f16x2`), so that the MMA accumulates in
+place and a K tile may hold several blocks; that rounds each weight twice (v * c, then the product)
+where the torch path rounds lut * absmax once.
 
 Before this kernel NF4 at M=16 went through the generic dequantize-matmul skeleton (a gather from the
 code table per weight) or dequantize + cuBLAS: 0.42x / 0.32x fp16 matmul on the H100 (0.415 / 0.531 ms
@@ -21,6 +24,7 @@ from qbench.kernels.nf4_h2 import column_layout, device_slot_table
 from qbench.kernels.splitk import merge_partial, split_buffers, wave_splits
 from qbench.kernels.tune import cdiv, interpreted
 from qbench.kernels.wint_h2 import _h2, _u32
+from qbench.kernels.wint_tc import per_word
 
 
 @triton.jit
@@ -53,10 +57,47 @@ def nf4_pairs(s, t, la, la1, lb, lb1, ha, ha1, hb, hb1, slot_values, PTX: tl.con
 
 
 @triton.jit
+def nf4_pairs_scaled(s, t, la, la1, lb, lb1, ha, ha1, hb, hb1, ss, slot_values, PTX: tl.constexpr):
+    """nf4_pairs times the fp16 pair ss (the block's absmax / c twice), one rounding each (mul.rn.f16x2)."""
+    if PTX:
+        pa, pb = tl.inline_asm_elementwise(
+            """{
+            .reg .b32 a, b, lo, hi, u;
+            prmt.b32 a, $4, $5, $2;
+            prmt.b32 b, $6, $7, $3;
+            xor.b32 lo, a, b;
+            prmt.b32 a, $8, $9, $2;
+            prmt.b32 b, $10, $11, $3;
+            xor.b32 hi, a, b;
+            prmt.b32 u, lo, hi, 0x5140;
+            mul.rn.f16x2 $0, u, $12;
+            prmt.b32 u, lo, hi, 0x7362;
+            mul.rn.f16x2 $1, u, $12;
+            }""",
+            "=r,=r,r,r,r,r,r,r,r,r,r,r,r", [s, t, la, la1, lb, lb1, ha, ha1, hb, hb1, ss],
+            dtype=(tl.uint32, tl.uint32), is_pure=True, pack=1)
+    else:
+        pa, pb = nf4_pairs(s, t, la, la1, lb, lb1, ha, ha1, hb, hb1, slot_values, PTX)
+        s_lo, _ = _h2(ss)
+        pa = _mul_h2(pa, s_lo)
+        pb = _mul_h2(pb, s_lo)
+    return pa, pb
+
+
+@triton.jit
+def _mul_h2(p, s):
+    """fp16 pair p times the fp16 s, one rounding each (as mul.rn.f16x2; the products are exact in float32)."""
+    lo, hi = _h2(p)
+    return _u32((lo.to(tl.float32) * s.to(tl.float32)).to(tl.float16), (hi.to(tl.float32) * s.to(tl.float32)).to(tl.float16))
+
+
+@triton.jit
 def nf4_tc_kernel(x_ptr, out_ptr, words_ptr, absmax, table, slot_values, inv_c, partials, counters, M, N, K,
                   stride_xm, stride_om, SPLIT_K, BLOCKSIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, STAGES: tl.constexpr, PTX: tl.constexpr):
+                  BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, STAGES: tl.constexpr, PTX: tl.constexpr,
+                  SCALE_IN: tl.constexpr = False):
     WORDS: tl.constexpr = BLOCK_K // 8
+    TB: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCKSIZE < BLOCK_K else 1  # blocks per K tile (SCALE_IN only)
     la = tl.load(table).to(tl.uint32, bitcast=True)
     la1 = tl.load(table + 1).to(tl.uint32, bitcast=True)
     lb = tl.load(table + 2).to(tl.uint32, bitcast=True)
@@ -79,19 +120,31 @@ def nf4_tc_kernel(x_ptr, out_ptr, words_ptr, absmax, table, slot_values, inv_c, 
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for t in tl.range(pid_k * per_split, t_end, num_stages=STAGES):
         k0 = t * BLOCK_K
-        a = tl.load(absmax + (k0 // BLOCKSIZE) * N + offs_n, mask=nmask, other=0.0)
         words = tl.load(words_ptr + (k0 // 8 + offs_w)[None, :] * N + offs_n[:, None], mask=nmask[:, None], other=0)
         words = words.to(tl.uint32, bitcast=True)  # [BLOCK_N, WORDS]
         flipped = words ^ 0x88888888
-        p0, p1 = nf4_pairs(words, flipped, la, la1, lb, lb1, ha, ha1, hb, hb1, slot_values, PTX)
-        p2, p3 = nf4_pairs(words >> 16, flipped >> 16, la, la1, lb, lb1, ha, ha1, hb, hb1, slot_values, PTX)
+        if SCALE_IN:  # the absmax applied to the weights: the MMA accumulates in place, tiles of several blocks
+            b = k0 // BLOCKSIZE + tl.arange(0, TB)
+            a = tl.load(absmax + b[None, :] * N + offs_n[:, None], mask=nmask[:, None], other=0.0)
+            a16 = (a * inv_c).to(tl.float16)
+            ss = per_word(_u32(a16, a16), BLOCK_N, TB, WORDS)
+            p0, p1 = nf4_pairs_scaled(words, flipped, la, la1, lb, lb1, ha, ha1, hb, hb1, ss, slot_values, PTX)
+            p2, p3 = nf4_pairs_scaled(words >> 16, flipped >> 16, la, la1, lb, lb1, ha, ha1, hb, hb1, ss, slot_values,
+                                      PTX)
+        else:
+            a = tl.load(absmax + (k0 // BLOCKSIZE) * N + offs_n, mask=nmask, other=0.0)
+            p0, p1 = nf4_pairs(words, flipped, la, la1, lb, lb1, ha, ha1, hb, hb1, slot_values, PTX)
+            p2, p3 = nf4_pairs(words >> 16, flipped >> 16, la, la1, lb, lb1, ha, ha1, hb, hb1, slot_values, PTX)
         # pairs in K order (word w, pair i) -> [BLOCK_N, BLOCK_K / 2], then each pair's two halves
         pairs = tl.reshape(tl.join(tl.join(p0, p2), tl.join(p1, p3)), (BLOCK_N, BLOCK_K // 2))
         lo, hi = _h2(pairs)
         w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
         # x loaded along K (16-byte loads) and transposed in the MMA's operand layout
         xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :], mask=mmask[:, None], other=0.0)
-        acc += tl.dot(w, tl.trans(xk)) * (a * inv_c)[:, None]
+        if SCALE_IN:
+            acc += tl.dot(w, tl.trans(xk))
+        else:
+            acc += tl.dot(w, tl.trans(xk)) * (a * inv_c)[:, None]
     out = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
     mask = nmask[:, None] & mmask[None, :]
     if SPLIT_K == 1:
@@ -103,27 +156,32 @@ def nf4_tc_kernel(x_ptr, out_ptr, words_ptr, absmax, table, slot_values, inv_c, 
 
 def nf4_tc_configs(M: int, N: int, K: int, blocksize: int, lut: torch.Tensor, dtype: torch.dtype,
                    n_sm: int) -> list[dict]:
-    """Configs of nf4_tc_kernel: fp16 activations, 2 <= M <= 16 tokens, rows of whole blocks, K tiles inside
-    a block; the K range split so that two to six programs per SM fill the GPU. The tiles are those that
-    led wint_tc's H100 sweep (64-row K tiles, 64 or 128 columns, 4 warps), plus 32-row K tiles."""
+    """Configs of nf4_tc_kernel: fp16 activations, 2 <= M <= 16 tokens, rows of whole blocks; the K range
+    split so that two to six programs per SM fill the GPU. The tiles are those that led wint_tc's H100
+    sweep (64-row K tiles, 64 or 128 columns, 4 warps) and 128-row ones; with the absmax applied after
+    the MMA (K tiles inside a block) or to the weights (SCALE_IN, K tiles of whole blocks too)."""
     if not 2 <= M <= 16 or dtype != torch.float16 or K % blocksize or device_slot_table(lut) is None:
         return []
     configs = []
-    for bn, bk, warps, stages in ((64, 64, 4, 4), (128, 64, 4, 3), (64, 32, 4, 4), (128, 32, 4, 4), (256, 64, 8, 3)):
-        if blocksize % bk:
+    for bn, bk, warps, stages in ((64, 64, 4, 4), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 4, 2)):
+        if K % bk:
             continue
-        for split in wave_splits(K // bk, cdiv(N, bn), n_sm, (2, 3, 4, 6)):
-            configs.append({"KERNEL": "nf4_tc", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "STAGES": stages,
-                            "num_warps": warps, "num_stages": 1})
+        for scale_in in (False, True):
+            if (blocksize % bk and bk % blocksize) or (not scale_in and blocksize % bk):
+                continue
+            for split in wave_splits(K // bk, cdiv(N, bn), n_sm, (2, 3, 4, 6)):
+                configs.append({"KERNEL": "nf4_tc", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "STAGES": stages,
+                                "SCALE_IN": scale_in, "num_warps": warps, "num_stages": 1})
     return configs
 
 
 def run_nf4_tc(cfg: dict, x2: torch.Tensor, codes: torch.Tensor, absmax, lut32, absmax2, code2, offset: float,
                N: int, blocksize: int) -> torch.Tensor:
     M, K = x2.shape
-    if K % blocksize or blocksize % cfg["BLOCK_K"] or cfg["BLOCK_K"] % 16:
-        raise ValueError(f"nf4_tc: BLOCK_K {cfg['BLOCK_K']} (a multiple of 16) must divide blocksize {blocksize}, "
-                         f"which must divide K {K}")
+    bk, scale_in = cfg["BLOCK_K"], cfg.get("SCALE_IN", False)
+    if K % blocksize or K % bk or bk % 16 or (blocksize % bk and not (scale_in and bk % blocksize == 0)):
+        raise ValueError(f"nf4_tc: BLOCK_K {bk} (a multiple of 16) must divide blocksize {blocksize} (or with "
+                         f"SCALE_IN be whole blocks), which must divide K {K}")
     slots = device_slot_table(lut32)
     if slots is None:
         raise ValueError("nf4_tc: no scale fits this code table to the prmt lookup (see nf4_h2.slot_table)")
@@ -134,6 +192,6 @@ def run_nf4_tc(cfg: dict, x2: torch.Tensor, codes: torch.Tensor, absmax, lut32, 
     grid = (cdiv(N, cfg["BLOCK_N"]), split, cdiv(M, 16))
     nf4_tc_kernel[grid](x2, out, words, absmax_cols, table, slot_values, inv_c, partials, counters, M, N, K,
                         x2.stride(0), out.stride(0), split, BLOCKSIZE=blocksize, BLOCK_N=cfg["BLOCK_N"],
-                        BLOCK_K=cfg["BLOCK_K"], BLOCK_M=16, STAGES=cfg.get("STAGES", 1), PTX=not interpreted(),
-                        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                        BLOCK_K=bk, BLOCK_M=16, STAGES=cfg.get("STAGES", 1), PTX=not interpreted(),
+                        SCALE_IN=scale_in, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out

@@ -16,8 +16,9 @@ Hopper kernels/wint_mma.py (Gluon, the weights packed in the MMA's register frag
 shared-memory round trip and wins (H200: 0.061 vs 0.089 ms); this one stays for other GPUs.
 At 8 bits (BITS=8: 4 codes a word) a `prmt` puts codes 2i and 2i+1 into the low bytes of two fp16
 1024.0s (1024 + q, exact), then the same `sub.f16x2` (1024 + z) and `mul.rn.f16x2` by the scale. With
-HAS_MIN (the GGUF types with a per-group min, kernels/gguf.py: W = (q - z) * s - min) each K tile,
-inside one group, subtracts min[n] * (sum of x over the tile) from the float32 product.
+HAS_MIN (the GGUF types with a per-group min, kernels/gguf.py: W = (q - z) * s - min) each K tile
+subtracts min[n, g] * (sum of x over group g) for its groups from the float32 product. A K tile may hold
+several whole groups (the GGUF types' 16 and 32): each word then takes its group's scale and zero.
 Under TRITON_INTERPRET=1 the pair step runs as Triton fp16 operations on the same registers.
 """
 
@@ -86,11 +87,20 @@ def pair_bytes(words, sel, zz, ss, PTX: tl.constexpr):
 
 
 @triton.jit
-def wint_tc_kernel(x_ptr, out_ptr, qweight, qzeros, scales, mins, partials, counters, M, N, K, stride_xm, stride_om,
-                   n_zero_words, SPLIT_K, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def per_word(v, BLOCK_N: tl.constexpr, TG: tl.constexpr, WORDS: tl.constexpr):
+    """[BLOCK_N, TG] values of the tile's groups -> [BLOCK_N, WORDS], each word its group's value (the
+    inline asm would broadcast a [BLOCK_N, 1] operand to the words' shape anyway)."""
+    return tl.reshape(tl.broadcast_to(v[:, :, None], (BLOCK_N, TG, WORDS // TG)), (BLOCK_N, WORDS))
+
+
+@triton.jit
+def wint_tc_kernel(x_ptr, out_ptr, qweight, qzeros, scales, mins, xsums, partials, counters, M, N, K, stride_xm,
+                   stride_om, n_zero_words, SPLIT_K, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    BLOCK_M: tl.constexpr, STAGES: tl.constexpr, PTX: tl.constexpr, BITS: tl.constexpr = 4,
                    HAS_MIN: tl.constexpr = False):
     WORDS: tl.constexpr = BLOCK_K * BITS // 32
+    # groups per K tile: 1 when the tile lies inside a group, else the tile holds whole groups
+    TG: tl.constexpr = BLOCK_K // GROUP if GROUP != 0 and GROUP < BLOCK_K else 1
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -99,23 +109,23 @@ def wint_tc_kernel(x_ptr, out_ptr, qweight, qzeros, scales, mins, partials, coun
     mmask = offs_m < M
     offs_w = tl.arange(0, WORDS)
     offs_k = tl.arange(0, BLOCK_K)
-    k_tiles = K // BLOCK_K  # the launcher makes BLOCK_K divide K and the group
+    k_tiles = K // BLOCK_K  # the launcher makes BLOCK_K divide K and the group (or the group divide it)
     per_split = tl.cdiv(k_tiles, SPLIT_K)
     t_end = tl.minimum(pid_k * per_split + per_split, k_tiles)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for t in tl.range(pid_k * per_split, t_end, num_stages=STAGES):
         k0 = t * BLOCK_K
-        g = 0 if GROUP == 0 else k0 // GROUP
-        s = tl.load(scales + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
-        z = stream_codes(qzeros + g * n_zero_words, offs_n, 1, n_zero_words, nmask, BITS)
+        g = (0 if GROUP == 0 else k0 // GROUP) + tl.arange(0, TG)  # the tile's groups
+        s = tl.load(scales + g[None, :] * N + offs_n[:, None], mask=nmask[:, None], other=0.0).to(tl.float32)
+        z = stream_codes(qzeros + g[None, :] * n_zero_words, offs_n[:, None], 1, n_zero_words, nmask[:, None], BITS)
         words = tl.load(qweight + (k0 * BITS // 32 + offs_w)[None, :] * N + offs_n[:, None], mask=nmask[:, None],
                         other=0)
         words = words.to(tl.uint32, bitcast=True)  # [BLOCK_N, WORDS]
         if BITS == 4:
             z1 = (1.0 + z / 64).to(tl.float16)  # 1 + z / 64, exact
             s64 = (s * 64).to(tl.float16)  # exact: a power of two times an fp16
-            zz = _u32(z1, z1)[:, None]
-            ss = _u32(s64, s64)[:, None]
+            zz = per_word(_u32(z1, z1), BLOCK_N, TG, WORDS)
+            ss = per_word(_u32(s64, s64), BLOCK_N, TG, WORDS)
             shifted = words << 4
             p0 = pair_weights(shifted, words, tl.full((1, 1), 0 | (4 << 8), tl.uint32), zz, ss, PTX)
             p1 = pair_weights(shifted, words, tl.full((1, 1), 1 | (5 << 8), tl.uint32), zz, ss, PTX)
@@ -126,8 +136,8 @@ def wint_tc_kernel(x_ptr, out_ptr, qweight, qzeros, scales, mins, partials, coun
         else:
             z1 = (1024.0 + z).to(tl.float16)  # exact
             s16 = s.to(tl.float16)
-            zz = _u32(z1, z1)[:, None]
-            ss = _u32(s16, s16)[:, None]
+            zz = per_word(_u32(z1, z1), BLOCK_N, TG, WORDS)
+            ss = per_word(_u32(s16, s16), BLOCK_N, TG, WORDS)
             p0 = pair_bytes(words, tl.full((1, 1), 0x4140, tl.uint32), zz, ss, PTX)
             p1 = pair_bytes(words, tl.full((1, 1), 0x4342, tl.uint32), zz, ss, PTX)
             pairs = tl.reshape(tl.join(p0, p1), (BLOCK_N, BLOCK_K // 2))
@@ -135,9 +145,10 @@ def wint_tc_kernel(x_ptr, out_ptr, qweight, qzeros, scales, mins, partials, coun
         w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
         xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + (k0 + offs_k)[:, None], mask=mmask[None, :], other=0.0)
         acc += tl.dot(w, xt)
-        if HAS_MIN:  # the tile lies inside group g
-            mn = tl.load(mins + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
-            acc -= mn[:, None] * tl.sum(xt.to(tl.float32), axis=0)[None, :]
+        if HAS_MIN:  # min[n, g] * (sum of x over group g), the sums taken by the launcher
+            mn = tl.load(mins + g[None, :] * N + offs_n[:, None], mask=nmask[:, None], other=0.0).to(tl.float32)
+            xs = tl.load(xsums + offs_m[None, :] * (K // GROUP) + g[:, None], mask=mmask[None, :], other=0.0)
+            acc -= tl.sum(mn[:, :, None] * xs[None, :, :], axis=1)
     out = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
     mask = nmask[:, None] & mmask[None, :]
     if SPLIT_K == 1:
@@ -149,19 +160,19 @@ def wint_tc_kernel(x_ptr, out_ptr, qweight, qzeros, scales, mins, partials, coun
 
 def tc_configs(M: int, N: int, K: int, bits: int, group: int, dtype: torch.dtype, n_sm: int) -> list[dict]:
     """Configs of wint_tc_kernel: 4 or 8 bits, fp16 activations, 2 <= M <= 16 tokens, K tiles inside a
-    group; the K range split so that two to six programs per SM fill the GPU. From `python -m
-    qbench.bench.decode_sweep --tc --m 16 --bits 4 --wide` on the H100 (90 and 120 configs on the two
-    Llama-3-70B MLP shapes): 64-row K tiles with 64 or 128 columns and 4 warps took the top places on
-    both; 8 warps, 256 columns and a pipeline of 2 were 5-15 % slower. Groups under 64 (the GGUF types'
-    16 and 32) get K tiles of the group."""
+    group or of whole groups; the K range split so that two to six programs per SM fill the GPU. From
+    `python -m qbench.bench.decode_sweep --tc --m 16 --bits 4 --wide` on the H100 (90 and 120 configs on
+    the two Llama-3-70B MLP shapes): 64-row K tiles with 64 or 128 columns and 4 warps took the top
+    places on both; 8 warps, 256 columns and a pipeline of 2 were 5-15 % slower. Groups under 64 (the
+    GGUF types' 16 and 32) take the same tiles, several groups each, and tiles of one group."""
     if not 2 <= M <= 16 or bits not in (4, 8) or dtype != torch.float16:
         return []
     tiles = ((64, 64, 4, 4), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 4, 2))
     if group and group < 64:
-        tiles = ((64, group, 4, 4), (128, group, 4, 4), (256, group, 8, 3))
+        tiles += ((128, group, 4, 4),)
     configs = []
     for bn, bk, warps, stages in tiles:
-        if K % bk or (group and group % bk):
+        if K % bk or (group and group % bk and bk % group):
             continue
         for split in wave_splits(K // bk, cdiv(N, bn), n_sm, (2, 3, 4, 6)):
             configs.append({"KERNEL": "wint_tc", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "STAGES": stages,
@@ -173,16 +184,21 @@ def run_tc(cfg: dict, x2: torch.Tensor, qweight, qzeros, scales, bits: int, grou
            mins: torch.Tensor | None = None) -> torch.Tensor:
     """mins [G, N]: W = (q - z) * s - mins (HAS_MIN)."""
     M, K = x2.shape
-    if bits not in (4, 8) or K % cfg["BLOCK_K"] or (group and group % cfg["BLOCK_K"]) or cfg["BLOCK_K"] % 16:
-        raise ValueError(f"wint_tc: 4 or 8 bits with BLOCK_K {cfg['BLOCK_K']} (a multiple of 16) dividing K {K} "
-                         f"and the group {group}")
-    if mins is not None and not group:
-        raise ValueError("wint_tc: a min term needs groups")
+    bk = cfg["BLOCK_K"]
+    if bits not in (4, 8) or K % bk or (group and group % bk and bk % group) or bk % 16:
+        raise ValueError(f"wint_tc: 4 or 8 bits with BLOCK_K {bk} (a multiple of 16) dividing K {K}, and the group "
+                         f"{group} dividing it or it the group")
+    xsums = scales
+    if mins is not None:
+        if not group:
+            raise ValueError("wint_tc: a min term needs groups")
+        xsums = x2.view(M, K // group, group).sum(-1, dtype=torch.float32)
     split = cfg["SPLIT_K"]
     out, partials, counters = split_buffers(x2, N, split, cfg["BLOCK_N"])
     grid = (cdiv(N, cfg["BLOCK_N"]), split, cdiv(M, 16))
-    wint_tc_kernel[grid](x2, out, qweight, qzeros, scales, scales if mins is None else mins, partials, counters, M, N,
-                         K, x2.stride(0), out.stride(0), qzeros.shape[1], split, GROUP=group, BLOCK_N=cfg["BLOCK_N"],
-                         BLOCK_K=cfg["BLOCK_K"], BLOCK_M=16, STAGES=cfg.get("STAGES", 1), PTX=not interpreted(),
-                         BITS=bits, HAS_MIN=mins is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    wint_tc_kernel[grid](x2, out, qweight, qzeros, scales, scales if mins is None else mins, xsums, partials, counters,
+                         M, N, K, x2.stride(0), out.stride(0), qzeros.shape[1], split, GROUP=group,
+                         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk, BLOCK_M=16, STAGES=cfg.get("STAGES", 1),
+                         PTX=not interpreted(), BITS=bits, HAS_MIN=mins is not None, num_warps=cfg["num_warps"],
+                         num_stages=cfg["num_stages"])
     return out

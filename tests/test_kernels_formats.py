@@ -139,23 +139,25 @@ def test_nf4_h2_decode_kernel(double_quant, table):
 def test_nf4_tc_kernel(double_quant, table):
     """The tensor-core NF4/FP4 kernel for 2-16 tokens (fp16 activations) on the column copy: M=2, 3, 16 and
     17 (two token tiles), split-K (also splits that leave a program no tile), K tiles of 16 and 32 inside
-    blocks of 32 and 64, columns masked (N=20, tiles of 16). On the CPU its prmt lookup runs as loads of
-    the slot values (nf4_tc.nf4_pairs)."""
+    blocks of 32 and 64, the absmax applied after the MMA or to the weights (SCALE_IN, also over K tiles of
+    two blocks), columns masked (N=20, tiles of 16). On the CPU its prmt lookup runs as loads of the slot
+    values (nf4_tc.nf4_pairs)."""
     from qbench.quant.nf4 import code_book
 
     seed = fresh_seed()
-    N, K, bs = 20, 192 if double_quant else 160, 64 if double_quant else 32
+    N, K, bs = 20, 192 if double_quant else 256, 64 if double_quant else 32
     lut = code_book(table)
     packed, stored, w, extra = nf4_case(lut, N, K, bs, double_quant)
     packed, stored = packed.to(DEVICE), stored.to(DEVICE)
-    for M, split, bk, stages in [(2, 1, 32, 2), (3, 2, 16, 3), (16, 7, 32, 1), (17, 1, 16, 2)]:
+    for M, split, bk, stages, scale_in in [(2, 1, 32, 2, False), (3, 2, 16, 3, False), (16, 7, 32, 1, False),
+                                           (17, 1, 16, 2, False), (4, 1, 32, 2, True), (16, 3, 64, 2, True)]:
         cfg = {"KERNEL": "nf4_tc", "BLOCK_N": 16, "BLOCK_K": bk, "SPLIT_K": split, "STAGES": stages,
-               "num_warps": 4, "num_stages": 1}
+               "SCALE_IN": scale_in, "num_warps": 4, "num_stages": 1}
         x = torch.randn(M, K).half()
         y = nf4_matmul(x.to(DEVICE), packed, stored, lut.to(DEVICE), N, bs, config=cfg, **extra)
         assert y.dtype == torch.float16 and y.shape == (M, N)
         err = rel_err(y.cpu(), x.double() @ w.double().T)
-        assert err < 2e-3, f"rel err {err:.2e} (seed {seed}, M={M}, split={split})"
+        assert err < 2e-3, f"rel err {err:.2e} (seed {seed}, M={M}, split={split}, cfg={cfg})"
 
 
 def test_nf4_tc_configs_cover_batched_decode_only():
@@ -165,8 +167,8 @@ def test_nf4_tc_configs_cover_batched_decode_only():
 
     lut = code_book("nf4")
     assert nf4_tc_configs(16, 28672, 8192, 64, lut, torch.float16, 132)
-    assert all(c["BLOCK_K"] <= 64 and 64 % c["BLOCK_K"] == 0 for c in nf4_tc_configs(2, 4096, 4096, 64, lut,
-                                                                                      torch.float16, 132))
+    found = nf4_tc_configs(2, 4096, 4096, 64, lut, torch.float16, 132)
+    assert {(c["BLOCK_K"], c["SCALE_IN"]) for c in found} == {(64, False), (64, True), (128, True)}
     for M, K, dtype in [(1, 8192, torch.float16), (17, 8192, torch.float16), (16, 8192, torch.float32),
                         (16, 8200, torch.float16)]:
         assert nf4_tc_configs(M, 4096, K, 64, lut, dtype, 132) == []
