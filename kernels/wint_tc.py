@@ -146,9 +146,12 @@ def wint_tc_kernel(x_ptr, out_ptr, qweight, qzeros, scales, mins, xsums, partial
         xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + (k0 + offs_k)[:, None], mask=mmask[None, :], other=0.0)
         acc += tl.dot(w, xt)
         if HAS_MIN:  # min[n, g] * (sum of x over group g), the sums taken by the launcher
-            mn = tl.load(mins + g[None, :] * N + offs_n[:, None], mask=nmask[:, None], other=0.0).to(tl.float32)
-            xs = tl.load(xsums + offs_m[None, :] * (K // GROUP) + g[:, None], mask=mmask[None, :], other=0.0)
-            acc -= tl.sum(mn[:, :, None] * xs[None, :, :], axis=1)
+            # one outer product per group (a [BLOCK_N, TG, BLOCK_M] product summed over the groups gave wrong
+            # results on the H200 with triton 3.6, right ones in the interpreter)
+            for j in tl.static_range(TG):
+                mn = tl.load(mins + (k0 // GROUP + j) * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
+                xs = tl.load(xsums + offs_m * (K // GROUP) + k0 // GROUP + j, mask=mmask, other=0.0)
+                acc -= mn[:, None] * xs[None, :]
     out = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
     mask = nmask[:, None] & mmask[None, :]
     if SPLIT_K == 1:
