@@ -78,3 +78,12 @@ def test_host_profile_builds_each_format_s_layer(fmt):
     want = x.double() @ linear.weight.to(dev).double().T
     err = ((layer(x).double() - want).norm() / want.norm()).item()
     assert err < 0.1  # 4-bit formats: the rounding of the weights
+
+
+def test_describe_names_the_tensor_core_tile_and_scale_placement():
+    from qbench.bench.kernels import describe
+
+    cfg = {"KERNEL": "nf4_tc", "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4, "SCALE_IN": True}
+    assert describe(("nf4", cfg)) == "nf4_tc 64x128 scale_in splitK4"
+    assert describe(("q4_0", {"KERNEL": "gguf_tc", "BLOCK_N": 128, "BLOCK_K": 32, "SPLIT_K": 1})) == "gguf_tc 128x32"
+    assert describe(("w4a16", {"KERNEL": "wint_h2", "SPLIT_K": 7})) == "wint_h2 splitK7"

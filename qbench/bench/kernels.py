@@ -194,8 +194,9 @@ def describe(choice) -> str:
     elif kind == "wint_decode":
         kind = "decode"
     split = cfg.get("SPLIT_K", 1)
-    return kind + (f" splitK{split}" if split > 1 else "") + (f" streamK{cfg['STREAM']}" if cfg.get("STREAM") else "") \
-        + (f" maxnreg{cfg['MAXNREG']}" if cfg.get("MAXNREG") else "")
+    tile = f" {cfg['BLOCK_N']}x{cfg['BLOCK_K']}" if kind in ("nf4_tc", "wint_tc", "gguf_tc") else ""
+    return kind + tile + (" scale_in" if cfg.get("SCALE_IN") else "") + (f" splitK{split}" if split > 1 else "") \
+        + (f" streamK{cfg['STREAM']}" if cfg.get("STREAM") else "") + (f" maxnreg{cfg['MAXNREG']}" if cfg.get("MAXNREG") else "")
 
 
 def put_row(rows: list, row: dict) -> None:
