@@ -113,6 +113,7 @@ def wint_tc_kernel(x_ptr, out_ptr, qweight, qzeros, scales, mins, xsums, partial
     per_split = tl.cdiv(k_tiles, SPLIT_K)
     t_end = tl.minimum(pid_k * per_split + per_split, k_tiles)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    min_acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for t in tl.range(pid_k * per_split, t_end, num_stages=STAGES):
         k0 = t * BLOCK_K
         g = (0 if GROUP == 0 else k0 // GROUP) + tl.arange(0, TG)  # the tile's groups
@@ -147,11 +148,14 @@ def wint_tc_kernel(x_ptr, out_ptr, qweight, qzeros, scales, mins, xsums, partial
         acc += tl.dot(w, xt)
         if HAS_MIN:  # min[n, g] * (sum of x over group g), the sums taken by the launcher
             # one outer product per group (a [BLOCK_N, TG, BLOCK_M] product summed over the groups gave wrong
-            # results on the H200 with triton 3.6, right ones in the interpreter)
+            # results on the H200 with triton 3.6, right ones in the interpreter), summed apart from the MMA's
+            # accumulator so that the MMA need not finish before it
             for j in tl.static_range(TG):
                 mn = tl.load(mins + (k0 // GROUP + j) * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
                 xs = tl.load(xsums + offs_m * (K // GROUP) + k0 // GROUP + j, mask=mmask, other=0.0)
-                acc -= mn[:, None] * xs[None, :]
+                min_acc += mn[:, None] * xs[None, :]
+    if HAS_MIN:
+        acc -= min_acc
     out = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
     mask = nmask[:, None] & mmask[None, :]
     if SPLIT_K == 1:
