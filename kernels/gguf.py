@@ -14,7 +14,7 @@ Two ways to multiply, compared by the tuner per shape:
   Q4_0, Q4_1, Q4_K become 4-bit codes in groups of 32, Q5_0, Q5_1, Q5_K, Q8_0 8-bit codes (the 5-bit
   ones take 8 bits here: the kernel has no 5-bit path) in groups of 32, Q6_K 8-bit codes in groups of
   16; the min term (Q4_1, Q5_1, Q4_K, Q5_K) is subtracted in the fp16x2 kernel as (sum of x over a
-  tile) * min. For 2-16 tokens the tensor-core kernel of kernels/wint_tc.py (4- and 8-bit codes, the
+  tile) * min. For 2-32 tokens the tensor-core kernel of kernels/wint_tc.py (4- and 8-bit codes, the
   min term per K tile) joins the candidates.
   Scales and mins are stored in fp16, which rounds the K-quants' float32 products d * sc and dmin * m
   (relative 2**-11, the rounding the torch path applies to every dequantized weight in an fp16 model);

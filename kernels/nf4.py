@@ -13,7 +13,7 @@ any shape) and nf4_decode_kernel below for decode (M <= 4) when every row of W h
 multiplies the looked-up code values by the activations, sums each word's 8 products, and only then
 applies the block's absmax, so the absmax (and its double-quant decoding) costs one lookup per word
 instead of one per weight. With fp16 activations a third, kernels/nf4_h2.py (fp16x2 arithmetic on a
-column copy of the codes), joins the decode candidates, and for 2-16 tokens kernels/nf4_tc.py (the same
+column copy of the codes), joins the decode candidates, and for 2-32 tokens kernels/nf4_tc.py (the same
 copy and register table, the looked-up tile fed to tensor cores).
 """
 

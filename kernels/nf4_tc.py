@@ -1,4 +1,5 @@
-"""NF4/FP4 for a few tokens (M = 2..16 per program) on tensor cores, the weight as the MMA's A operand.
+"""NF4/FP4 for a few tokens (M = 2..32, token tiles of 16 or 32) on tensor cores, the weight as the MMA's
+A operand.
 
 Reads the column copy of kernels/nf4_h2.py (`column_layout`: words int32 [K/8, N] of slot labels, absmax
 float32 [K/blocksize, N]) and looks the codes up with its register table (`slot_table`: per 16-bit chunk
@@ -156,11 +157,12 @@ def nf4_tc_kernel(x_ptr, out_ptr, words_ptr, absmax, table, slot_values, inv_c, 
 
 def nf4_tc_configs(M: int, N: int, K: int, blocksize: int, lut: torch.Tensor, dtype: torch.dtype,
                    n_sm: int) -> list[dict]:
-    """Configs of nf4_tc_kernel: fp16 activations, 2 <= M <= 16 tokens, rows of whole blocks; the K range
-    split so that two to six programs per SM fill the GPU. The tiles are those that led wint_tc's H100
-    sweep (64-row K tiles, 64 or 128 columns, 4 warps) and 128-row ones; with the absmax applied after
-    the MMA (K tiles inside a block) or to the weights (SCALE_IN, K tiles of whole blocks too)."""
-    if not 2 <= M <= 16 or dtype != torch.float16 or K % blocksize or device_slot_table(lut) is None:
+    """Configs of nf4_tc_kernel: fp16 activations, 2 <= M <= 32 tokens (token tiles of 16, or of 32 above 16;
+    batch-32 decode), rows of whole blocks; the K range split so that two to six programs per SM fill
+    the GPU. The tiles are those that led wint_tc's H100 sweep (64-row K tiles, 64 or 128 columns, 4
+    warps) and 128-row ones; with the absmax applied after the MMA (K tiles inside a block) or to the
+    weights (SCALE_IN, K tiles of whole blocks too). Tiles of 32 tokens are not timed yet."""
+    if not 2 <= M <= 32 or dtype != torch.float16 or K % blocksize or device_slot_table(lut) is None:
         return []
     configs = []
     for bn, bk, warps, stages in ((64, 64, 4, 4), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 4, 2)):
@@ -170,8 +172,9 @@ def nf4_tc_configs(M: int, N: int, K: int, blocksize: int, lut: torch.Tensor, dt
             if (blocksize % bk and bk % blocksize) or (not scale_in and blocksize % bk):
                 continue
             for split in wave_splits(K // bk, cdiv(N, bn), n_sm, (2, 3, 4, 6)):
-                configs.append({"KERNEL": "nf4_tc", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "STAGES": stages,
-                                "SCALE_IN": scale_in, "num_warps": warps, "num_stages": 1})
+                configs.append({"KERNEL": "nf4_tc", "BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_M": 16 if M <= 16 else 32,
+                                "SPLIT_K": split, "STAGES": stages, "SCALE_IN": scale_in, "num_warps": warps,
+                                "num_stages": 1})
     return configs
 
 
@@ -189,9 +192,10 @@ def run_nf4_tc(cfg: dict, x2: torch.Tensor, codes: torch.Tensor, absmax, lut32, 
     words, absmax_cols = column_layout(codes, absmax, N, K, blocksize, label, absmax2, code2, offset)
     split = cfg["SPLIT_K"]
     out, partials, counters = split_buffers(x2, N, split, cfg["BLOCK_N"])
-    grid = (cdiv(N, cfg["BLOCK_N"]), split, cdiv(M, 16))
+    bm = cfg.get("BLOCK_M", 16)
+    grid = (cdiv(N, cfg["BLOCK_N"]), split, cdiv(M, bm))
     nf4_tc_kernel[grid](x2, out, words, absmax_cols, table, slot_values, inv_c, partials, counters, M, N, K,
                         x2.stride(0), out.stride(0), split, BLOCKSIZE=blocksize, BLOCK_N=cfg["BLOCK_N"],
-                        BLOCK_K=bk, BLOCK_M=16, STAGES=cfg.get("STAGES", 1), PTX=not interpreted(),
+                        BLOCK_K=bk, BLOCK_M=bm, STAGES=cfg.get("STAGES", 1), PTX=not interpreted(),
                         SCALE_IN=scale_in, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out

@@ -1,4 +1,5 @@
-"""W4A16 and W8A16 for a few tokens (M = 2..16 per program) on tensor cores, the weight as the MMA's A operand.
+"""W4A16 and W8A16 for a few tokens (M = 2..32, token tiles of 16 or 32) on tensor cores, the weight as
+the MMA's A operand.
 
 Same packed layout as kernels/wint.py (GPTQ: qweight [K/8, N] int32, codes along K). At M = 16 the
 tiled tl.dot path of kernels/matmul.py spends about 8 instructions per weight, one of them a 16-bit
@@ -166,13 +167,14 @@ def wint_tc_kernel(x_ptr, out_ptr, qweight, qzeros, scales, mins, xsums, partial
 
 
 def tc_configs(M: int, N: int, K: int, bits: int, group: int, dtype: torch.dtype, n_sm: int) -> list[dict]:
-    """Configs of wint_tc_kernel: 4 or 8 bits, fp16 activations, 2 <= M <= 16 tokens, K tiles inside a
-    group or of whole groups; the K range split so that two to six programs per SM fill the GPU. From
-    `python -m qbench.bench.decode_sweep --tc --m 16 --bits 4 --wide` on the H100 (90 and 120 configs on
-    the two Llama-3-70B MLP shapes): 64-row K tiles with 64 or 128 columns and 4 warps took the top
+    """Configs of wint_tc_kernel: 4 or 8 bits, fp16 activations, 2 <= M <= 32 tokens (token tiles of 16, or
+    of 32 above 16; batch-32 decode; tiles of 32 tokens not timed yet), K tiles inside a group or of whole
+    groups; the K range split so that two to six programs per SM fill the GPU. From `python -m
+    qbench.bench.decode_sweep --tc --m 16 --bits 4 --wide` on the H100 (90 and 120 configs on the two
+    Llama-3-70B MLP shapes): 64-row K tiles with 64 or 128 columns and 4 warps took the top
     places on both; 8 warps, 256 columns and a pipeline of 2 were 5-15 % slower. Groups under 64 (the
     GGUF types' 16 and 32) take the same tiles, several groups each, and tiles of one group."""
-    if not 2 <= M <= 16 or bits not in (4, 8) or dtype != torch.float16:
+    if not 2 <= M <= 32 or bits not in (4, 8) or dtype != torch.float16:
         return []
     tiles = ((64, 64, 4, 4), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 4, 2))
     if group and group < 64:
@@ -182,8 +184,8 @@ def tc_configs(M: int, N: int, K: int, bits: int, group: int, dtype: torch.dtype
         if K % bk or (group and group % bk and bk % group):
             continue
         for split in wave_splits(K // bk, cdiv(N, bn), n_sm, (2, 3, 4, 6)):
-            configs.append({"KERNEL": "wint_tc", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "STAGES": stages,
-                            "num_warps": warps, "num_stages": 1})
+            configs.append({"KERNEL": "wint_tc", "BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_M": 16 if M <= 16 else 32,
+                            "SPLIT_K": split, "STAGES": stages, "num_warps": warps, "num_stages": 1})
     return configs
 
 
@@ -202,10 +204,11 @@ def run_tc(cfg: dict, x2: torch.Tensor, qweight, qzeros, scales, bits: int, grou
         xsums = x2.view(M, K // group, group).sum(-1, dtype=torch.float32)
     split = cfg["SPLIT_K"]
     out, partials, counters = split_buffers(x2, N, split, cfg["BLOCK_N"])
-    grid = (cdiv(N, cfg["BLOCK_N"]), split, cdiv(M, 16))
+    bm = cfg.get("BLOCK_M", 16)
+    grid = (cdiv(N, cfg["BLOCK_N"]), split, cdiv(M, bm))
     wint_tc_kernel[grid](x2, out, qweight, qzeros, scales, scales if mins is None else mins, xsums, partials, counters,
                          M, N, K, x2.stride(0), out.stride(0), qzeros.shape[1], split, GROUP=group,
-                         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk, BLOCK_M=16, STAGES=cfg.get("STAGES", 1),
+                         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk, BLOCK_M=bm, STAGES=cfg.get("STAGES", 1),
                          PTX=not interpreted(), BITS=bits, HAS_MIN=mins is not None, num_warps=cfg["num_warps"],
                          num_stages=cfg["num_stages"])
     return out

@@ -139,8 +139,8 @@ def test_gguf_any_m_through_the_integer_skeleton(qtype):
 def test_gguf_few_tokens_on_tensor_cores(qtype):
     """2-16 fp16 tokens on the tensor-core kernel (kernels/wint_tc.py) on the integer copy: 4-bit (Q4_0,
     Q4_1, Q4_K) and 8-bit codes (Q5_*, Q8_0, Q6_K), the min term, groups of 16 and 32 in K tiles of one
-    group and of 2-8 groups, split-K; M=17 takes two token tiles; N=37 ends inside a column tile. The
-    candidates exist for 2-16 tokens only."""
+    group and of 2-8 groups, split-K; M=17 takes two token tiles of 16, M=32 one of 32; N=37 ends inside a
+    column tile. The candidates exist for 2-32 tokens only."""
     from qbench.kernels.gguf import gguf_matmul, wint_layout
     from qbench.kernels.wint_tc import tc_configs
     from qbench.quant.gguf_quants import dequantize, quantize
@@ -154,9 +154,12 @@ def test_gguf_few_tokens_on_tensor_cores(qtype):
     found = tc_configs(16, 4096, 4096, bits, group, torch.float16, 132)
     assert {c["BLOCK_K"] for c in found} == {group, 64, 128}
     assert not tc_configs(1, 4096, 4096, bits, group, torch.float16, 132)
-    for M, split, bk in ((2, 1, group), (16, 3, 64), (17, 2, 128), (5, 1, 2 * group)):
-        cfg = {"KERNEL": "gguf_tc", "BLOCK_N": 16, "BLOCK_K": bk, "SPLIT_K": split, "STAGES": 2, "num_warps": 4,
-               "num_stages": 1}
+    assert {c["BLOCK_M"] for c in tc_configs(32, 4096, 4096, bits, group, torch.float16, 132)} == {32}
+    assert not tc_configs(33, 4096, 4096, bits, group, torch.float16, 132)
+    for M, split, bk, bm in ((2, 1, group, 16), (16, 3, 64, 16), (17, 2, 128, 16), (5, 1, 2 * group, 16),
+                             (32, 2, 64, 32)):
+        cfg = {"KERNEL": "gguf_tc", "BLOCK_N": 16, "BLOCK_K": bk, "BLOCK_M": bm, "SPLIT_K": split, "STAGES": 2,
+               "num_warps": 4, "num_stages": 1}
         x = torch.randn(M, K, device=DEVICE, dtype=torch.float16)
         ref = x.double() @ w.T
         y = gguf_matmul(x, raw, qtype.lower(), config=cfg)

@@ -137,8 +137,8 @@ def test_nf4_h2_decode_kernel(double_quant, table):
 
 @pytest.mark.parametrize("double_quant,table", [(False, "nf4"), (True, "nf4"), (False, "fp4")])
 def test_nf4_tc_kernel(double_quant, table):
-    """The tensor-core NF4/FP4 kernel for 2-16 tokens (fp16 activations) on the column copy: M=2, 3, 16 and
-    17 (two token tiles), split-K (also splits that leave a program no tile), K tiles of 16 and 32 inside
+    """The tensor-core NF4/FP4 kernel for 2-32 tokens (fp16 activations) on the column copy: M=2, 3, 16 and
+    17 (two token tiles of 16), 20 and 32 (tiles of 32), split-K (also splits that leave a program no tile), K tiles of 16 and 32 inside
     blocks of 32 and 64, the absmax applied after the MMA or to the weights (SCALE_IN, also over K tiles of
     two blocks), columns masked (N=20, tiles of 16). On the CPU its prmt lookup runs as loads of the slot
     values (nf4_tc.nf4_pairs)."""
@@ -150,9 +150,10 @@ def test_nf4_tc_kernel(double_quant, table):
     packed, stored, w, extra = nf4_case(lut, N, K, bs, double_quant)
     packed, stored = packed.to(DEVICE), stored.to(DEVICE)
     for M, split, bk, stages, scale_in in [(2, 1, 32, 2, False), (3, 2, 16, 3, False), (16, 7, 32, 1, False),
-                                           (17, 1, 16, 2, False), (4, 1, 32, 2, True), (16, 3, 64, 2, True)]:
-        cfg = {"KERNEL": "nf4_tc", "BLOCK_N": 16, "BLOCK_K": bk, "SPLIT_K": split, "STAGES": stages,
-               "SCALE_IN": scale_in, "num_warps": 4, "num_stages": 1}
+                                           (17, 1, 16, 2, False), (4, 1, 32, 2, True), (16, 3, 64, 2, True),
+                                           (20, 2, 32, 2, True), (32, 1, 32, 1, False)]:
+        cfg = {"KERNEL": "nf4_tc", "BLOCK_N": 16, "BLOCK_K": bk, "BLOCK_M": 32 if M > 17 else 16, "SPLIT_K": split,
+               "STAGES": stages, "SCALE_IN": scale_in, "num_warps": 4, "num_stages": 1}
         x = torch.randn(M, K).half()
         y = nf4_matmul(x.to(DEVICE), packed, stored, lut.to(DEVICE), N, bs, config=cfg, **extra)
         assert y.dtype == torch.float16 and y.shape == (M, N)
@@ -161,7 +162,8 @@ def test_nf4_tc_kernel(double_quant, table):
 
 
 def test_nf4_tc_configs_cover_batched_decode_only():
-    """nf4_tc competes for 2-16 fp16 tokens on rows of whole blocks, never for M=1, 17+ or float32."""
+    """nf4_tc competes for 2-32 fp16 tokens on rows of whole blocks (token tiles of 32 above 16), never for
+    M=1, 33+ or float32."""
     from qbench.kernels.nf4_tc import nf4_tc_configs
     from qbench.quant.nf4 import code_book
 
@@ -169,7 +171,9 @@ def test_nf4_tc_configs_cover_batched_decode_only():
     assert nf4_tc_configs(16, 28672, 8192, 64, lut, torch.float16, 132)
     found = nf4_tc_configs(2, 4096, 4096, 64, lut, torch.float16, 132)
     assert {(c["BLOCK_K"], c["SCALE_IN"]) for c in found} == {(64, False), (64, True), (128, True)}
-    for M, K, dtype in [(1, 8192, torch.float16), (17, 8192, torch.float16), (16, 8192, torch.float32),
+    assert {c["BLOCK_M"] for c in nf4_tc_configs(16, 4096, 4096, 64, lut, torch.float16, 132)} == {16}
+    assert {c["BLOCK_M"] for c in nf4_tc_configs(17, 4096, 4096, 64, lut, torch.float16, 132)} == {32}
+    for M, K, dtype in [(1, 8192, torch.float16), (33, 8192, torch.float16), (16, 8192, torch.float32),
                         (16, 8200, torch.float16)]:
         assert nf4_tc_configs(M, 4096, K, 64, lut, dtype, 132) == []
 
