@@ -195,19 +195,22 @@ def _tile_sums(xw, words_ptr, absmax, la, la1, lb, lb1, ha, ha1, hb, hb1, slot_v
 
 
 @triton.jit
+def load_slot_table(table):
+    """The eight words of slot_table's table (low bytes of slots 0-7, of slots 8-15 XOR fill, high bytes
+    likewise) as uint32 scalars, kept in registers for the prmt lookups."""
+    return (tl.load(table).to(tl.uint32, bitcast=True), tl.load(table + 1).to(tl.uint32, bitcast=True),
+            tl.load(table + 2).to(tl.uint32, bitcast=True), tl.load(table + 3).to(tl.uint32, bitcast=True),
+            tl.load(table + 4).to(tl.uint32, bitcast=True), tl.load(table + 5).to(tl.uint32, bitcast=True),
+            tl.load(table + 6).to(tl.uint32, bitcast=True), tl.load(table + 7).to(tl.uint32, bitcast=True))
+
+
+@triton.jit
 def nf4_h2_decode_kernel(x_ptr, out_ptr, words_ptr, absmax, table, slot_values, inv_c, partials, counters,
                          N, K, stride_xm, stride_om, SPLIT_K, BLOCKSIZE: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHAIN: tl.constexpr, STAGES: tl.constexpr,
                          PTX: tl.constexpr, EVEN_N: tl.constexpr, STREAM: tl.constexpr = False):
     m = tl.program_id(2)
-    la = tl.load(table).to(tl.uint32, bitcast=True)
-    la1 = tl.load(table + 1).to(tl.uint32, bitcast=True)
-    lb = tl.load(table + 2).to(tl.uint32, bitcast=True)
-    lb1 = tl.load(table + 3).to(tl.uint32, bitcast=True)
-    ha = tl.load(table + 4).to(tl.uint32, bitcast=True)
-    ha1 = tl.load(table + 5).to(tl.uint32, bitcast=True)
-    hb = tl.load(table + 6).to(tl.uint32, bitcast=True)
-    hb1 = tl.load(table + 7).to(tl.uint32, bitcast=True)
+    la, la1, lb, lb1, ha, ha1, hb, hb1 = load_slot_table(table)
     xw = x_ptr.to(tl.pointer_type(tl.uint32)) + m * (stride_xm // 2)  # activation pairs (x[2i], x[2i+1])
     k_tiles = K // BLOCK_K  # the launcher makes BLOCK_K divide the block, and blocks divide K
     if STREAM:  # grid axis 0: P programs, each a range of the (column tile, K tile) units (kernels/splitk.py)

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qbench.kernels.nf4_h2 import column_layout, device_slot_table
+from qbench.kernels.nf4_h2 import column_layout, device_slot_table, load_slot_table
 from qbench.kernels.splitk import merge_partial, split_buffers, wave_splits
 from qbench.kernels.tune import cdiv, interpreted
 from qbench.kernels.wint_h2 import _h2, _u32
@@ -58,38 +58,18 @@ def nf4_pairs(s, t, la, la1, lb, lb1, ha, ha1, hb, hb1, slot_values, PTX: tl.con
 
 
 @triton.jit
-def nf4_pairs_scaled(s, t, la, la1, lb, lb1, ha, ha1, hb, hb1, ss, slot_values, PTX: tl.constexpr):
-    """nf4_pairs times the fp16 pair ss (the block's absmax / c twice), one rounding each (mul.rn.f16x2)."""
+def mul_pairs(p, ss, PTX: tl.constexpr):
+    """fp16 pairs p times the fp16 pair ss, one rounding each (mul.rn.f16x2; the products are exact in
+    float32, so the interpreter's float32 multiply rounded to fp16 is the same)."""
     if PTX:
-        pa, pb = tl.inline_asm_elementwise(
-            """{
-            .reg .b32 a, b, lo, hi, u;
-            prmt.b32 a, $4, $5, $2;
-            prmt.b32 b, $6, $7, $3;
-            xor.b32 lo, a, b;
-            prmt.b32 a, $8, $9, $2;
-            prmt.b32 b, $10, $11, $3;
-            xor.b32 hi, a, b;
-            prmt.b32 u, lo, hi, 0x5140;
-            mul.rn.f16x2 $0, u, $12;
-            prmt.b32 u, lo, hi, 0x7362;
-            mul.rn.f16x2 $1, u, $12;
-            }""",
-            "=r,=r,r,r,r,r,r,r,r,r,r,r,r", [s, t, la, la1, lb, lb1, ha, ha1, hb, hb1, ss],
-            dtype=(tl.uint32, tl.uint32), is_pure=True, pack=1)
+        out = tl.inline_asm_elementwise("mul.rn.f16x2 $0, $1, $2;", "=r,r,r", [p, ss], dtype=tl.uint32,
+                                        is_pure=True, pack=1)
     else:
-        pa, pb = nf4_pairs(s, t, la, la1, lb, lb1, ha, ha1, hb, hb1, slot_values, PTX)
+        lo, hi = _h2(p)
         s_lo, _ = _h2(ss)
-        pa = _mul_h2(pa, s_lo)
-        pb = _mul_h2(pb, s_lo)
-    return pa, pb
-
-
-@triton.jit
-def _mul_h2(p, s):
-    """fp16 pair p times the fp16 s, one rounding each (as mul.rn.f16x2; the products are exact in float32)."""
-    lo, hi = _h2(p)
-    return _u32((lo.to(tl.float32) * s.to(tl.float32)).to(tl.float16), (hi.to(tl.float32) * s.to(tl.float32)).to(tl.float16))
+        out = _u32((lo.to(tl.float32) * s_lo.to(tl.float32)).to(tl.float16),
+                   (hi.to(tl.float32) * s_lo.to(tl.float32)).to(tl.float16))
+    return out
 
 
 @triton.jit
@@ -99,14 +79,7 @@ def nf4_tc_kernel(x_ptr, out_ptr, words_ptr, absmax, table, slot_values, inv_c, 
                   SCALE_IN: tl.constexpr = False):
     WORDS: tl.constexpr = BLOCK_K // 8
     TB: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCKSIZE < BLOCK_K else 1  # blocks per K tile (SCALE_IN only)
-    la = tl.load(table).to(tl.uint32, bitcast=True)
-    la1 = tl.load(table + 1).to(tl.uint32, bitcast=True)
-    lb = tl.load(table + 2).to(tl.uint32, bitcast=True)
-    lb1 = tl.load(table + 3).to(tl.uint32, bitcast=True)
-    ha = tl.load(table + 4).to(tl.uint32, bitcast=True)
-    ha1 = tl.load(table + 5).to(tl.uint32, bitcast=True)
-    hb = tl.load(table + 6).to(tl.uint32, bitcast=True)
-    hb1 = tl.load(table + 7).to(tl.uint32, bitcast=True)
+    la, la1, lb, lb1, ha, ha1, hb, hb1 = load_slot_table(table)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -124,18 +97,19 @@ def nf4_tc_kernel(x_ptr, out_ptr, words_ptr, absmax, table, slot_values, inv_c, 
         words = tl.load(words_ptr + (k0 // 8 + offs_w)[None, :] * N + offs_n[:, None], mask=nmask[:, None], other=0)
         words = words.to(tl.uint32, bitcast=True)  # [BLOCK_N, WORDS]
         flipped = words ^ 0x88888888
+        p0, p1 = nf4_pairs(words, flipped, la, la1, lb, lb1, ha, ha1, hb, hb1, slot_values, PTX)
+        p2, p3 = nf4_pairs(words >> 16, flipped >> 16, la, la1, lb, lb1, ha, ha1, hb, hb1, slot_values, PTX)
         if SCALE_IN:  # the absmax applied to the weights: the MMA accumulates in place, tiles of several blocks
             b = k0 // BLOCKSIZE + tl.arange(0, TB)
             a = tl.load(absmax + b[None, :] * N + offs_n[:, None], mask=nmask[:, None], other=0.0)
             a16 = (a * inv_c).to(tl.float16)
             ss = per_word(_u32(a16, a16), BLOCK_N, TB, WORDS)
-            p0, p1 = nf4_pairs_scaled(words, flipped, la, la1, lb, lb1, ha, ha1, hb, hb1, ss, slot_values, PTX)
-            p2, p3 = nf4_pairs_scaled(words >> 16, flipped >> 16, la, la1, lb, lb1, ha, ha1, hb, hb1, ss, slot_values,
-                                      PTX)
+            p0 = mul_pairs(p0, ss, PTX)
+            p1 = mul_pairs(p1, ss, PTX)
+            p2 = mul_pairs(p2, ss, PTX)
+            p3 = mul_pairs(p3, ss, PTX)
         else:
             a = tl.load(absmax + (k0 // BLOCKSIZE) * N + offs_n, mask=nmask, other=0.0)
-            p0, p1 = nf4_pairs(words, flipped, la, la1, lb, lb1, ha, ha1, hb, hb1, slot_values, PTX)
-            p2, p3 = nf4_pairs(words >> 16, flipped >> 16, la, la1, lb, lb1, ha, ha1, hb, hb1, slot_values, PTX)
         # pairs in K order (word w, pair i) -> [BLOCK_N, BLOCK_K / 2], then each pair's two halves
         pairs = tl.reshape(tl.join(tl.join(p0, p2), tl.join(p1, p3)), (BLOCK_N, BLOCK_K // 2))
         lo, hi = _h2(pairs)

@@ -49,16 +49,20 @@ def pair_weights(shifted, words, sel, zz, ss, PTX: tl.constexpr):
             "=r,r,r,r,r,r", [shifted, words, sel, zz, ss], dtype=tl.uint32, is_pure=True, pack=1)
     else:
         i = sel & 7
-        lo = ((shifted >> (8 * i)) & 0xF0) | 0x3C00
-        hi = ((words >> (8 * (i & 3))) & 0xF0) | 0x3C00
-        t_lo, _ = _h2(lo)
-        t_hi, _ = _h2(hi)
-        z_lo, _ = _h2(zz)
-        s_lo, _ = _h2(ss)
-        # (t - z1) is exact in fp16; one rounding for the product, as mul.rn.f16x2
-        out = _u32(((t_lo - z_lo).to(tl.float32) * s_lo.to(tl.float32)).to(tl.float16),
-                   ((t_hi - z_lo).to(tl.float32) * s_lo.to(tl.float32)).to(tl.float16))
+        out = sub_mul_ref(((shifted >> (8 * i)) & 0xF0) | 0x3C00, ((words >> (8 * (i & 3))) & 0xF0) | 0x3C00, zz, ss)
     return out
+
+
+@triton.jit
+def sub_mul_ref(lo, hi, zz, ss):
+    """The interpreter's sub.f16x2 then mul.rn.f16x2 on the fp16 bit patterns lo and hi (bits 0-15): (t - z)
+    is exact in fp16, the product rounded once."""
+    t_lo, _ = _h2(lo)
+    t_hi, _ = _h2(hi)
+    z_lo, _ = _h2(zz)
+    s_lo, _ = _h2(ss)
+    return _u32(((t_lo - z_lo).to(tl.float32) * s_lo.to(tl.float32)).to(tl.float16),
+                ((t_hi - z_lo).to(tl.float32) * s_lo.to(tl.float32)).to(tl.float16))
 
 
 @triton.jit
@@ -76,14 +80,7 @@ def pair_bytes(words, sel, zz, ss, PTX: tl.constexpr):
             "=r,r,r,r,r", [words, sel, zz, ss], dtype=tl.uint32, is_pure=True, pack=1)
     else:
         i = sel & 3  # the pair's first code; the second is the next byte
-        lo = ((words >> (8 * i)) & 0xFF) | 0x6400
-        hi = ((words >> (8 * i + 8)) & 0xFF) | 0x6400
-        t_lo, _ = _h2(lo)
-        t_hi, _ = _h2(hi)
-        z_lo, _ = _h2(zz)
-        s_lo, _ = _h2(ss)
-        out = _u32(((t_lo - z_lo).to(tl.float32) * s_lo.to(tl.float32)).to(tl.float16),
-                   ((t_hi - z_lo).to(tl.float32) * s_lo.to(tl.float32)).to(tl.float16))
+        out = sub_mul_ref(((words >> (8 * i)) & 0xFF) | 0x6400, ((words >> (8 * i + 8)) & 0xFF) | 0x6400, zz, ss)
     return out
 
 
