@@ -194,3 +194,12 @@ def test_int8_study_variants_bracket_llm_int8():
     ref = x @ lin.weight.data.T
     err = lambda y: ((y - ref).norm() / ref.norm()).item()  # noqa: E731
     assert err(Int8Variant(lin, True, True)(x)) <= err(ours(x)) * 1.001
+
+
+def test_int8_study_rejects_an_unknown_variant_before_loading(capsys):
+    from qbench.bench.int8_study import main
+
+    with pytest.raises(SystemExit):
+        main(["--variants", "baseline,fp32"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "unknown variant(s) fp32" in err and "valid: baseline" in err

@@ -85,6 +85,9 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     args = ap.parse_args(argv)
+    unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
+    if unknown:
+        ap.error(f"unknown variant(s) {', '.join(unknown)}; valid: {', '.join(VARIANTS)}")
     lm = load_model(args.model, device=args.device, dtype=args.dtype)
     texts = {name: tokenize(lm.tokenizer, perplexity_text(name)) for name in args.datasets.split(",")}
     print(f"{args.model} {args.dtype} on {args.device}, windows of {args.seqlen}: " + ", ".join(
