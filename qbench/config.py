@@ -1,7 +1,8 @@
 """Config checks that run before any model is loaded (and before torch is imported).
 
 Each method's legal values are data in its config group entry (conf/method/<name>.yaml):
-`bits_choices`, `default_bits`, `group_sizes`, `default_group_size`, and `choices` for its own keys.
+`bits_choices`, `default_bits`, `group_sizes`, `default_group_size`, and `choices` for its own keys;
+a key without choices keeps the type of its default there (a number stays a number).
 """
 
 import re
@@ -54,14 +55,46 @@ def validate(cfg: DictConfig) -> None:
     _one_of("kernel", cfg.kernel, KERNELS)
     _one_of("wandb.mode", cfg.wandb.mode, WANDB_MODES)
     check_model_name(str(cfg.model))
+    _integer("seed", cfg.seed)
     _validate_quant(cfg)
     _validate_eval(cfg)
     if "calib" in cfg and cfg.calib is not None:
         _one_of("calib", cfg.calib.name, group_options("calib"))
-        if int(cfg.calib.nsamples) < 1:
-            raise ConfigError(f"calib.nsamples must be >= 1, got {cfg.calib.nsamples}")
-        if cfg.calib.seqlen is not None and int(cfg.calib.seqlen) < 1:
-            raise ConfigError(f"calib.seqlen must be >= 1 or null, got {cfg.calib.seqlen}")
+        _integer("calib.nsamples", cfg.calib.nsamples, 1)
+        _integer("calib.seqlen", cfg.calib.seqlen, 1, nullable=True)
+    _validate_device(cfg.device)
+    _validate_data(cfg)  # last: the task checks above have their own, more precise messages
+
+
+def _integer(name: str, value, minimum: int | None = None, nullable: bool = False) -> None:
+    """An integer setting (>= minimum); 'abc' or 2.5 is a one-line error, not a traceback."""
+    if value is None and nullable:
+        return
+    try:
+        number = int(value)
+        ok = not isinstance(value, bool) and (number == value or str(number) == str(value).strip())
+    except (TypeError, ValueError):
+        ok = False
+    bound = f" >= {minimum}" if minimum is not None else ""
+    if not ok:
+        raise ConfigError(f"{name} must be an integer{bound}{' or null' if nullable else ''}, got {value!r}")
+    if minimum is not None and number < minimum:
+        raise ConfigError(f"{name} must be{bound}{' or null' if nullable else ''}, got {value}")
+
+
+def _validate_device(device: str) -> None:
+    if device == "cuda":  # torch is imported only when CUDA was asked for
+        from qbench.models import resolve_device
+
+        resolve_device(device)
+
+
+def _validate_data(cfg: DictConfig) -> None:
+    """The data the run reads is there (data root files, or the hub when no root is set)."""
+    from qbench.data import check_data
+
+    calib = cfg.calib.name if cfg.method.get("needs_calibration") and cfg.get("calib") is not None else None
+    check_data(cfg.data_dir, list(cfg.eval.ppl.datasets), calib, bool(cfg.eval.get("kld")))
 
 
 def _validate_quant(cfg: DictConfig) -> None:
@@ -81,18 +114,36 @@ def _validate_quant(cfg: DictConfig) -> None:
         raise ConfigError(f"method {m.name} does not support group_size={gs}; valid: {valid}")
     for key, valid in (m.get("choices") or {}).items():
         _one_of(f"method.{key} for {m.name}", m.get(key), list(valid))
+    _validate_method_types(cfg)
+
+
+def _validate_method_types(cfg: DictConfig) -> None:
+    """A method key without choices keeps the type of its default in conf/method/<name>.yaml."""
+    from qbench.records import METHOD_META, method_defaults
+
+    m = cfg.method
+    choices = m.get("choices") or {}
+    for key, default in method_defaults(m.name).items():
+        if key in METHOD_META or key in choices or key not in m or not isinstance(default, (bool, int, float)):
+            continue
+        value = m.get(key)
+        if isinstance(default, bool):
+            ok, want = isinstance(value, bool), "true or false"
+        elif isinstance(default, int):
+            ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        else:
+            ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        if not ok:
+            raise ConfigError(f"method.{key} for {m.name} must be {want} (default {default}), got {value!r}")
 
 
 def _validate_eval(cfg: DictConfig) -> None:
     ppl = cfg.eval.ppl
     for name in ppl.datasets:
         _one_of("perplexity dataset", name, PPL_DATASETS)
-    if int(ppl.seqlen) < 2:
-        raise ConfigError(f"eval.ppl.seqlen must be >= 2, got {ppl.seqlen}")
-    if ppl.max_windows is not None and int(ppl.max_windows) < 1:
-        raise ConfigError(f"eval.ppl.max_windows must be >= 1 or null, got {ppl.max_windows}")
-    if int(ppl.batch_size) < 1:
-        raise ConfigError(f"eval.ppl.batch_size must be >= 1, got {ppl.batch_size}")
+    _integer("eval.ppl.seqlen", ppl.seqlen, 2)
+    _integer("eval.ppl.max_windows", ppl.max_windows, 1, nullable=True)
+    _integer("eval.ppl.batch_size", ppl.batch_size, 1)
     if cfg.eval.get("tasks"):
         from qbench.eval.tasks import check_tasks  # torch-free; unknown or unreachable task -> one line
 

@@ -84,6 +84,50 @@ def perplexity_text(name: str, data_dir: str | None = None) -> str:
     raise ConfigError(f"unknown perplexity dataset {name!r}; valid: wikitext2, c4")
 
 
+LOCAL_FILES = {"wikitext2": WIKITEXT2_TEST, "c4": C4_VALIDATION}  # perplexity set -> its file under the root
+
+
+def required_files(datasets: list[str], calib: str | None = None, kld: bool = False) -> dict[str, str]:
+    """Files under the data root a run reads -> what reads them (perplexity sets, KLD windows, C4 calibration)."""
+    need = {LOCAL_FILES[name]: f"eval.ppl.datasets {name}" for name in datasets if name in LOCAL_FILES}
+    if kld:
+        need.setdefault(WIKITEXT2_TEST, "eval.kld")
+    if calib == "c4":
+        need.setdefault(C4_VALIDATION, "calib=c4")
+    return need
+
+
+def _shared_data_hint() -> str:
+    """' (e.g. QBENCH_DATA_DIR=...)' naming a ../shared/data next to here, where one exists."""
+    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        candidate = base.parent / "shared" / "data"
+        if (candidate / WIKITEXT2_TEST).is_file():
+            return f" (e.g. QBENCH_DATA_DIR={candidate})"
+    return ""
+
+
+def check_data(data_dir: str | None, datasets: list[str], calib: str | None = None, kld: bool = False) -> None:
+    """Before any model loads: a configured data root holds every file the run reads; without one, the hub
+    answers. Either failure is one ConfigError line saying how to fix it."""
+    need = required_files(datasets, calib, kld)
+    root = data_root(data_dir)
+    if not need:
+        return
+    if root is None:
+        from qbench.eval.tasks import network_available  # torch-free; offline variables honoured
+
+        if network_available():
+            return
+        raise ConfigError("no data root set and the Hugging Face hub is unreachable: set QBENCH_DATA_DIR=<dir> or "
+                          f"data_dir=<dir>, a folder holding {', '.join(need)}{_shared_data_hint()}")
+    if not root.is_dir():
+        raise ConfigError(f"data root {root} (data_dir= or $QBENCH_DATA_DIR) does not exist{_shared_data_hint()}")
+    missing = [f"{rel} (for {why})" for rel, why in need.items() if not (root / rel).is_file()]
+    if missing:
+        raise ConfigError(f"data root {root} lacks {', '.join(missing)}; see the data's MANIFEST.md, "
+                          "or unset data_dir and $QBENCH_DATA_DIR to read from the Hugging Face hub")
+
+
 def perplexity_source(name: str, data_dir: str | None = None) -> str:
     """Where the text of a dataset comes from, for the record."""
     root = data_root(data_dir)

@@ -11,6 +11,7 @@ import math
 import os
 import platform
 import subprocess
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -48,20 +49,37 @@ def append_record(results_dir: str, record: dict) -> Path:
 
 
 def read_records(path: str | Path) -> list[dict]:
-    """All records of a runs.jsonl file (or of a results dir). A truncated last line is ignored."""
+    """All records of a runs.jsonl file (or of a results dir). A line that is not a JSON record (a
+    truncated last line, a hand edit) is skipped with a warning naming the file and line."""
     path = Path(path)
     if path.is_dir():
         path = path / RECORDS_FILE
     records = []
     if not path.is_file():
         return records
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            _warn_garbled(path, number, line, err.msg)
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            _warn_garbled(path, number, line, f"a JSON {type(record).__name__}, not an object")
     return records
+
+
+_WARNED: set = set()  # (file, line number, text): a run reads its records several times, warn once
+
+
+def _warn_garbled(path: Path, number: int, line: str, why: str) -> None:
+    key = (str(path.resolve()), number, line)
+    if key not in _WARNED:
+        _WARNED.add(key)
+        print(f"qbench: warning: {path}:{number}: skipped, not a JSON record ({why})", file=sys.stderr)
 
 
 def _git(here: Path, *args: str) -> str | None:
@@ -127,14 +145,14 @@ def method_defaults(name: str) -> dict:
 
 
 # Keys of a conf/method entry that describe the method rather than set one of its parameters.
-_METHOD_META = {"name", "needs_calibration", "bits_choices", "default_bits", "group_sizes", "default_group_size",
+METHOD_META = {"name", "needs_calibration", "bits_choices", "default_bits", "group_sizes", "default_group_size",
                 "calib_seqlen", "choices"}
 
 
 def method_params(rec: dict) -> dict:
     """The method parameters a record ran with (its config.method without the method's description)."""
     method = (rec.get("config") or {}).get("method") or {}
-    return {k: v for k, v in method.items() if k not in _METHOD_META}
+    return {k: v for k, v in method.items() if k not in METHOD_META}
 
 
 def forced_kernel(rec: dict) -> str | None:
