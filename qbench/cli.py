@@ -1,21 +1,29 @@
 """The `qbench` command: a Hydra app, with subcommands beside it.
 
     qbench [hydra overrides]           one run (or a sweep with -m)
-    qbench report [...]                comparison table of the records
+    qbench report|sweep|gate [...]     see SUBCOMMAND_HELP
 Every config of a sweep is composed and validated before Hydra starts, so an impossible value fails
-in one line, in seconds, before torch is imported or any model is loaded.
+in one line, in seconds, before torch is imported or any model is loaded. Exit codes: qbench/__init__.py
+(0 ok, 1 some record failed, 2 bad input, 130 interrupted).
 """
 
+import difflib
 import itertools
 import sys
 
-from qbench import ConfigError
+from qbench import EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, ConfigError
 
 SUBCOMMANDS = {
     "report": "qbench.report:main",
     "gate": "qbench.gate:main",
     "sweep": "qbench.sweep:main",
 }
+SUBCOMMAND_HELP = {
+    "report": "comparison table of the records; leaderboards under the results dir (--publish: reports/)",
+    "sweep": "run a named sweep file (sweeps/*.yaml) as multiruns",
+    "gate": "perplexity regression gate of records against a baseline file",
+}
+HELP_FLAGS = ("--help", "-h", "--hydra-help", "--info", "--cfg", "-c", "--shell-completion")
 
 
 def _subcommand(name: str, argv: list[str]) -> int:
@@ -66,7 +74,7 @@ def prevalidate(argv: list[str]) -> None:
             validate(cfg)
 
 
-def _hydra_main() -> None:
+def _hydra_main() -> int:
     import hydra
 
     from qbench.paths import conf_dir
@@ -80,31 +88,78 @@ def _hydra_main() -> None:
 
         hc = HydraConfig.get()
         sweep_id = hc.sweep.dir.rstrip("/").split("/")[-1] if hc.mode == RunMode.MULTIRUN else None
-        run_and_report(cfg, sweep_id)
+        records.append(run_and_report(cfg, sweep_id))
         last[:] = [cfg, sweep_id]
 
     last: list = []
+    records: list[dict] = []
     app()
     if len(last) == 2 and last[1]:  # a multirun ended: its leaderboard as a W&B table + HTML artifact
+        from qbench.app import resume_summary
         from qbench.wandb_log import log_sweep
 
+        summary = resume_summary(records)
+        if summary:
+            print(summary)
         try:
             log_sweep(*last)
         except Exception as err:  # the records are written; a logging failure is a note, not a crash
             print(f"qbench: W&B sweep report not logged: {type(err).__name__}: {err}", file=sys.stderr)
+    return exit_code(records)
 
 
-def main() -> None:
-    argv = sys.argv[1:]
+def exit_code(records: list[dict]) -> int:
+    """1 when any record of the run or multirun failed, else 0 (skipped records are fine)."""
+    failed = [r for r in records if r.get("status") == "failed"]
+    if failed:
+        print(f"qbench: {len(failed)} of {len(records)} runs failed (exit code {EXIT_FAILED})", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def print_subcommands() -> None:
+    print("qbench [overrides]      one run; qbench -m key=a,b ... a sweep (Hydra multirun); help below")
+    for name, text in SUBCOMMAND_HELP.items():
+        print(f"qbench {name} [...]".ljust(24) + text + f" (qbench {name} --help)")
+    print()
+
+
+def unknown_subcommand(word: str) -> str:
+    """The one-line error for a first argument that is neither a subcommand nor an override."""
+    close = difflib.get_close_matches(word, list(SUBCOMMANDS), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"unknown subcommand {word!r}; {hint}valid: {', '.join(SUBCOMMANDS)} (overrides look like key=value)"
+
+
+def _is_word(arg: str) -> bool:
+    """A bare word (report, reprot), not an override (key=value, +key=v, ~key) nor a flag."""
+    return arg.isidentifier()
+
+
+def run_cli(argv: list[str]) -> int:
     if argv and argv[0] in SUBCOMMANDS:
-        sys.exit(_subcommand(argv[0], argv[1:]))
-    if not any(a in ("--help", "-h", "--hydra-help", "--info", "--cfg", "-c", "--shell-completion") or a.startswith("--info") for a in argv):
+        return _subcommand(argv[0], argv[1:])
+    if argv and _is_word(argv[0]):
+        print(f"qbench: error: {unknown_subcommand(argv[0])}", file=sys.stderr)
+        return EXIT_CONFIG
+    if "--help" in argv or "-h" in argv:
+        print_subcommands()
+    if not any(a in HELP_FLAGS or a.startswith("--info") for a in argv):
         try:
             prevalidate(argv)
         except ConfigError as err:
             print(f"qbench: error: {err}", file=sys.stderr)
-            sys.exit(2)
-    _hydra_main()
+            return EXIT_CONFIG
+    return _hydra_main()
+
+
+def main() -> None:
+    try:
+        code = run_cli(sys.argv[1:])
+    except KeyboardInterrupt:  # the run in progress is recorded as interrupted (qbench.runner)
+        print("qbench: interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
     process) -> make sure the baseline is recorded -> quantize (method from the registry) -> export
     -> evaluate -> append the record
 A run that raises (bad data, NaN loss, out of memory) is recorded as `failed` with its reason, so a
-sweep goes on and no other run's record is lost.
+sweep goes on and no other run's record is lost; one cut short by Ctrl-C is recorded as `interrupted`
+and the KeyboardInterrupt goes on up (the command exits 130).
 """
 
 import copy
@@ -121,9 +122,11 @@ def evaluate(model, tokenizer, cfg: DictConfig, ctx) -> dict:
     metrics = {}
     memory = speed.PeakMemory(model, ctx.device)
     ppl = cfg.eval.ppl
+    who = progress_label(cfg)
     for name in ppl.datasets:
         ids = tokenize(tokenizer, perplexity_text(name, cfg.data_dir), key=f"{name}:{cfg.data_dir}")
-        result = perplexity(model, ids, int(ppl.seqlen), ppl.max_windows, int(ppl.batch_size), ctx.progress)
+        bar = _titled(ctx, f"{who}: ppl {name}")
+        result = perplexity(model, ids, int(ppl.seqlen), ppl.max_windows, int(ppl.batch_size), bar)
         for field, value in result.items():
             metrics[f"{field}_{name}"] = value
     if cfg.eval.get("tasks"):
@@ -133,7 +136,7 @@ def evaluate(model, tokenizer, cfg: DictConfig, ctx) -> dict:
     if cfg.eval.get("kld"):
         from qbench.eval.kld import kld_metrics
 
-        metrics.update(kld_metrics(model, tokenizer, cfg, ctx, base_model=lambda: _loaded(cfg).model))
+        metrics.update(kld_metrics(model, tokenizer, cfg, _labelled(ctx, who), base_model=lambda: _loaded(cfg).model))
     metrics.update(speed.weight_stats(model, bool(cfg.quantize_lm_head)))
     if cfg.eval.get("speed"):
         metrics.update(speed.measure_speed(model, cfg, ctx.device))
@@ -142,9 +145,29 @@ def evaluate(model, tokenizer, cfg: DictConfig, ctx) -> dict:
     return metrics
 
 
+def progress_label(cfg: DictConfig) -> str:
+    """Which model a progress bar is about: "fp16 baseline" or the quantized one, "rtn w4 g128"."""
+    if cfg.method.name == "fp16":
+        return "fp16 baseline"
+    bits, gs = qconfig.resolved_bits(cfg), qconfig.resolved_group_size(cfg)
+    return " ".join([cfg.method.name] + ([f"w{bits}"] if bits is not None else []) + ([f"g{gs}"] if gs is not None else []))
+
+
+def _titled(ctx, title: str):
+    """A progress function that shows `title` whatever the caller names its bar."""
+    return lambda iterable, desc, total=None: ctx.progress(iterable, title, total)
+
+
+def _labelled(ctx, who: str):
+    """A copy of ctx whose progress bars name the model first ("rtn w4 g128: kld")."""
+    labelled = copy.copy(ctx)
+    labelled.progress = lambda iterable, desc, total=None: ctx.progress(iterable, f"{who}: {desc}", total)
+    return labelled
+
+
 def _finish(cfg: DictConfig, record: dict, status: str, error: str | None = None) -> dict:
     record["status"], record["error"], record["finished_at"] = status, error, now()
-    if status != "skipped":
+    if status not in ("skipped", "interrupted"):  # W&B is not waited for after a Ctrl-C
         from qbench.wandb_log import log_run
 
         try:
@@ -168,6 +191,7 @@ def run(cfg: DictConfig, sweep_id: str | None = None) -> dict:
         return _finish(cfg, record, "skipped", reason)
     done = find_done(cfg.results_dir, record) if cfg.get("resume") else None
     if done is not None:
+        record["done_run_id"] = done["run_id"]  # the multirun's resume summary names these
         return _finish(cfg, record, "skipped", f"already recorded as run {done['run_id']} (resume=true)")
     try:
         torch.manual_seed(int(cfg.seed))
@@ -204,6 +228,9 @@ def run(cfg: DictConfig, sweep_id: str | None = None) -> dict:
     except Exception as err:  # recorded, never lost: the sweep goes on
         record["traceback"] = traceback.format_exc(limit=8)
         return _finish(cfg, record, "failed", f"{type(err).__name__}: {err}")
+    except KeyboardInterrupt:  # Ctrl-C: recorded, then qbench ends with exit code 130
+        _finish(cfg, record, "interrupted", "KeyboardInterrupt: interrupted (Ctrl-C)")
+        raise
 
 
 def _record_baseline(cfg: DictConfig, loaded, key: dict, ctx, sweep_id) -> dict:

@@ -9,9 +9,12 @@ default width (int8, fp8 in a 4-bit sweep), with `unsupported: skip` (the defaul
 Methods that take no width (fp16) run without one; methods not in conf/method are left out with a
 note, so a sweep file can name methods that are still being written. Methods with the same widths
 share one multirun (one model load); all multiruns of a sweep share one sweep id.
+Every multirun is validated before the first starts. Exit code: the worst of its multiruns (0 ok, 1 some
+record failed, 2 bad input); a Ctrl-C stops the sweep with 130.
 """
 
 import argparse
+import signal
 import subprocess
 import sys
 import time
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from qbench import EXIT_CONFIG, EXIT_INTERRUPTED, ConfigError
 from qbench.paths import conf_dir, group_options
 
 
@@ -71,10 +75,39 @@ def main(argv: list[str]) -> int:
     for note in notes:
         print(f"qbench sweep: {note}")
     sweep_dir = f"${{results_dir}}/hydra/sweep-{path.stem}-{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+    commands = [command + [f"hydra.sweep.dir={sweep_dir}", f"hydra.sweep.subdir=g{i}-${{hydra.job.num}}"]
+                for i, command in enumerate(commands)]
+    error = None if args.dry_run else _invalid(commands)
+    if error:
+        print(f"qbench sweep: error: {error}")
+        return EXIT_CONFIG
     status = 0
-    for i, command in enumerate(commands):
-        command = command + [f"hydra.sweep.dir={sweep_dir}", f"hydra.sweep.subdir=g{i}-${{hydra.job.num}}"]
+    for command in commands:
         print("qbench " + " ".join(command), flush=True)
-        if not args.dry_run:
-            status = subprocess.run([sys.executable, "-m", "qbench.cli", *command]).returncode or status
+        if args.dry_run:
+            continue
+        code = _run_multirun(command)
+        if code in (EXIT_INTERRUPTED, -signal.SIGINT):
+            return EXIT_INTERRUPTED
+        status = max(status, code if code >= 0 else 1)  # killed by another signal: that multirun failed
     return status
+
+
+def _invalid(commands: list[list[str]]) -> str | None:
+    """The one-line error of the first impossible config of any multirun, checked before the first one starts."""
+    from qbench.cli import prevalidate
+
+    try:
+        for command in commands:
+            prevalidate(command)
+    except ConfigError as err:
+        return str(err)
+    return None
+
+
+def _run_multirun(command: list[str]) -> int:
+    proc = subprocess.Popen([sys.executable, "-m", "qbench.cli", *command])
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:  # the child got the Ctrl-C too: let it record its run as interrupted
+        return proc.wait()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from qbench import EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED
 from qbench.records import read_records
 
 QUICK = ["eval.ppl.datasets=[wikitext2]", "eval.ppl.seqlen=256", "eval.ppl.max_windows=2", "quiet=true"]
@@ -111,9 +112,79 @@ def test_failing_run_is_recorded_and_sweep_goes_on(tmp_path, data_dir, smollm2):
     # a window longer than the text fails that run only
     out = qbench("-m", "eval.ppl.seqlen=10000000,256", "wandb.mode=disabled", "eval.ppl.datasets=[wikitext2]",
                  "eval.ppl.max_windows=1", "quiet=true", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.returncode == EXIT_FAILED, out.stderr[-2000:]  # issue 29: a failed record is a non-zero exit
     records = read_records(tmp_path / "results")
     failed = [r for r in records if r["status"] == "failed"]
     assert len(failed) == 1 and "fewer than one window" in failed[0]["error"]
     assert any(r["status"] == "ok" and r["method"] == "rtn" for r in records)
     json.dumps(records)
+
+
+# ---- issue 29: failures a script can see --------------------------------------------------------------
+
+def test_failed_single_run_exits_1(tmp_path):
+    out = qbench("model=nosuchorg/nosuchmodel", "wandb.mode=disabled", *QUICK, cwd=tmp_path)  # offline: load fails
+    assert out.returncode == EXIT_FAILED, out.stderr[-2000:]
+    [record] = read_records(tmp_path / "results")
+    assert record["status"] == "failed" and record["model"] == "nosuchorg/nosuchmodel"
+    assert "qbench: 1 of 1 runs failed (exit code 1)" in out.stderr
+
+
+def test_sweep_with_a_failed_record_exits_1(tmp_path):
+    corrupt = tmp_path / "corrupt.gguf"
+    corrupt.write_bytes(b"GGUF" + bytes(range(256)) * 4)
+    (tmp_path / "s.yaml").write_text(json.dumps({"overrides": [f"model={corrupt}", "wandb.mode=disabled", *QUICK],
+                                                 "jobs": [{"methods": ["rtn"], "bits": 4}]}))
+    out = qbench("sweep", "s.yaml", cwd=tmp_path)
+    assert out.returncode == EXIT_FAILED, out.stdout[-2000:] + out.stderr[-2000:]
+    assert [r["status"] for r in read_records(tmp_path / "results")] == ["failed"]
+
+
+def test_sweep_validates_every_multirun_before_the_first(tmp_path):
+    (tmp_path / "s.yaml").write_text(json.dumps({"overrides": ["wandb.mode=disabled", *QUICK], "jobs": [
+        {"methods": ["rtn"], "bits": 4}, {"methods": ["int8"], "overrides": ["method.threshold=abc"]}]}))
+    out = qbench("sweep", "s.yaml", cwd=tmp_path)
+    assert out.returncode == EXIT_CONFIG
+    assert out.stdout.strip().splitlines()[-1] == \
+        "qbench sweep: error: method.threshold for int8 must be a number (default 6.0), got 'abc'"
+    assert not (tmp_path / "results").exists()  # the valid first multirun did not start either
+
+
+def test_ctrl_c_records_the_run_as_interrupted_and_exits_130(tmp_path):
+    code = ("import sys\nfrom qbench import runner\n"
+            "def ctrl_c(cfg):\n    raise KeyboardInterrupt\n"
+            "runner._loaded = ctrl_c  # Ctrl-C while the model loads\n"
+            f"sys.argv = ['qbench', 'wandb.mode=disabled', *{QUICK!r}]\n"
+            "from qbench.cli import main\nmain()\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert out.returncode == EXIT_INTERRUPTED, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and out.stderr.strip().splitlines()[-1] == "qbench: interrupted"
+    [record] = read_records(tmp_path / "results")
+    assert record["status"] == "interrupted"
+
+
+def test_help_lists_the_subcommands(tmp_path):
+    out = qbench("--help", cwd=tmp_path)
+    assert out.returncode == 0
+    for name in ("report", "sweep", "gate"):
+        assert f"qbench {name} [...]" in out.stdout
+
+
+def test_misspelled_subcommand_is_one_line_with_the_closest(tmp_path):
+    out = qbench("reprot", cwd=tmp_path)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == EXIT_CONFIG and len(lines) == 1, out.stderr
+    assert lines[0].startswith("qbench: error: unknown subcommand 'reprot'; did you mean 'report'?")
+    assert "report, gate, sweep" in lines[0]
+
+
+def test_resume_says_once_what_it_skipped(default_run, tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "runs.jsonl").write_text((default_run[0] / "results" / "runs.jsonl").read_text())
+    done = read_records(results)[1]
+    out = qbench("-m", "method=rtn", "bits=4", "resume=true", "wandb.mode=disabled", *QUICK, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "(no records)" not in out.stdout
+    summary = [line for line in out.stdout.splitlines() if "resume=true skipped" in line]
+    assert summary == [f"qbench: resume=true skipped 1 of 1 runs already recorded ok: rtn w4 g128 (run {done['run_id']})"]

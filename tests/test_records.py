@@ -82,3 +82,52 @@ def test_git_sha_of_a_checkout_with_changes_is_marked(tmp_path, monkeypatch):
     assert git_sha(tmp_path) == "abc123"
     monkeypatch.delenv("QBENCH_GIT_SHA")
     assert git_sha(tmp_path) == f"{sha}-dirty"
+
+
+def test_garbled_lines_are_skipped_with_a_warning_naming_file_and_line(tmp_path, capsys):
+    append_record(str(tmp_path), {"run_id": 1})
+    with open(tmp_path / "runs.jsonl", "a") as f:
+        f.write("not json at all\n[1, 2]\n")
+    append_record(str(tmp_path), {"run_id": 4})
+    assert [r["run_id"] for r in read_records(tmp_path)] == [1, 4]
+    err = capsys.readouterr().err
+    path = tmp_path / "runs.jsonl"
+    assert f"qbench: warning: {path}:2: skipped, not a JSON record" in err
+    assert f"qbench: warning: {path}:3: skipped, not a JSON record (a JSON list, not an object)" in err
+    read_records(tmp_path)  # a run reads its records several times: each line is warned about once
+    assert capsys.readouterr().err == ""
+
+
+def test_interrupted_run_is_recorded_and_the_interrupt_goes_on(cfg_factory, monkeypatch):
+    import pytest
+
+    from qbench import runner
+
+    def ctrl_c(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "_loaded", ctrl_c)
+    cfg = cfg_factory("eval.ppl.max_windows=1")
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(cfg)
+    [record] = read_records(cfg.results_dir)
+    assert record["status"] == "interrupted" and "KeyboardInterrupt" in record["error"] and record["finished_at"]
+
+
+def test_progress_bars_name_the_model_and_the_dataset(cfg_factory, data_dir, monkeypatch):
+    """fp16 baseline or the quantized configuration, then the perplexity set."""
+    import torch
+    from tiny_llama import tiny_llama
+
+    from qbench.eval import perplexity as ppl
+    from qbench.methods import RunContext
+    from qbench.runner import evaluate
+
+    titles = []
+    monkeypatch.setattr(ppl, "tokenize", lambda tok, text, key=None: torch.arange(64) % 100)
+    for overrides in (["method=fp16"], ["method=rtn", "bits=3", "group_size=64"]):
+        cfg = cfg_factory(*overrides, "eval.ppl.datasets=[wikitext2,c4]", "eval.ppl.seqlen=32", "eval.ppl.max_windows=1")
+        ctx = RunContext(None, "cpu", torch.float32, data_dir, quiet=True)
+        ctx.progress = lambda it, desc, total=None: titles.append(desc) or it
+        evaluate(tiny_llama(), None, cfg, ctx)
+    assert titles == ["fp16 baseline: ppl wikitext2", "fp16 baseline: ppl c4", "rtn w3 g64: ppl wikitext2", "rtn w3 g64: ppl c4"]
