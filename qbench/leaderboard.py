@@ -33,6 +33,7 @@ SPEED = [("prefill_ms", "prefill ms", "{:.1f}", False), ("decode_ms_per_token", 
          ("usd_per_mtok_b1", "$/1M tok b1", "{:.3f}", False), ("usd_per_mtok_b32", "$/1M tok b32", "{:.4f}", False),
          ("fits_gpu", "fits GPU", "{}", False), ("quantize_s", "quantize s", "{:.1f}", False)]
 TASK_METRICS = ("acc", "acc_norm", "perplexity")
+GPU_ONLY = ("fits_gpu",)  # columns of GPU sections only: a CPU run's float32 size says nothing of a GPU
 
 
 def model_slug(model: str) -> str:
@@ -64,7 +65,8 @@ def columns(records: list[dict]) -> list[tuple]:
             if f"{metric}_{task}" in have:
                 fmt = "{:.3f}" if metric == "perplexity" else "{:.4f}"
                 cols.append((f"{metric}_{task}", f"{metric} {task}", fmt, True))
-    return cols + [c for c in SPEED if c[0] in have and any(_values(r).get(c[0]) is not None for r in records)]
+    return cols + [c for c in SPEED if c[0] in have and any(_values(r).get(c[0]) is not None for r in records)
+                   and (c[0] not in GPU_ONLY or key.get("device") == "cuda")]
 
 
 def run_label(rec: dict) -> str:
@@ -237,15 +239,55 @@ def svg_plot(points: list[tuple], xlabel: str, ylabel: str, title: str, width: i
     if len(front) > 1:
         path = " ".join(f"{sx(x):.1f},{sy(math.log10(y)):.1f}" for x, y in front)
         parts.append(f'<polyline points="{path}" class="front"/>')
-    for x, y, label in pts:
+    pixels = [(sx(x), sy(math.log10(y)), label) for x, y, label in pts]
+    frame = (left, top, width - right, height - bottom)
+    spots = place_labels(pixels, frame, first=[i for i, (x, y, _) in enumerate(pts) if (x, y) in front])
+    for (x, y, label), (px, py, _), spot in zip(pts, pixels, spots):
         cls = "pt pareto" if (x, y) in front else "pt"
-        parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(math.log10(y)):.1f}" r="5" class="{cls}">'
+        parts.append(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="5" class="{cls}">'
                      f'<title>{html.escape(label)}: {x:.4g}, {y:.4g}</title></circle>')
-        right_half = sx(x) > width * 0.6  # labels of points on the right go to their left
-        parts.append(f'<text x="{sx(x) + (-7 if right_half else 7):.1f}" y="{sy(math.log10(y)) - 6:.1f}" class="lbl" '
-                     f'text-anchor="{"end" if right_half else "start"}">{html.escape(label)}</text>')
+        if spot is not None:  # no free spot: the point's tooltip still names it
+            parts.append(f'<text x="{spot[0]:.1f}" y="{spot[1]:.1f}" class="lbl" text-anchor="{spot[2]}">'
+                         f'{html.escape(label)}</text>')
     parts.append("</svg>")
     return "".join(parts)
+
+
+LABEL_HEIGHT, LABEL_CHAR_WIDTH = 11.0, 5.6  # the 10px label font: line height, mean character width
+LABEL_OFFSETS = (-6, 14, -18, 26, -30, 38, -42, 50)  # baselines tried, above the point first, then below, further out
+
+
+def label_box(x: float, y: float, anchor: str, text: str) -> tuple:
+    """(x0, y0, x1, y1) a label drawn at baseline (x, y) covers."""
+    w = len(text) * LABEL_CHAR_WIDTH
+    x0 = x - w if anchor == "end" else x
+    return x0, y - LABEL_HEIGHT + 2, x0 + w, y + 2
+
+
+def _overlaps(a: tuple, b: tuple) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def place_labels(pixels: list[tuple], frame: tuple, first: list[int] = ()) -> list[tuple | None]:
+    """(x, y, anchor) for each point's label (pixels: (px, py, text)), inside frame and clear of the labels
+    placed before it (those of `first`, the Pareto points, go first); None where no spot is free."""
+    spots: list = [None] * len(pixels)
+    taken: list[tuple] = []
+    for i in list(first) + [i for i in range(len(pixels)) if i not in first]:
+        px, py, text = pixels[i]
+        sides = ("end", "start") if px > frame[0] + (frame[2] - frame[0]) * 0.6 else ("start", "end")
+        for dy in LABEL_OFFSETS:
+            for anchor in sides:  # right-hand points label to their left first
+                spot = (px - 7 if anchor == "end" else px + 7, py + dy, anchor)
+                box = label_box(*spot, text)
+                inside = frame[0] <= box[0] and box[2] <= frame[2] and frame[1] <= box[1] and box[3] <= frame[3]
+                if inside and not any(_overlaps(box, t) for t in taken):
+                    spots[i] = spot
+                    break
+            if spots[i] is not None:
+                taken.append(label_box(*spots[i], text))
+                break
+    return spots
 
 
 def section_plots(section: dict) -> list[str]:

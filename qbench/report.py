@@ -1,12 +1,14 @@
 """Comparison tables from result records: one row per config, baseline first, deltas vs baseline."""
 
 import json
+from pathlib import Path
 
 import pandas as pd
 
 from qbench.records import forced_kernel, method_variant, read_records
 
 CONFIG_COLUMNS = ["model", "method", "bits", "group_size", "calib"]
+PUBLISHED = "reports"  # the committed leaderboards: written only by `qbench report --publish`
 
 
 def _eval_key_str(rec: dict) -> str:
@@ -40,28 +42,39 @@ def comparison_frame(records: list[dict], model: str | None = None) -> pd.DataFr
             row[name] = value
             if base and name in base.get("metrics", {}):
                 row[f"Δ{name}"] = value - base["metrics"][name]
+                row[f"Δ%{name}"] = _percent(value, base["metrics"][name])
         row["quantize_s"] = rec.get("timings", {}).get("quantize_s") or 0.0
         key = rec.get("eval_key") or {}
         row["device"] = (rec.get("env") or {}).get("device_name")
         row["windows"] = key.get("ppl_max_windows") or "all"
         row["seqlen"] = key.get("ppl_seqlen")
-        row["error"] = rec.get("error")
+        row["error"] = rec.get("error") or ""  # an ok row's error cell stays empty, not nan
         row["_baseline"] = rec.get("method") != "fp16"
         rows.append(row)
     if not rows:
         return pd.DataFrame()
     frame = pd.DataFrame(rows).sort_values(["windows", "seqlen", "_baseline"], kind="stable", key=lambda s: s.astype(str))
     frame = frame.drop(columns="_baseline")
-    if frame["error"].isna().all():
+    if (frame["error"] == "").all():
         frame = frame.drop(columns="error")
     return frame.reset_index(drop=True)
+
+
+def _percent(value, base):
+    """The change to the baseline in percent of it; None where it has no meaning."""
+    if not isinstance(value, (int, float)) or not isinstance(base, (int, float)) or not base:
+        return None
+    return (value - base) / base * 100
 
 
 def comparison_table(records: list[dict], model: str | None = None) -> str:
     frame = comparison_frame(records, model)
     if frame.empty:
         return "(no records)"
-    return frame.to_markdown(index=False, floatfmt=".4f")
+    for col in [c for c in frame.columns if c.startswith("Δ%")]:
+        frame[col] = [("" if pd.isna(v) else f"{v:+.2f}%") for v in frame[col]]
+    frame = frame.astype(object).where(frame.notna(), None)  # missing cells print empty, not nan
+    return frame.to_markdown(index=False, floatfmt=".4f", missingval="")
 
 
 def main(argv: list[str]) -> int:
@@ -71,7 +84,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--results", default="results", help="results dir or runs.jsonl file (default: results)")
     parser.add_argument("--model", default=None, help="only records of this model")
     parser.add_argument("--out", default=None, help="also write the Markdown table to this file")
-    parser.add_argument("--reports", default="reports", help="leaderboards go to <reports>/<model>/leaderboard.{md,html}")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--reports", default=None,
+                       help="leaderboards go to <reports>/<model>/leaderboard.{md,html} (default: <results dir>/reports)")
+    where.add_argument("--publish", action="store_true",
+                       help=f"write the published leaderboards in {PUBLISHED}/ (the committed ones)")
     parser.add_argument("--no-leaderboard", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
     records = read_records(args.results)
@@ -81,13 +98,24 @@ def main(argv: list[str]) -> int:
     table = comparison_table(records, args.model)
     print(table)
     if args.out:
-        from pathlib import Path
-
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(table + "\n")
     if not args.no_leaderboard:
         from qbench.leaderboard import write_leaderboards
 
-        for path in write_leaderboards(records, args.reports, args.model):
+        for path in write_leaderboards(records, leaderboard_dir(args), args.model):
             print(f"wrote {path}")
+        if not args.publish and args.reports is None:
+            print(f"(not published: qbench report --publish writes {PUBLISHED}/)")
     return 0
+
+
+def leaderboard_dir(args) -> Path:
+    """--publish: reports/; --reports DIR: DIR; by default <results dir>/reports, so that a local run never
+    rewrites the committed leaderboards."""
+    if args.publish:
+        return Path(PUBLISHED)
+    if args.reports is not None:
+        return Path(args.reports)
+    results = Path(args.results)
+    return (results if results.is_dir() else results.parent) / "reports"

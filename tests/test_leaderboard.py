@@ -216,3 +216,69 @@ def test_wandb_run_is_named_by_its_configuration(tmp_path, monkeypatch):
     record = dict(with_method(rec("gguf", None, None, 21.0, 5.5, 1.0), type="Q5_K"), run_id="r1", sweep_id=None)
     log_run(cfg, record)
     assert seen["name"] == "gguf Q5_K r1" and record["wandb_run"] == "abc"
+
+
+# ---- issue 29 -------------------------------------------------------------------------------------------
+
+def _write_records(folder, records):
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_report_by_default_never_touches_the_published_reports(tmp_path):
+    """Local numbers go under the results dir; reports/ changes only with --publish."""
+    _write_records(tmp_path / "results", RECORDS)
+    published = tmp_path / "reports" / "smollm2-135m" / "leaderboard.md"
+    published.parent.mkdir(parents=True)
+    published.write_text("the committed H200 leaderboard\n")
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "qbench.cli", "report", "--results", "results", *args],
+                              capture_output=True, text=True, cwd=tmp_path, timeout=120)
+
+    out = run()
+    assert out.returncode == 0, out.stderr
+    assert published.read_text() == "the committed H200 leaderboard\n"
+    assert (tmp_path / "results" / "reports" / "smollm2-135m" / "leaderboard.md").is_file()
+    assert "--publish" in out.stdout
+    out = run("--publish")
+    assert out.returncode == 0, out.stderr
+    assert published.read_text().startswith("# Leaderboard: smollm2-135m")
+
+
+def test_terminal_table_has_percent_deltas_and_no_nan():
+    from qbench.report import comparison_table
+
+    table = comparison_table(RECORDS)
+    header, rows = table.splitlines()[0], table.splitlines()[2:]
+    assert "Δppl_wikitext2" in header and "Δ%ppl_wikitext2" in header
+    rtn4 = next(r for r in rows if "| rtn " in r and "|      4 |" in r)
+    assert "+5.00%" in rtn4  # 21.0 against the baseline's 20.0
+    assert "nan" not in table  # the ok rows' error cells and the failed row's metrics are empty
+
+
+def test_fits_gpu_column_only_for_gpu_sections(tmp_path):
+    cpu = dict(KEY, device="cpu")
+    records = [rec("fp16", None, None, 20.0, 16.0, 1.0, key=cpu, fits_gpu="T4"),
+               rec("rtn", 4, 128, 21.0, 4.25, 1.0, key=cpu, fits_gpu="T4")]
+    leaderboard.write_leaderboards(records, tmp_path)
+    assert "fits GPU" not in (tmp_path / "smollm2-135m" / "leaderboard.md").read_text()
+    gpu = [dict(r, eval_key=KEY) for r in records]
+    leaderboard.write_leaderboards(gpu, tmp_path)
+    assert "fits GPU" in (tmp_path / "smollm2-135m" / "leaderboard.md").read_text()
+
+
+def test_plot_labels_do_not_overlap():
+    # a cluster of near-identical points (the 4-bit formats of one model) and a few apart
+    points = [(4.25 + i * 0.01, 21.0 + i * 0.05, f"method{i} w4 g128") for i in range(8)]
+    points += [(16.0, 20.0, "fp16 (baseline)"), (3.25, 30.0, "rtn w3 g128"), (8.0, 20.3, "int8 w8")]
+    svg = leaderboard.svg_plot(points, "bits", "ppl", "t")
+    labels = re.findall(r'<text x="([\d.]+)" y="([\d.]+)" class="lbl" text-anchor="(\w+)">([^<]*)</text>', svg)
+    boxes = [leaderboard.label_box(float(x), float(y), anchor, text) for x, y, anchor, text in labels]
+    assert svg.count("<circle") == len(points) and len(labels) >= 6
+    assert {"fp16 (baseline)", "rtn w3 g128", "int8 w8"} <= {t for *_, t in labels}
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), (a, b)
