@@ -49,6 +49,10 @@ def _values(rec: dict) -> dict:
     if "model_bytes" in values:
         values["model_mib"] = values["model_bytes"] / 2**20
     values["quantize_s"] = (rec.get("timings") or {}).get("quantize_s")
+    tasks = (rec.get("eval_key") or {}).get("tasks") or []
+    accs = [values.get(f"acc_{t}") for t in tasks]
+    if tasks and all(isinstance(a, (int, float)) for a in accs):
+        values["avg_acc"] = sum(accs) / len(accs)  # the plain mean of lm-eval's acc over the section's tasks
     return values
 
 
@@ -65,6 +69,8 @@ def columns(records: list[dict]) -> list[tuple]:
             if f"{metric}_{task}" in have:
                 fmt = "{:.3f}" if metric == "perplexity" else "{:.4f}"
                 cols.append((f"{metric}_{task}", f"{metric} {task}", fmt, True))
+    if "avg_acc" in have:
+        cols.append(("avg_acc", f"avg acc ({len(key['tasks'])} tasks)", "{:.4f}", True))
     return cols + [c for c in SPEED if c[0] in have and any(_values(r).get(c[0]) is not None for r in records)
                    and (c[0] not in GPU_ONLY or key.get("device") == "cuda")]
 
@@ -114,6 +120,17 @@ def _delta(rec: dict, base: dict | None, key: str):
     return a - b if isinstance(a, (int, float)) and isinstance(b, (int, float)) else None
 
 
+def _with_stderr(text: str, values: dict, key: str, fmt: str) -> str:
+    """'0.6234 ± 0.0113' for a zero-shot metric whose record carries lm-eval's stderr (acc_stderr_piqa)."""
+    metric, _, task = key.partition("_")
+    if metric == "acc" and task.startswith("norm_"):
+        metric, task = "acc_norm", task[len("norm_"):]
+    stderr = values.get(f"{metric}_stderr_{task}")
+    if metric not in TASK_METRICS or not isinstance(stderr, (int, float)) or text == "–":
+        return text
+    return f"{text} ± {_fmt(stderr, fmt)}"
+
+
 def table_rows(section: dict) -> tuple[list[str], list[list[tuple]]]:
     """Header titles and rows of (text, sort value) cells."""
     header = ["config", "status"]
@@ -126,7 +143,7 @@ def table_rows(section: dict) -> tuple[list[str], list[list[tuple]]]:
         values = _values(rec)
         cells = [(run_label(rec), run_label(rec)), (rec.get("status"), rec.get("status"))]
         for key, title, fmt, delta in section["cols"]:
-            cells.append((_fmt(values.get(key), fmt), values.get(key)))
+            cells.append((_with_stderr(_fmt(values.get(key), fmt), values, key, fmt), values.get(key)))
             if delta:
                 d = _delta(rec, section["baseline"], key)
                 cells.append(("" if d is None else _fmt(d, "{:+" + fmt[2:]), d))

@@ -282,3 +282,21 @@ def test_plot_labels_do_not_overlap():
     for i, a in enumerate(boxes):
         for b in boxes[i + 1:]:
             assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), (a, b)
+
+
+def test_zero_shot_columns_show_stderr_and_an_average(tmp_path):
+    key = dict(KEY, tasks=["piqa", "hellaswag"], tasks_data={"piqa": "local:p", "hellaswag": "local:h"})
+    tasks = {"acc_hellaswag": 0.30, "acc_stderr_hellaswag": 0.0046, "acc_norm_hellaswag": 0.35,
+             "acc_norm_stderr_hellaswag": 0.0048, "acc_stderr_piqa": 0.0113}
+    recs = [rec("fp16", None, None, 20.0, 16.0, 1.2, key=key, **tasks),
+            rec("rtn", 4, 128, 21.0, 4.25, 0.9, key=key, **dict(tasks, acc_hellaswag=0.28))]
+    leaderboard.write_leaderboards(recs, tmp_path)
+    md = (tmp_path / "smollm2-135m" / "leaderboard.md").read_text()
+    lines = md.splitlines()
+    header = next(l for l in lines if l.startswith("| config"))
+    assert " avg acc (2 tasks) |" in header and " Δavg acc (2 tasks) |" in header
+    base = next(l for l in lines if l.startswith("| fp16 (baseline)"))
+    assert "| 0.5800 ± 0.0113 |" in base and "| 0.3000 ± 0.0046 |" in base and "| 0.3500 ± 0.0048 |" in base
+    assert "| 0.4400 |" in base  # (0.58 + 0.30) / 2
+    rtn = next(l for l in lines if l.startswith("| rtn w4"))
+    assert "| 0.4295 | -0.0105 |" in rtn  # (0.579 + 0.28) / 2, and its delta

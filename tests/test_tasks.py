@@ -5,8 +5,10 @@ only to check the plumbing; accuracies are never published from it.
 """
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -105,6 +107,74 @@ def test_run_records_task_metrics(fixture_tasks, cfg_factory, smollm2, data_dir,
     assert record["status"] == "ok", record.get("error")
     assert record["metrics"]["samples_piqa"] == 2 and 0 <= record["metrics"]["acc_piqa"] <= 1
     assert record["eval_key"]["tasks"] == ["piqa"] and record["eval_key"]["tasks_data"] == {"piqa": f"local:{piqa}"}
+
+
+ALL_TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande", "hellaswag", "boolq", "lambada_openai")
+
+
+def test_seven_tasks_equal_lm_eval_on_20_items(smollm2, data_dir):
+    """The shipped definitions on the real files: qbench's numbers equal lm-eval's own simple_evaluate (a task
+    YAML that includes the official one, only the dataset location changed) on the same model object."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from research.tasks_identity import compare
+
+    result = compare(smollm2.model, smollm2.tokenizer, ALL_TASKS, data_dir, limit=20, batch_size=8, bootstrap_iters=100)
+    for name, metrics in result["tasks"].items():
+        assert metrics["samples"] == (20, 20), name
+        assert "acc" in metrics and "acc_stderr" in metrics, name
+        for metric, (ours, theirs) in metrics.items():
+            assert ours == theirs, (name, metric, ours, theirs)
+    assert {"acc_norm" in result["tasks"][n] for n in ("arc_easy", "arc_challenge", "piqa", "hellaswag")} == {True}
+    assert "perplexity" in result["tasks"]["lambada_openai"]
+
+
+def test_shipped_tasks_resolve_to_the_data_root_files(data_dir):
+    for name in ALL_TASKS:
+        source = qtasks.resolve_task(name, data_dir)
+        assert source.where.startswith(f"local:{name}/"), source.where
+        (split, path), = source.config["dataset_kwargs"]["data_files"].items()
+        assert Path(path).is_file() and source.config[f"{split}_split"] == split
+
+
+def _bad_root(tmp_path, text: str):
+    """A data root with the real perplexity data (links) and a PIQA file of the given text."""
+    for name in ("wikitext-2-raw", "c4"):
+        os.symlink(Path(os.environ["QBENCH_DATA_DIR"]) / name, tmp_path / name)
+    (tmp_path / "piqa").mkdir()
+    (tmp_path / "piqa" / "validation.jsonl").write_text(text)
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("text, why", [
+    ('{"goal": "g", "sol1": "a", "sol2": "b", "label": 0}\n{"goal": "g", "sol1"\n', "line 2 is not valid JSON"),
+    ('{"goal": "g", "sol1": "a", "label": 0}\n', "line 1 lacks sol2"),
+    ('[1, 2]\n', "line 1 lacks goal, sol1, sol2, label"),
+    ("\n", "holds no rows"),
+])
+def test_malformed_task_file_is_one_line_naming_it(tmp_path, text, why):
+    root = _bad_root(tmp_path, text)
+    with pytest.raises(ConfigError, match=why) as err:
+        qtasks.resolve_task("piqa", root)
+    msg = str(err.value)
+    assert "\n" not in msg and str(tmp_path / "piqa" / "validation.jsonl") in msg and "goal, sol1, sol2, label" in msg
+
+
+def test_missing_task_file_offline_names_the_expected_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="expected .*hellaswag/validation.jsonl") as err:
+        qtasks.resolve_task("hellaswag", str(tmp_path))
+    assert str(tmp_path / "hellaswag" / "validation.jsonl") in str(err.value)
+
+
+def test_cli_malformed_task_file_fails_before_load(tmp_path):
+    root = _bad_root(tmp_path, '{"goal": 1}\n')
+    out = subprocess.run([sys.executable, "-m", "qbench.cli", "eval.tasks=[piqa]", "wandb.mode=disabled"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "QBENCH_DATA_DIR": root})
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "task piqa:" in lines[0] and "line 1 lacks sol1" in lines[0], out.stderr
+    assert not (tmp_path / "results").exists()
 
 
 def test_unknown_task_offline_is_one_line(monkeypatch):

@@ -9,6 +9,9 @@
 #   noact        GPTQ without act-order at bits 3,4, group sizes 128, 64 (issue 3's table), ppl only
 #   formats      sweeps/formats.yaml: LLM.int8()/NF4/FP4/FP8 variants, ppl only
 #   gguf         GGUF block types and mixes, ppl only ($GGUF_TYPES: a comma list, default all 13)
+#   zeroshot     sweeps/gpu.yaml with perplexity and the seven zero-shot tasks only (KLD and speed off)
+#   identity     research/tasks_identity.py on the fp16 model, full splits: qbench's task numbers vs
+#                lm-eval's own simple_evaluate on the same model object and files ($OUT/identity.json)
 #   int8t        LLM.int8() at outlier thresholds $INT8_THRESHOLDS (default 5,4,3,2,1), ppl and outlier
 #                fractions: how the perplexity loss trades against the share of 16-bit columns
 set -uo pipefail
@@ -25,6 +28,10 @@ for part in "${parts[@]}"; do
     noact) qb -m method=gptq bits=3,4 group_size=128,64 method.act_order=false "${CALIB[@]}" "${PPL[@]}" "results_dir=$OUT/g64" ;;
     formats) qb sweep sweeps/formats.yaml "results_dir=$OUT/formats" wandb.mode=disabled ;;
     gguf) qb -m method=gguf method.type=${GGUF_TYPES:-Q4_0,Q4_1,Q5_0,Q5_1,Q8_0,Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q3_K_M,Q4_K_M,Q5_K_M} "${PPL[@]}" "results_dir=$OUT/gguf" ;;
+    zeroshot) qb sweep sweeps/gpu.yaml "results_dir=$OUT/zeroshot" "hardware=${HARDWARE:-h100}" wandb.mode=disabled \
+                eval.kld=false eval.speed=false ;;
+    identity) python3 research/tasks_identity.py --device cuda --dtype float16 --limit 0 --batch-size 64 \
+                --out "$OUT/identity.json" ;;
     int8t) qb -m method=int8 "method.threshold=${INT8_THRESHOLDS:-5.0,4.0,3.0,2.0,1.0}" "${PPL[@]}" "results_dir=$OUT/int8t" ;;
     *) echo "unknown part $part" ;;
   esac

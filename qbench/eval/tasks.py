@@ -6,12 +6,16 @@ definition (prompts, choices, metrics) and, once the data root holds a copy, its
 
     task: piqa
     lm_eval_config: piqa/piqa.yaml     # inside lm_eval/tasks/
-    local: {builder: json, data_files: {validation: piqa/validation.jsonl}}   # under the data root
+    local: {builder: json, data_files: {validation: piqa/validation.jsonl},   # under the data root
+            fields: [goal, sol1, sol2, label]}                               # columns every row must have
 
 A task with local files present runs the official definition with only its dataset location
-changed; otherwise, with network, lm-eval's hub task runs unchanged; otherwise it is a one-line
-ConfigError raised before any model is loaded. Records get `<metric>_<task>` and
-`<metric>_stderr_<task>` for lm-eval's metrics (acc, acc_norm; perplexity and acc for LAMBADA).
+changed (each file is checked for its columns first: a malformed file is a one-line ConfigError
+naming the file and line, before any model loads); otherwise, with network, lm-eval's hub task runs
+unchanged; otherwise it is a one-line ConfigError naming the expected files. Records get
+`<metric>_<task>` and `<metric>_stderr_<task>` for lm-eval's metrics (acc, acc_norm; perplexity and
+acc for LAMBADA) and `samples_<task>`. research/tasks_identity.py checks that these numbers equal
+lm-eval's own simple_evaluate on the same model object and files.
 This module imports neither torch nor lm-eval until a task is evaluated.
 """
 
@@ -56,12 +60,51 @@ def task_entry(name: str, where: Path | None = None) -> dict | None:
 
 
 def local_files(entry: dict | None, data_dir: str | None) -> dict[str, Path] | None:
-    """split -> file under the data root, when the entry lists local files and all of them exist."""
+    """split -> file under the data root, when the entry lists local files and all of them exist
+    (each checked for its columns: a malformed file is a ConfigError, not a fall-back to the hub)."""
     root = data_root(data_dir)
     if not entry or not entry.get("local") or root is None:
         return None
     files = {split: root / rel for split, rel in entry["local"]["data_files"].items()}
-    return files if all(p.is_file() for p in files.values()) else None
+    if not all(p.is_file() for p in files.values()):
+        return None
+    for path in files.values():
+        stat = path.stat()
+        _check_rows(str(path), stat.st_size, stat.st_mtime_ns, tuple(entry["local"].get("fields") or ()), entry["task"])
+    return files
+
+
+@functools.cache
+def _check_rows(path: str, size: int, mtime_ns: int, fields: tuple, task: str) -> None:
+    """Every row of a JSONL task file is a JSON object with the task's columns (cached per file version)."""
+    import json
+
+    rows = 0
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"task {task}: {path} line {n} is not valid JSON ({err.msg}); "
+                                  f"expected one object per line with {', '.join(fields) or 'the task columns'}") from None
+            missing = [k for k in fields if not isinstance(row, dict) or k not in row]
+            if missing:
+                raise ConfigError(f"task {task}: {path} line {n} lacks {', '.join(missing)}; "
+                                  f"expected one object per line with {', '.join(fields)}")
+            rows += 1
+    if rows == 0:
+        raise ConfigError(f"task {task}: {path} holds no rows; expected one JSON object per line with {', '.join(fields)}")
+
+
+def expected_files(entry: dict | None, data_dir: str | None) -> str:
+    """The files a task entry wants, as paths under the data root (for error messages)."""
+    if not entry or not entry.get("local"):
+        return "none listed"
+    root = data_root(data_dir)
+    rels = entry["local"]["data_files"].values()
+    return ", ".join(str(root / rel) if root else f"<data root>/{rel}" for rel in rels)
 
 
 @functools.cache
@@ -107,8 +150,8 @@ def resolve_task(name: str, data_dir: str | None, where: Path | None = None) -> 
         why = "not an lm-eval task" if online else "no conf/tasks entry, and other lm-eval tasks need network"
         raise ConfigError(f"unknown task {name!r} ({why}); qbench's task definitions: {known}")
     if not online:
-        wanted = entry["local"]["data_files"] if entry.get("local") else "none listed yet"
-        raise ConfigError(f"task {name}: no local data under the data root {data_root(data_dir)} (files: {wanted}) "
+        where = f"the data root {data_root(data_dir)}" if data_root(data_dir) else "no data root (set QBENCH_DATA_DIR or data_dir=)"
+        raise ConfigError(f"task {name}: no local data under {where}; expected {expected_files(entry, data_dir)}, "
                           "and no network for the hub")
     return TaskSource(name, "hub", name)
 
