@@ -1,7 +1,15 @@
 """SmolLM2-135M end to end: qbench quantizes to Q4_K_M and Q8_0 through the runner, exports GGUF files,
 and llama.cpp (llama-cpp-python) runs them: its perplexity over the same token windows is within 1%
-of qbench's perplexity of the same quantized model. Slow on a 2-core CPU (about 2-3 minutes: ten
-forward passes of 512 tokens, the Q4_K_M quantization and two exports)."""
+of qbench's perplexity of the same quantized model.
+
+The comparison is like with like (same tokens and windows, llama.cpp with an F32 KV cache); what
+differs by design is llama.cpp's CPU matmul, which quantizes activations to Q8_0/Q8_K, and how it
+does so depends on the build (repacked AVX kernels vs a build with ggml's AMX kernels, loaded without
+repacking). That difference is a draw of a noisy quantity on short windows: on 2 x 512 tokens Q4_K_M
+measured +0.74 % (repacked) and +1.04 % (AMX build), on 2 x 2048 +0.38 % and +0.55 %
+(reports/gguf.md). So the check uses the project's standard 2048-token windows, where every build
+measured is within half of the 1 % tolerance. Slow on a 2-core CPU (a few minutes: 2 x 2048 tokens
+through each model and llama.cpp, the Q4_K_M quantization and two exports)."""
 
 import copy
 
@@ -15,7 +23,7 @@ from qbench.quant.gguf_export import read_metadata
 from qbench.runner import run
 
 pytestmark = pytest.mark.slow
-SEQLEN, WINDOWS = 512, 2
+SEQLEN, WINDOWS = 2048, 2
 
 
 @pytest.fixture(scope="module")
