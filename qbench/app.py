@@ -47,3 +47,14 @@ def resume_summary(records: list[dict]) -> str | None:
         return None
     names = ", ".join(f"{run_label(r)} (run {r['done_run_id']})" for r in skipped)
     return f"qbench: resume=true skipped {len(skipped)} of {len(records)} runs already recorded ok: {names}"
+
+
+def next_steps(cfg: DictConfig) -> str:
+    """Where a run's records went and what a newcomer runs next (printed once, after a run or multirun)."""
+    from qbench.records import records_path
+
+    results = str(cfg.results_dir)
+    wandb = f"; W&B ({cfg.wandb.mode}) files under {results}/wandb-files" if cfg.wandb.mode == "offline" else ""
+    return (f"qbench: records appended to {records_path(results)}{wandb}\n"
+            f"  next: qbench report --results {results}    # table + {results}/reports/<model>/leaderboard.{{md,html}}\n"
+            f"        qbench -m method=rtn,gptq bits=3,4   # a sweep; qbench --help lists report, sweep, gate")

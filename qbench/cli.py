@@ -105,6 +105,10 @@ def _hydra_main() -> int:
             log_sweep(*last)
         except Exception as err:  # the records are written; a logging failure is a note, not a crash
             print(f"qbench: W&B sweep report not logged: {type(err).__name__}: {err}", file=sys.stderr)
+    if last:
+        from qbench.app import next_steps
+
+        print(next_steps(last[0]))
     return exit_code(records)
 
 

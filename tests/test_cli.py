@@ -43,6 +43,14 @@ def test_default_run_records_baseline_and_rtn(default_run):
     assert "| fp16" in table and "| rtn" in table and "ppl_wikitext2" in table
 
 
+def test_first_run_says_where_records_went_and_what_next(default_run):
+    cwd, out = default_run
+    lines = out.stdout.splitlines()
+    assert lines[-3] == "qbench: records appended to results/runs.jsonl; W&B (offline) files under results/wandb-files"
+    assert lines[-2].strip().startswith("next: qbench report --results results")
+    assert "results/reports/<model>/leaderboard" in lines[-2] and "qbench --help" in lines[-1]
+
+
 def test_wandb_offline_logs_each_run(default_run):
     cwd, _ = default_run
     runs = list((cwd / "results" / "wandb-files" / "wandb").glob("offline-run-*"))
