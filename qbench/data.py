@@ -131,6 +131,6 @@ def check_data(data_dir: str | None, datasets: list[str], calib: str | None = No
 def perplexity_source(name: str, data_dir: str | None = None) -> str:
     """Where the text of a dataset comes from, for the record."""
     root = data_root(data_dir)
-    rel = WIKITEXT2_TEST if name == "wikitext2" else C4_VALIDATION
+    rel = LOCAL_FILES.get(name, C4_VALIDATION)
     local = _local(root, rel)
     return f"local:{rel}" if local else "hub"
