@@ -22,6 +22,7 @@ This module imports neither torch nor lm-eval until a task is evaluated.
 import functools
 import os
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -205,6 +206,8 @@ def evaluate_tasks(model, tokenizer, cfg, ctx) -> dict:
     if not names:
         return {}
     sources = [resolve_task(n, cfg.data_dir) for n in names]
+    start = time.perf_counter()
     results = run_lm_eval(model, tokenizer, sources, cfg.eval.limit, int(cfg.eval.tasks_batch_size),
                           int(cfg.eval.tasks_bootstrap_iters), ctx.device)
-    return to_metrics(results)
+    # wall time of all tasks together (lm-eval batches requests across tasks, so there is no per-task split)
+    return {**to_metrics(results), "tasks_s": time.perf_counter() - start}
