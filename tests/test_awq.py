@@ -11,8 +11,8 @@ from qbench.quant.grid import rtn_quantize
 from qbench.quant.qlinear import QuantLinear
 from tiny_llama import tiny_llama
 
-SETTINGS = {"bits": 3, "group_size": 32, "sym": False, "n_grid": 20, "clip": False, "clip_n_grid": 20,
-            "clip_max_shrink": 0.5, "clip_n_tokens": 512}
+SETTINGS = {"bits": 3, "group_size": 32, "sym": False, "zero_in_range": False, "n_grid": 20, "clip": False,
+            "clip_n_grid": 20, "clip_max_shrink": 0.5, "clip_n_tokens": 512}
 
 
 def _block_batches(kv_heads=2, samples=4, seqlen=48, seed=0):
@@ -56,21 +56,21 @@ def test_grouped_query_attention_skips_v_to_o_only():
     assert isinstance(summary["scales"]["self_attn.v_proj"], dict)
 
 
-def _judged_error(judged, linears, x_batches, kwargs, s, bits, gs):
+def _judged_error(judged, linears, x_batches, kwargs, s, bits, gs, zero_in_range):
     """Independent check: the judged module's output error when its linears hold Q(W s)/s."""
     originals = [lin.weight.data.clone() for lin in linears]
     run = lambda: [block_output(judged, x, kw) if kw is not None else judged(x) for x, kw in zip(x_batches, kwargs)]  # noqa: E731
     reference = run()
     for lin, w in zip(linears, originals):
-        lin.weight.data = rtn_quantize(w * s, bits, gs, False).dequantize() / s
+        lin.weight.data = rtn_quantize(w * s, bits, gs, False, zero_in_range).dequantize() / s
     err = sum((o - r).pow(2).sum() for o, r in zip(run(), reference)).item()
     for lin, w in zip(linears, originals):
         lin.weight.data = w
     return err
 
 
-@pytest.mark.parametrize("bits", [3, 4])
-def test_searched_scales_never_worse_than_no_scaling(bits):
+@pytest.mark.parametrize("bits,zero_in_range", [(3, False), (4, False), (3, True)])
+def test_searched_scales_never_worse_than_no_scaling(bits, zero_in_range):
     _, block, batches = _block_batches(kv_heads=4, seed=bits)
     names = [n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
     inputs = {n: _Inputs() for n in names}
@@ -81,11 +81,11 @@ def test_searched_scales_never_worse_than_no_scaling(bits):
         judged = block.get_submodule(judged_name) if judged_name else linears[0]
         kws = kwargs if judged_name == "self_attn" else [None] * len(kwargs)
         originals = [lin.weight.data.clone() for lin in linears]
-        s, info = search_scale(judged, linears, inputs[linear_names[0]], kws, bits, 32, False, 20)
+        s, info = search_scale(judged, linears, inputs[linear_names[0]], kws, bits, 32, False, 20, zero_in_range)
         assert all(torch.equal(lin.weight.data, w) for lin, w in zip(linears, originals))  # search restores W
         ones = torch.ones_like(s)
-        searched = _judged_error(judged, linears, inputs[linear_names[0]].batches, kws, s, bits, 32)
-        unscaled = _judged_error(judged, linears, inputs[linear_names[0]].batches, kws, ones, bits, 32)
+        searched = _judged_error(judged, linears, inputs[linear_names[0]].batches, kws, s, bits, 32, zero_in_range)
+        unscaled = _judged_error(judged, linears, inputs[linear_names[0]].batches, kws, ones, bits, 32, zero_in_range)
         assert searched <= unscaled * (1 + 1e-6), (prev, info)
         assert info["loss"] <= info["loss_s1"]
     # alpha = 0 is s = 1 exactly: a one-point grid returns no scaling
@@ -99,12 +99,13 @@ def test_group_fake_quant_is_grouped_rtn(in_f, gs):
     assert torch.equal(group_fake_quant(w, 3, gs, False), rtn_quantize(w, 3, gs, False).dequantize())
 
 
-def test_clip_search_picks_the_best_threshold_of_its_grid():
+@pytest.mark.parametrize("zero_in_range", [False, True])
+def test_clip_search_picks_the_best_threshold_of_its_grid(zero_in_range):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(8, 80, generator=g)
     w[:, 5] *= 6  # an outlier worth clipping
     x = torch.randn(600, 80, generator=g)
-    max_val = search_clip(w, x, 3, 32, False)  # groups 32, 32, 16
+    max_val = search_clip(w, x, 3, 32, False, zero_in_range=zero_in_range)  # groups 32, 32, 16
     xs = x[:: 600 // 512]
     for row in range(8):
         for start, size in ((0, 32), (32, 32), (64, 16)):
@@ -112,7 +113,7 @@ def test_clip_search_picks_the_best_threshold_of_its_grid():
             errs = []
             for i in range(10):
                 m = wg.abs().max() * (1 - i / 20)
-                q = rtn_quantize(wg.clamp(-m, m)[None], 3, -1, False).dequantize()[0]
+                q = rtn_quantize(wg.clamp(-m, m)[None], 3, -1, False, zero_in_range).dequantize()[0]
                 errs.append(((xg @ q - xg @ wg) ** 2).mean().item())
             chosen = max_val[row, start].item()
             assert torch.all(max_val[row, start : start + size] == chosen)
@@ -137,6 +138,7 @@ def test_pipeline_on_a_tiny_gqa_model(cfg_factory, smollm2):
     block0 = info["blocks"]["model.layers.0"]
     assert sorted(block0["clipped"]) == ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.o_proj", "self_attn.v_proj"]
     assert info["calib"]["seqlen"] == 64 and info["settings"]["n_grid"] == 20
+    assert info["settings"]["zero_in_range"] is False  # llm-awq's grid, AWQ's default
     with torch.no_grad():
         after = model(ids).logits
     assert torch.isfinite(after).all() and (after - before).abs().mean() < 0.5 * before.abs().mean()

@@ -19,8 +19,10 @@ block the float outputs of the block before it, computed before that block is sc
    i < max_shrink * n_grid, minimising the mean squared error of the group's partial products on 512
    tokens taken with a stride from the recorded inputs (through each group's Gram matrix: the same
    value with fewer operations); the weights are clamped to [-max_val, max_val];
-5. grouped round-to-nearest onto qbench.quant.grid (the grid GPTQ and RTN use; unlike the reference
-   it keeps 0 inside every group's range, and partial last groups are allowed) -> QuantLinear.
+5. grouped round-to-nearest onto qbench.quant.grid -> QuantLinear. By default on the reference's grid
+   (`method.zero_in_range` false: each group's own [min, max], as pseudo_quantize_tensor), which steps
+   2-4 use too; `method.zero_in_range=true` keeps 0 inside every group's range (the GPTQ/RTN default,
+   and qbench's AWQ before the option existed). Unlike the reference, partial last groups are allowed.
 """
 
 import time
@@ -36,21 +38,21 @@ from qbench.quant.modules import quantizable_linears, set_module
 from qbench.quant.qlinear import QuantLinear
 
 
-def _fake_quant_rows(w: torch.Tensor, bits: int, sym: bool) -> torch.Tensor:
+def _fake_quant_rows(w: torch.Tensor, bits: int, sym: bool, zero_in_range: bool = True) -> torch.Tensor:
     """Each row of a 2-D tensor rounded onto its own grid."""
-    scale, zero = find_params(w, bits, sym)
+    scale, zero = find_params(w, bits, sym, zero_in_range)
     return fake_quantize(w, scale[:, None], zero[:, None], bits)
 
 
-def group_fake_quant(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> torch.Tensor:
+def group_fake_quant(w: torch.Tensor, bits: int, group_size: int, sym: bool, zero_in_range: bool = True) -> torch.Tensor:
     """Grouped RTN of a [out, in] weight in float32, vectorised (equals rtn_quantize(...).dequantize())."""
     w = w.float()
     out_f, in_f = w.shape
     size = in_f if group_size == -1 else group_size
     full = in_f // size * size
-    parts = [_fake_quant_rows(w[:, :full].reshape(-1, size), bits, sym).reshape(out_f, full)]
+    parts = [_fake_quant_rows(w[:, :full].reshape(-1, size), bits, sym, zero_in_range).reshape(out_f, full)]
     if full < in_f:
-        parts.append(_fake_quant_rows(w[:, full:], bits, sym))
+        parts.append(_fake_quant_rows(w[:, full:], bits, sym, zero_in_range))
     return torch.cat(parts, dim=1)
 
 
@@ -77,7 +79,8 @@ class _Inputs:
 
 @torch.no_grad()
 def search_scale(judged: nn.Module, linears: list[nn.Linear], inputs: _Inputs, kwargs: list[dict],
-                 bits: int, group_size: int, sym: bool, n_grid: int) -> tuple[torch.Tensor, dict]:
+                 bits: int, group_size: int, sym: bool, n_grid: int,
+                 zero_in_range: bool = True) -> tuple[torch.Tensor, dict]:
     """The scales s minimising the judged module's output error when the linears are quantized as
     Q(W * s) / s. Returns s (float32, [in]) and {alpha, loss, loss_s1} for the record."""
     originals = [lin.weight.data.clone() for lin in linears]
@@ -93,7 +96,7 @@ def search_scale(judged: nn.Module, linears: list[nn.Linear], inputs: _Inputs, k
         s = x_mean.pow(alpha).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
         for lin, w in zip(linears, originals):
-            lin.weight.data = (group_fake_quant(w.float() * s, bits, group_size, sym) / s).to(w.dtype)
+            lin.weight.data = (group_fake_quant(w.float() * s, bits, group_size, sym, zero_in_range) / s).to(w.dtype)
         outs = forward()
         sq = sum((o - r).float().pow(2).sum().item() for o, r in zip(outs, reference))
         loss = sq / sum(r.numel() for r in reference)
@@ -125,7 +128,7 @@ def apply_scale(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> N
 
 @torch.no_grad()
 def search_clip(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, sym: bool, n_grid: int = 20,
-                max_shrink: float = 0.5, n_tokens: int = 512) -> torch.Tensor:
+                max_shrink: float = 0.5, n_tokens: int = 512, zero_in_range: bool = True) -> torch.Tensor:
     """Per (row, group) clipping threshold of a [out, in] weight given its [tokens, in] inputs: the
     shrunk absmax minimising the mean over tokens of (x_g . (Q(clip(w_g)) - w_g))^2, the squared error
     of the group's partial product (every len//n_tokens-th token, as the reference). That mean is
@@ -145,7 +148,7 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, sy
         for i in range(int(max_shrink * n_grid)):
             max_val = org_max * (1 - i / n_grid)
             cur = torch.maximum(torch.minimum(wg, max_val), -max_val)
-            d = _fake_quant_rows(cur.reshape(-1, size), bits, sym).reshape(cur.shape) - wg
+            d = _fake_quant_rows(cur.reshape(-1, size), bits, sym, zero_in_range).reshape(cur.shape) - wg
             err = (torch.bmm(d, gram) * d).sum(dim=-1, keepdim=True)  # groups, out, 1
             better = err < min_err
             min_err[better], best_max[better] = err[better], max_val[better]
@@ -156,8 +159,9 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, sy
 def _settings(cfg) -> dict:
     m = cfg.method
     return {"bits": resolved_bits(cfg), "group_size": resolved_group_size(cfg), "sym": bool(m.sym),
-            "n_grid": int(m.n_grid), "clip": bool(m.clip), "clip_n_grid": int(m.clip_n_grid),
-            "clip_max_shrink": float(m.clip_max_shrink), "clip_n_tokens": int(m.clip_n_tokens),
+            "zero_in_range": bool(m.zero_in_range), "n_grid": int(m.n_grid), "clip": bool(m.clip),
+            "clip_n_grid": int(m.clip_n_grid), "clip_max_shrink": float(m.clip_max_shrink),
+            "clip_n_tokens": int(m.clip_n_tokens),
             "scale": "mean|x|^alpha, normalised by sqrt(max*min)", "block_inputs": "float model"}
 
 
@@ -185,7 +189,7 @@ def awq_block(block: nn.Module, batches: list[tuple], arch: dict, s: dict) -> tu
         judged = block.get_submodule(judged_name) if judged_name else linears[0]
         judged_kwargs = kwargs if judged_name == arch["attention"] else [None] * len(kwargs)
         scale, info = search_scale(judged, linears, inputs[linear_names[0]], judged_kwargs,
-                                   s["bits"], s["group_size"], s["sym"], s["n_grid"])
+                                   s["bits"], s["group_size"], s["sym"], s["n_grid"], s["zero_in_range"])
         apply_scale(block.get_submodule(prev_name), linears, scale)
         scaled = [(x.float() / scale).to(x.dtype) for x in inputs[linear_names[0]].batches]
         for n in linear_names:  # the recorded inputs now see 1/s (prepares the clip search)
@@ -195,7 +199,7 @@ def awq_block(block: nn.Module, batches: list[tuple], arch: dict, s: dict) -> tu
         lin = block.get_submodule(name)
         if s["clip"] and name not in arch["no_clip"]:
             max_val = search_clip(lin.weight.data, inputs[name].tokens(), s["bits"], s["group_size"], s["sym"],
-                                  s["clip_n_grid"], s["clip_max_shrink"], s["clip_n_tokens"])
+                                  s["clip_n_grid"], s["clip_max_shrink"], s["clip_n_tokens"], s["zero_in_range"])
             lin.weight.data = torch.maximum(torch.minimum(lin.weight.data.float(), max_val), -max_val).to(lin.weight.dtype)
             summary["clipped"].append(name)
     return outputs, summary
@@ -222,12 +226,12 @@ def quantize(model, cfg, ctx) -> dict:
         batches, blocks[prefix.rstrip(".")] = awq_block(layer, batches, arch, s)
         for name, lin in list(layer.named_modules()):
             if isinstance(lin, nn.Linear) and prefix + name in targets:
-                qw = rtn_quantize(lin.weight.data, s["bits"], s["group_size"], s["sym"])
+                qw = rtn_quantize(lin.weight.data, s["bits"], s["group_size"], s["sym"], s["zero_in_range"])
                 set_module(layer, name, QuantLinear.from_quantized(qw, lin.bias, kernel=cfg.kernel).to(lin.weight.device))
                 done.add(prefix + name)
     for name in sorted(set(targets) - done):  # lm_head (quantize_lm_head=true): plain RTN, as the reference leaves it
         lin = targets[name]
-        qw = rtn_quantize(lin.weight.data, s["bits"], s["group_size"], s["sym"])
+        qw = rtn_quantize(lin.weight.data, s["bits"], s["group_size"], s["sym"], s["zero_in_range"])
         set_module(model, name, QuantLinear.from_quantized(qw, lin.bias, kernel=cfg.kernel).to(lin.weight.device))
         blocks[name] = "rtn (outside the decoder blocks)"
         done.add(name)

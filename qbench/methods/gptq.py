@@ -19,7 +19,8 @@ Per linear (`gptq_quantize`), as the reference `fasterquant`:
 - columns in blocks of 128 with the lazy batch update of the rest; loss sum (w-q)^2 / [H^-1]_jj^2 / 2.
 Linears that read the same input (q/k/v, gate/up) share one Hessian, so their rows are solved as one
 matrix: rows are independent given H, so this is the reference result with fewer column loops.
-The grid is qbench.quant.grid (the reference quantizer, scales rounded to float16).
+The grid is qbench.quant.grid (the reference quantizer, scales rounded to float16); `method.zero_in_range`
+false swaps in llm-awq's grid (each group's own [min, max], 0 not forced in).
 """
 
 import functools
@@ -81,19 +82,19 @@ def _one_cpu_thread(fn):
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, sym: bool,
                   damp_percent: float = 0.01, act_order: bool = False, static_groups: bool = False,
-                  blocksize: int = BLOCKSIZE) -> tuple[QuantizedWeight, torch.Tensor]:
+                  blocksize: int = BLOCKSIZE, zero_in_range: bool = True) -> tuple[QuantizedWeight, torch.Tensor]:
     """GPTQ of one [rows, cols] weight given its input Hessian. Returns the codes and the loss per row."""
     W = weight.float().clone()
     H = H.float().clone()
     rows, cols = W.shape
     maxq = 2**bits - 1
-    scale, zero = find_params(W, bits, sym)  # the per-channel grid (group_size=-1)
+    scale, zero = find_params(W, bits, sym, zero_in_range)  # the per-channel grid (group_size=-1)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
     static = None
     if static_groups and group_size != -1:
-        static = [find_params(W[:, i : i + group_size], bits, sym) for i in range(0, cols, group_size)]
+        static = [find_params(W[:, i : i + group_size], bits, sym, zero_in_range) for i in range(0, cols, group_size)]
     perm = torch.arange(cols, device=W.device)
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
@@ -119,7 +120,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int, group_size: 
             if static is not None:
                 scale, zero = static[static_group_of[col]]
             elif grids is not None and col % group_size == 0:
-                scale, zero = find_params(WT[col : col + group_size].T, bits, sym)
+                scale, zero = find_params(WT[col : col + group_size].T, bits, sym, zero_in_range)
                 grids.append((scale, zero))
             w, q, err = W1[i], codes[col], err_t[col]  # views: results are written in place (fewer kernels)
             torch.clamp(torch.round(w / scale) + zero, 0, maxq, out=q)
@@ -160,8 +161,8 @@ def _settings(cfg) -> dict:
     if not 0 < damp <= 1:
         raise ValueError(f"method.damp_percent must be in (0, 1], got {damp}")
     return {"bits": resolved_bits(cfg), "group_size": resolved_group_size(cfg), "sym": bool(m.sym),
-            "damp_percent": damp, "act_order": bool(m.act_order), "static_groups": bool(m.static_groups),
-            "true_sequential": bool(m.true_sequential), "blocksize": BLOCKSIZE,
+            "zero_in_range": bool(m.zero_in_range), "damp_percent": damp, "act_order": bool(m.act_order),
+            "static_groups": bool(m.static_groups), "true_sequential": bool(m.true_sequential), "blocksize": BLOCKSIZE,
             "block_inputs": "from the already quantized blocks"}
 
 
@@ -169,7 +170,7 @@ def _solve_set(layer, names: list[str], hessian: Hessian, s: dict) -> tuple[list
     linears = [layer.get_submodule(n) for n in names]
     W = torch.cat([lin.weight.data for lin in linears])
     qw, row_loss = gptq_quantize(W, hessian.H, s["bits"], s["group_size"], s["sym"], s["damp_percent"],
-                                 s["act_order"], s["static_groups"])
+                                 s["act_order"], s["static_groups"], zero_in_range=s["zero_in_range"])
     sizes = [lin.out_features for lin in linears]
     parts = split_rows(qw, sizes)
     losses = [chunk.sum().item() for chunk in row_loss.split(sizes)]
@@ -243,7 +244,7 @@ def _quantize_head(model, name: str, batches: list[tuple], arch: dict, s: dict, 
     for hidden, _ in batches:
         hessian.add(norm(hidden))
     qw, row_loss = gptq_quantize(head.weight.data, hessian.H, s["bits"], s["group_size"], s["sym"],
-                                 s["damp_percent"], s["act_order"], s["static_groups"])
+                                 s["damp_percent"], s["act_order"], s["static_groups"], zero_in_range=s["zero_in_range"])
     set_module(model, name, QuantLinear.from_quantized(qw, head.bias, kernel=kernel).to(head.weight.device))
     return row_loss.sum().item()
 
