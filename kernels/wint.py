@@ -29,8 +29,8 @@ import triton
 import triton.language as tl
 
 from qbench.kernels.dequant import stream_codes
-from qbench.kernels.matmul import WINT, dequant_matmul, sm_count
-from qbench.kernels.tune import cdiv
+from qbench.kernels.matmul import WINT, candidate_configs, dequant_matmul, sm_count
+from qbench.kernels.tune import cdiv, m_bucket, pick
 from qbench.kernels.wint_h2 import h2_decode_configs, run_h2_decode
 from qbench.kernels.wint_mma import mma_configs, run_mma
 from qbench.kernels.wint_tc import run_tc, tc_configs
@@ -181,3 +181,48 @@ def wint_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
         fast = (configs, run)
     return dequant_matmul(WINT, x, N, ptrs, (bits, group, act_order), i0=qzeros.shape[1], name="wint",
                           config=config, fast=fast)
+
+
+def wint_min_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                    mins: torch.Tensor, bits: int, group_size: int, config: dict | None = None) -> torch.Tensor:
+    """x [..., K] @ W^T for W = (q - z) * s - mins, mins fp16 [G, N]: integer codes whose zero points are
+    floats (HQQ, qbench/quant/float_zero.py), on the same kernels as GGUF's min term (kernels/gguf.py):
+    the fp16x2 decode and tensor-core kernels with HAS_MIN where the groups tile K, and for any shape
+    the integer skeleton followed by out -= (sums of x over each group) @ mins. A short last group
+    (group_size not dividing K) takes the skeleton only: its sums come from x padded with zeros."""
+    K, N = x.shape[-1], scales.shape[1]
+    if mins.shape != scales.shape:
+        raise ValueError(f"mins {tuple(mins.shape)} must have the shape of scales {tuple(scales.shape)}")
+    group = 0 if group_size <= 0 or group_size >= K else group_size
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    tiled = group > 0 and K % group == 0  # every group whole: the HAS_MIN kernels apply
+
+    def skeleton(cfg, xm):
+        out = dequant_matmul(WINT, xm, N, (qweight, qzeros, scales), (bits, group, False), i0=qzeros.shape[1],
+                             config=cfg)
+        size = group or K
+        padded = torch.nn.functional.pad(xm, (0, mins.shape[0] * size - K))
+        sums = padded.view(xm.shape[0], mins.shape[0], size).sum(-1, dtype=torch.float32)
+        return torch.addmm(out.float(), sums, mins.float(), alpha=-1).to(xm.dtype)
+
+    def configs():
+        n_sm = sm_count(x.device)
+        fast = []
+        if tiled:
+            fast = [c for c in h2_decode_configs(M, N, K, bits, group, x.dtype, n_sm) if K % c["BLOCK_K"] == 0]
+            fast += tc_configs(M, N, K, bits, group, x.dtype, n_sm)
+        return fast + [{"KERNEL": "wint_skeleton", "WINT": c} for c in candidate_configs(M, N, K, x.device)]
+
+    def run(cfg):
+        if cfg["KERNEL"] == "wint_h2":
+            return run_h2_decode(cfg, x2, qweight, qzeros, scales, bits, group, N, mins=mins).to(x.dtype)
+        if cfg["KERNEL"] == "wint_tc":
+            return run_tc(cfg, x2, qweight, qzeros, scales, bits, group, N, mins=mins).to(x.dtype)
+        return skeleton(cfg["WINT"], x2)
+
+    if config is None:
+        config = pick("wint_min", (bits, group, m_bucket(M), N, K, str(x.dtype)), configs, run, x.device)
+    return run(config).reshape(*x.shape[:-1], N)
