@@ -278,7 +278,7 @@ def candidate_configs(M: int, N: int, K: int, device: torch.device) -> list[dict
 
 
 def _w8a8(x, w_q, w_scale, act_dtype, outlier_idx=None, w_outlier=None, config=None, name="w8a8", outlier_mask=None,
-          prologue=None):
+          prologue=None, act_scale=None):
     K, N = x.shape[-1], w_q.shape[0]
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
@@ -305,7 +305,11 @@ def _w8a8(x, w_q, w_scale, act_dtype, outlier_idx=None, w_outlier=None, config=N
     is_int = act_dtype == torch.int8
 
     def run(cfg):
-        xq, sx = prologue[:2] if prologue is not None else quantize_rows(x2, act_dtype, keep)
+        if act_scale is not None:  # static: one calibrated scale for every token (SmoothQuant's per-tensor mode)
+            xq = torch.round(x2.float() / act_scale).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+            sx = act_scale.float().reshape(1).expand(M).contiguous()
+        else:
+            xq, sx = prologue[:2] if prologue is not None else quantize_rows(x2, act_dtype, keep)
         if cfg.get("KERNEL") == "tma":
             return _run_tma(cfg, xq, sx, w_q, w_scale, is_int, per_channel, x.dtype)
         split = cfg["SPLIT_K"]
@@ -351,11 +355,16 @@ def _check_int8_weight(x: torch.Tensor, w_q: torch.Tensor) -> None:
 
 def int8_matmul(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, outlier_idx: torch.Tensor | None = None,
                 w_outlier: torch.Tensor | None = None, config: dict | None = None,
-                outlier_mask: torch.Tensor | None = None) -> torch.Tensor:
+                outlier_mask: torch.Tensor | None = None, act_scale: torch.Tensor | None = None) -> torch.Tensor:
     """W8A8 int8 (per-row weight x per-token activation scales); LLM.int8() when outlier columns are given,
-    as indices with their 16-bit weights or (at most DECODE_TOKENS) as a bool mask over the input columns."""
+    as indices with their 16-bit weights or (at most DECODE_TOKENS) as a bool mask over the input columns.
+    act_scale (a float32 scalar tensor): static activations, x_q = round(x / act_scale) clamped to +-127
+    (half to even, as the torch reference), instead of per-token scales."""
     _check_int8_weight(x, w_q)
-    return _w8a8(x, w_q.contiguous(), w_scale, torch.int8, outlier_idx, w_outlier, config, "int8", outlier_mask)
+    if act_scale is not None and (outlier_idx is not None or outlier_mask is not None):
+        raise ValueError("a static act_scale is for plain W8A8: no outlier columns")
+    return _w8a8(x, w_q.contiguous(), w_scale, torch.int8, outlier_idx, w_outlier, config, "int8", outlier_mask,
+                 act_scale=act_scale)
 
 
 def llm_int8_decode(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, threshold: float,

@@ -135,6 +135,17 @@ def _validate_method_types(cfg: DictConfig) -> None:
             ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
         if not ok:
             raise ConfigError(f"method.{key} for {m.name} must be {want} (default {default}), got {value!r}")
+    _validate_method_ranges(m)
+
+
+def _validate_method_ranges(m: DictConfig) -> None:
+    """`ranges: {key: [low, high]}` in conf/method/<name>.yaml: inclusive bounds of a number option (null:
+    unbounded), e.g. SmoothQuant's alpha in [0, 1]; checked once the option's type is."""
+    for key, (low, high) in (m.get("ranges") or {}).items():
+        value = m.get(key)
+        if (low is not None and value < low) or (high is not None and value > high):
+            shown = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+            raise ConfigError(f"method.{key} for {m.name} must be in {shown}, got {value}")
 
 
 def _validate_eval(cfg: DictConfig) -> None:

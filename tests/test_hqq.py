@@ -143,6 +143,8 @@ def test_pipeline_on_a_tiny_model(cfg_factory):
     (["method=hqq", "bits=5"], "method hqq does not support bits=5; valid: 2, 3, 4, 8"),
     (["method=hqq", "method.lp_norm=abc"], "method.lp_norm for hqq must be a number"),
     (["method=hqq", "method.round_zero=maybe"], "unknown method.round_zero for hqq 'maybe'"),
+    (["method=hqq", "method.lp_norm=0"], "method.lp_norm for hqq must be in [0.1, 1.0], got 0"),
+    (["method=hqq", "method.iters=0"], "method.iters for hqq must be in [1, inf], got 0"),
 ])
 def test_bad_values_fail_before_load_in_one_line(argv, needle):
     with pytest.raises(ConfigError) as err:
@@ -151,8 +153,8 @@ def test_bad_values_fail_before_load_in_one_line(argv, needle):
 
 
 def test_solver_settings_out_of_range_are_refused(cfg_factory):
-    with pytest.raises(ValueError, match="0 < lp_norm <= 1"):
-        _settings(cfg_factory("method=hqq", "method.lp_norm=1.5"))
+    with pytest.raises(ValueError, match="beta > 0"):  # no conf range: a direct caller's value
+        _settings(cfg_factory("method=hqq", "method.beta=0"))
 
 
 @pytest.mark.model

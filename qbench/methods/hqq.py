@@ -124,8 +124,8 @@ def _settings(cfg) -> dict:
          "kappa": float(m.kappa), "iters": int(m.iters), "early_stop": bool(m.early_stop), "optimize": bool(m.optimize),
          "round_zero": bits == 4 if m.round_zero == "auto" else bool(m.round_zero),
          "quant_zero": bool(m.quant_zero), "quant_scale": bool(m.quant_scale)}
-    if not 0 < s["lp_norm"] <= 1 or s["beta"] <= 0 or s["kappa"] < 1 or s["iters"] < 1:
-        raise ValueError(f"hqq needs 0 < lp_norm <= 1, beta > 0, kappa >= 1, iters >= 1; got {s}")
+    if not 0.1 <= s["lp_norm"] <= 1 or s["beta"] <= 0 or s["kappa"] < 1 or s["iters"] < 1:  # conf ranges, for direct callers
+        raise ValueError(f"hqq needs 0.1 <= lp_norm <= 1, beta > 0, kappa >= 1, iters >= 1; got {s}")
     return s
 
 
