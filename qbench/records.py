@@ -2,9 +2,13 @@
 
 Appends are atomic: each record is one os.write of one line to a file opened with O_APPEND, under an
 exclusive lock, then fsync'd; a crash can never leave half a record behind another run's records.
+Readers take a shared lock, so they never see a line half written. The workers of a parallel sweep
+(several processes or nodes writing one results dir) also coordinate through `locked`: named locks
+under ${results_dir}/.locks/ (flock: on a cluster the results dir must be on a file system with locks).
 Reports and gates read only these records.
 """
 
+import contextlib
 import fcntl
 import json
 import math
@@ -18,6 +22,7 @@ from pathlib import Path
 from qbench import __version__
 
 RECORDS_FILE = "runs.jsonl"
+LOCKS_DIR = ".locks"
 
 
 def records_path(results_dir: str) -> Path:
@@ -48,6 +53,20 @@ def append_record(results_dir: str, record: dict) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def locked(results_dir: str, name: str):
+    """Hold the exclusive lock `name` of results_dir while the block runs: one process at a time, among
+    all that write there. The kernel drops it when the block ends or the process dies."""
+    path = Path(results_dir) / LOCKS_DIR / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 def read_records(path: str | Path) -> list[dict]:
     """All records of a runs.jsonl file (or of a results dir). A line that is not a JSON record (a
     truncated last line, a hand edit) is skipped with a warning naming the file and line."""
@@ -57,7 +76,11 @@ def read_records(path: str | Path) -> list[dict]:
     records = []
     if not path.is_file():
         return records
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    with open(path, "rb") as f:
+        with contextlib.suppress(OSError):  # a file system without locks is read as it is
+            fcntl.flock(f, fcntl.LOCK_SH)  # waits out an append in progress: no half-written last line
+        text = f.read().decode()
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -120,6 +143,7 @@ def environment(device: str | None = None) -> dict:
     if device == "cuda" and torch.cuda.is_available():
         env["device_name"] = torch.cuda.get_device_name()
         env["cuda"] = torch.version.cuda
+        env["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")  # a parallel sweep's worker: its GPU
     try:
         import triton
 
