@@ -6,9 +6,13 @@
 A run that raises (bad data, NaN loss, out of memory) is recorded as `failed` with its reason, so a
 sweep goes on and no other run's record is lost; one cut short by Ctrl-C is recorded as `interrupted`
 and the KeyboardInterrupt goes on up (the command exits 130).
+Runs of a parallel sweep (other processes or nodes, one results dir) measure each eval key's baseline
+once: whoever needs it first measures it under that key's lock while the others wait.
 """
 
+import contextlib
 import copy
+import hashlib
 import json
 import time
 import traceback
@@ -17,7 +21,7 @@ import uuid
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from qbench import config as qconfig
-from qbench.records import append_record, environment, now, read_records, records_path
+from qbench.records import append_record, environment, locked, now, read_records, records_path
 
 _MODELS: dict = {}  # (model, device, dtype) -> LoadedModel, the unquantized model of this process
 _CACHE: dict = {}  # RunContext.cache shared by the runs of this process (calibration captures); follows _MODELS
@@ -82,6 +86,11 @@ def _base_record(cfg: DictConfig) -> dict:
         "started_at": now(),
         "config": qconfig.to_plain(cfg),
     }
+
+
+def baseline_lock(key: dict) -> str:
+    """The name of the lock that workers needing the baseline of eval key `key` take turns on."""
+    return "baseline-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def find_baseline(results_dir: str, key: dict) -> dict | None:
@@ -193,6 +202,7 @@ def run(cfg: DictConfig, sweep_id: str | None = None) -> dict:
     if done is not None:
         record["done_run_id"] = done["run_id"]  # the multirun's resume summary names these
         return _finish(cfg, record, "skipped", f"already recorded as run {done['run_id']} (resume=true)")
+    held = contextlib.ExitStack()  # the baseline lock, while this run holds it
     try:
         torch.manual_seed(int(cfg.seed))
         t0 = time.perf_counter()
@@ -202,11 +212,14 @@ def run(cfg: DictConfig, sweep_id: str | None = None) -> dict:
         key = eval_key(cfg, loaded.device, loaded.dtype)
         record["eval_key"] = key
         ctx = RunContext(loaded.tokenizer, loaded.device, loaded.dtype, cfg.data_dir, bool(cfg.quiet), cache=_CACHE)
+        held.enter_context(locked(cfg.results_dir, baseline_lock(key)))  # the records are read again under it
         baseline = find_baseline(cfg.results_dir, key)
         if cfg.method.name == "fp16" and baseline is not None:
             return _finish(cfg, record, "skipped", f"baseline already recorded as run {baseline['run_id']}")
-        if cfg.method.name != "fp16" and baseline is None:
-            _record_baseline(cfg, loaded, key, ctx, sweep_id)
+        if cfg.method.name != "fp16":
+            if baseline is None:
+                _record_baseline(cfg, loaded, key, ctx, sweep_id)
+            held.close()  # an fp16 run is the baseline: it keeps the lock until its record is written
         method = get_method(cfg.method.name)
         model = loaded.model if cfg.method.name == "fp16" else copy.deepcopy(loaded.model)
         t0 = time.perf_counter()
@@ -231,6 +244,8 @@ def run(cfg: DictConfig, sweep_id: str | None = None) -> dict:
     except KeyboardInterrupt:  # Ctrl-C: recorded, then qbench ends with exit code 130
         _finish(cfg, record, "interrupted", "KeyboardInterrupt: interrupted (Ctrl-C)")
         raise
+    finally:
+        held.close()
 
 
 def _record_baseline(cfg: DictConfig, loaded, key: dict, ctx, sweep_id) -> dict:
