@@ -2,6 +2,7 @@
 
     qbench gate --baseline sweeps/ci-baseline.json [--results results] [--max-ppl-increase 0.5%]
     qbench gate --baseline sweeps/ci-baseline.json --results results --update   # (re)write the baseline
+    qbench gate --baseline seeds-baseline.json --results results --spread 2      # within mean + 2 std of the seeds
 
 Configs are matched by their key: model, method, the method's parameters (gguf type, int8 threshold,
 ...), bits, group size, calibration set and the eval settings (the record's eval_key: device, dtype,
@@ -10,6 +11,12 @@ Every ppl_* metric of the baseline is compared: higher than the baseline by more
 is a regression; lower by more than it is an improvement (reported, so the baseline can be refreshed
 with --update). A baseline config with no ok record in the results (missing or failed), and any
 failed run, fail the gate. Exit 0: passed; 1: failed; 2: bad input (one line).
+Seeds: records of one config that differ only in calib.seed are one config measured n times. The
+baseline (--update) stores their mean, with each metric's sample standard deviation (`spread`), n
+and the seeds; the current value is likewise the mean of the config's records. `--spread K` widens a
+config's allowance to K standard deviations of its baseline seeds where that exceeds the tolerance
+(a single new seed may then land anywhere within mean + K std); configs without a spread keep the
+tolerance alone.
 Tolerance: "0.5%" is relative to the baseline's perplexity; a bare number ("0.05") is absolute. A
 baseline config may carry its own ("tolerance", with a "why"): for a measurement that moves between
 machines by more than the command's tolerance (e.g. LLM.int8() on 1024 tokens); --update keeps it.
@@ -17,9 +24,11 @@ machines by more than the command's tolerance (e.g. LLM.int8() on 1024 tokens); 
 
 import argparse
 import json
+import statistics
 from datetime import datetime, timezone
 from pathlib import Path
 
+from qbench.groups import calib_seed
 from qbench.records import forced_kernel, git_sha, method_defaults, method_params, read_records, variant_parts
 from qbench.report import latest_per_config
 
@@ -99,27 +108,48 @@ def load_baseline(path: str) -> dict:
     return data
 
 
-def compare(baseline: dict, records: list[dict], tol: float, relative: bool) -> dict:
+def by_config(records: list[dict]) -> dict[str, list[dict]]:
+    """The records of each config key: one, or one per calibration seed."""
+    current: dict[str, list[dict]] = {}
+    for rec in records:
+        current.setdefault(key_str(config_key(rec)), []).append(rec)
+    return current
+
+
+def mean_metric(recs: list[dict], metric: str):
+    """The mean of a metric over a config's records; None unless every record has it."""
+    values = [(r.get("metrics") or {}).get(metric) for r in recs]
+    if not values or not all(isinstance(v, (int, float)) for v in values):
+        return None
+    return sum(values) / len(values)
+
+
+def compare(baseline: dict, records: list[dict], tol: float, relative: bool, spread: float = 0.0) -> dict:
     """Rows of the comparison and the lists of regressions, missing configs, improvements, new configs."""
-    current = {key_str(config_key(r)): r for r in records}
+    current = by_config(records)
     rows, regressions, missing, improved = [], [], [], []
     for entry in baseline["configs"]:
         name = label(entry["key"])
-        rec = current.pop(key_str(entry["key"]), None)
+        recs = current.pop(key_str(entry["key"]), None)
         own = "tolerance" in entry  # the config's own tolerance (see the module docstring)
         entry_tol, entry_relative = parse_tolerance(entry["tolerance"]) if own else (tol, relative)
-        if rec is None or rec.get("status") != "ok":
-            why = "missing (no record)" if rec is None else f"failed: {rec.get('error')}"
+        bad = None if recs is None else next((r for r in recs if r.get("status") != "ok"), None)
+        if recs is None or bad is not None:
+            why = "missing (no record)" if recs is None else f"failed: {bad.get('error')}"
             missing.append(name)
             rows.append([name, "", "", "", "", why])
             continue
         for metric, base in sorted(entry["metrics"].items()):
-            value = (rec.get("metrics") or {}).get(metric)
-            if not isinstance(value, (int, float)):
+            value = mean_metric(recs, metric)
+            std = (entry.get("spread") or {}).get(metric)
+            shown_base = f"{base:.4f}" + (f" ± {std:.4f} (n={entry.get('n')})" if std is not None else "")
+            if value is None:
                 missing.append(f"{name} {metric}")
-                rows.append([name, metric, f"{base:.4f}", "", "", "missing metric"])
+                rows.append([name, metric, shown_base, "", "", "missing metric"])
                 continue
             limit = entry_tol * base if entry_relative else entry_tol
+            widened = spread and std is not None and spread * std > limit
+            limit = spread * std if widened else limit
             change = f"{(value - base) / base:+.3%}"
             if value > base + limit:
                 status = "REGRESSION"
@@ -131,16 +161,20 @@ def compare(baseline: dict, records: list[dict], tol: float, relative: bool) -> 
                 status = "ok"
             if own:
                 status += f" (its tolerance {entry['tolerance']})"
-            rows.append([name, metric, f"{base:.4f}", f"{value:.4f}", change, status])
+            if widened:
+                status += f" (within {spread:g} std = {limit:.4f})"
+            shown = f"{value:.4f}" + (f" (mean of {len(recs)})" if len(recs) > 1 else "")
+            rows.append([name, metric, shown_base, shown, change, status])
     new = []
-    for rec in current.values():
-        name = label(config_key(rec))
-        if rec.get("status") == "ok":
+    for recs in current.values():
+        name = label(config_key(recs[0]))
+        bad = next((r for r in recs if r.get("status") != "ok"), None)
+        if bad is None:
             new.append(name)
             rows.append([name, "", "", "", "", "new (not in the baseline)"])
         else:
             missing.append(name)
-            rows.append([name, "", "", "", "", f"failed: {rec.get('error')}"])
+            rows.append([name, "", "", "", "", f"failed: {bad.get('error')}"])
     return {"rows": rows, "regressions": regressions, "missing": missing, "improved": improved, "new": new}
 
 
@@ -159,8 +193,7 @@ def make_baseline(records: list[dict], results: str, previous: dict | None = Non
         raise GateError(f"no ok records in {results} to make a baseline from")
     if len(models) > 1:
         raise GateError(f"records of several models in {results} ({', '.join(models)}): pass --model")
-    configs = [{"key": config_key(r), "label": label(config_key(r)), "run_id": r.get("run_id"),
-                "metrics": {k: v for k, v in sorted(r["metrics"].items()) if k.startswith("ppl_")}} for r in ok]
+    configs = [baseline_entry(recs) for recs in by_config(ok).values()]
     kept = {key_str(c["key"]): c for c in (previous or {}).get("configs", []) if "tolerance" in c}
     for c in configs:
         c.update({k: v for k, v in kept.get(key_str(c["key"]), {}).items() if k in ("tolerance", "why")})
@@ -170,8 +203,24 @@ def make_baseline(records: list[dict], results: str, previous: dict | None = Non
             "git_sha": ", ".join(shas) or git_sha(), "configs": configs}
 
 
-def gate(baseline_path: str, results: str, tolerance: str = "0.5%", update: bool = False, model: str | None = None) -> int:
+def baseline_entry(recs: list[dict]) -> dict:
+    """A config's baseline entry: its ppl_* metrics; of several seeds the mean, with `spread` (each
+    metric's sample standard deviation), n, the seeds and their run ids."""
+    key = config_key(recs[0])
+    names = sorted(k for k in recs[-1]["metrics"] if k.startswith("ppl_") and mean_metric(recs, k) is not None)
+    entry = {"key": key, "label": label(key), "run_id": recs[-1].get("run_id"),
+             "metrics": {k: mean_metric(recs, k) for k in names}}
+    if len(recs) > 1:
+        entry.update(n=len(recs), seeds=[calib_seed(r) for r in recs], run_ids=[r.get("run_id") for r in recs],
+                     spread={k: statistics.stdev(r["metrics"][k] for r in recs) for k in names})
+    return entry
+
+
+def gate(baseline_path: str, results: str, tolerance: str = "0.5%", update: bool = False, model: str | None = None,
+         spread: float = 0.0) -> int:
     tol, relative = parse_tolerance(tolerance)
+    if spread < 0:
+        raise GateError(f"--spread must be >= 0 (standard deviations), got {spread:g}")
     if update:
         previous = load_baseline(baseline_path) if Path(baseline_path).is_file() else None
         data = make_baseline(current_records(results, model), results, previous)
@@ -185,9 +234,9 @@ def gate(baseline_path: str, results: str, tolerance: str = "0.5%", update: bool
     if baseline["model"] not in models:
         raise GateError(f"baseline {baseline_path} is for model {baseline['model']}; the records in {results} are for {', '.join(models)}")
     records = [r for r in records if r.get("model") == baseline["model"]]
-    result = compare(baseline, records, tol, relative)
+    result = compare(baseline, records, tol, relative, spread)
     print(render(result))
-    shown = f"{tolerance}" + ("" if relative else " ppl")
+    shown = f"{tolerance}" + ("" if relative else " ppl") + (f" or {spread:g} std of the baseline's seeds" if spread else "")
     if result["regressions"] or result["missing"]:
         print(f"qbench gate: FAILED (max ppl increase {shown}): {len(result['regressions'])} regression(s), "
               f"{len(result['missing'])} missing or failed: " + "; ".join(result["regressions"] + result["missing"]))
@@ -209,9 +258,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-ppl-increase", default="0.5%", help="0.5%% = relative; 0.05 = absolute (default 0.5%%)")
     parser.add_argument("--update", action="store_true", help="write the baseline from the results instead of gating")
     parser.add_argument("--model", default=None, help="only records of this model")
+    parser.add_argument("--spread", type=float, default=0.0, metavar="K",
+                        help="allow up to K standard deviations of a baseline config's seeds where that exceeds "
+                             "the tolerance (default 0: the tolerance alone)")
     args = parser.parse_args(argv)
     try:
-        return gate(args.baseline, args.results, args.max_ppl_increase, args.update, args.model)
+        return gate(args.baseline, args.results, args.max_ppl_increase, args.update, args.model, args.spread)
     except GateError as err:
         print(f"qbench gate: error: {err}")
         return 2

@@ -3,7 +3,9 @@ leaderboard.html (sortable table; perplexity vs bits per weight and vs decode la
 highlighted), rendered from the result records only.
 
 One section per eval setting (records compare only within one eval key), newest first; in each the
-baseline comes first and Δ columns are differences to it. The HTML needs no network: inline CSS,
+baseline comes first and Δ columns are differences to it. Records that differ only in their
+calibration seed are one row (qbench.groups): "26.817 ± 0.123 (n=5)" is the mean over the seeds, its
+sample standard deviation and n; Δ columns and plots use the mean. The HTML needs no network: inline CSS,
 inline SVG plots drawn here, and a few lines of JavaScript for sorting (click a header, or open the
 page with #sort=<column> / #sort=-<column>).
 """
@@ -15,6 +17,7 @@ import re
 from datetime import datetime, timezone
 from pathlib import Path
 
+from qbench.groups import members, merged, seed_groups, seeds_label, with_legacy_params
 from qbench.records import method_variant
 from qbench.report import latest_per_config
 
@@ -80,17 +83,20 @@ def run_label(rec: dict) -> str:
     if rec.get("method") == "fp16":
         return "fp16 (baseline)"
     parts = [rec["method"]] + ([f"w{rec['bits']}"] if rec.get("bits") is not None else [])
-    parts += method_variant(rec)
+    parts += method_variant(with_legacy_params(rec))
     if rec.get("group_size") is not None:
         parts.append(f"g{rec['group_size']}")
     if rec.get("calib"):
         parts.append(rec["calib"])
+    if rec.get("seeds"):
+        parts.append(seeds_label(rec))
     return " ".join(parts)
 
 
 def sections(records: list[dict], model: str) -> list[dict]:
     """Per eval key: {key, rows (baseline first), baseline, cols}, newest eval key first."""
     recs = [r for r in latest_per_config(records) if r.get("model") == model and r.get("eval_key")]
+    recs = [merged(g) for g in seed_groups(recs)]  # one row per seed group
     groups: dict[str, list] = {}
     for rec in recs:
         groups.setdefault(_key_str(rec), []).append(rec)
@@ -122,13 +128,32 @@ def _delta(rec: dict, base: dict | None, key: str):
 
 def _with_stderr(text: str, values: dict, key: str, fmt: str) -> str:
     """'0.6234 ± 0.0113' for a zero-shot metric whose record carries lm-eval's stderr (acc_stderr_piqa)."""
+    stderr = _stderr(values, key)
+    if stderr is None or text == "–":
+        return text
+    return f"{text} ± {_fmt(stderr, fmt)}"
+
+
+def _stderr(values: dict, key: str):
+    """lm-eval's stderr of a zero-shot metric (acc_piqa -> acc_stderr_piqa), None for other metrics."""
     metric, _, task = key.partition("_")
     if metric == "acc" and task.startswith("norm_"):
         metric, task = "acc_norm", task[len("norm_"):]
     stderr = values.get(f"{metric}_stderr_{task}")
-    if metric not in TASK_METRICS or not isinstance(stderr, (int, float)) or text == "–":
-        return text
-    return f"{text} ± {_fmt(stderr, fmt)}"
+    return stderr if metric in TASK_METRICS and isinstance(stderr, (int, float)) else None
+
+
+def _cell(rec: dict, values: dict, key: str, fmt: str) -> str:
+    """A metric's cell: the value; for a seed group '± std (n=5)', with a zero-shot metric's lm-eval
+    stderr inside the brackets (the single-record cell's '± stderr' would read as the seeds' spread)."""
+    text = _fmt(values.get(key), fmt)
+    spread = (rec.get("seed_spread") or {}).get(key)
+    if spread is None or text == "–":
+        return _with_stderr(text, values, key, fmt)
+    std = "" if spread["std"] is None else f" ± {_fmt(spread['std'], fmt)}"
+    stderr = _stderr(values, key)
+    tail = "" if stderr is None else f"; lm-eval stderr {_fmt(stderr, fmt)}"
+    return f"{text}{std} (n={spread['n']}{tail})"
 
 
 def table_rows(section: dict) -> tuple[list[str], list[list[tuple]]]:
@@ -143,7 +168,7 @@ def table_rows(section: dict) -> tuple[list[str], list[list[tuple]]]:
         values = _values(rec)
         cells = [(run_label(rec), run_label(rec)), (rec.get("status"), rec.get("status"))]
         for key, title, fmt, delta in section["cols"]:
-            cells.append((_with_stderr(_fmt(values.get(key), fmt), values, key, fmt), values.get(key)))
+            cells.append((_cell(rec, values, key, fmt), values.get(key)))
             if delta:
                 d = _delta(rec, section["baseline"], key)
                 cells.append(("" if d is None else _fmt(d, "{:+" + fmt[2:]), d))
@@ -153,7 +178,7 @@ def table_rows(section: dict) -> tuple[list[str], list[list[tuple]]]:
 
 def _envs(section: dict) -> dict:
     env = {}
-    for rec in section["rows"]:
+    for rec in members(section["rows"]):
         for k, v in (rec.get("env") or {}).items():
             env.setdefault(k, set()).add(str(v))
     return {k: ", ".join(sorted(v)) for k, v in env.items()}
@@ -182,8 +207,12 @@ def settings_lines(section: dict) -> list[str]:
         lines.append(f"cost: hardware={', '.join(hardware)} at ${', '.join(map(str, prices))}/GPU-hour, an illustrative "
                      "on-demand price from conf/hardware (edit it to yours); fits GPU = smallest listed GPU holding "
                      "weights + KV cache")
-    dates = sorted(str(r.get("finished_at") or r.get("started_at"))[:10] for r in section["rows"])
-    lines.append(f"records: {len(section['rows'])}, run {dates[0]} .. {dates[-1]}")
+    if any(r.get("seeds") for r in section["rows"]):
+        lines.append("seeds a-b: one config run with each calibration seed (calib.seed); a ± s (n=k) is the mean over "
+                     "its k seeds and their sample standard deviation (a zero-shot cell's lm-eval stderr: the seeds' mean)")
+    recs = members(section["rows"])
+    dates = sorted(str(r.get("finished_at") or r.get("started_at"))[:10] for r in recs)
+    lines.append(f"records: {len(recs)}, run {dates[0]} .. {dates[-1]}")
     return lines
 
 

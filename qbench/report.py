@@ -1,11 +1,15 @@
-"""Comparison tables from result records: one row per config, baseline first, deltas vs baseline."""
+"""Comparison tables from result records: one row per config, baseline first, deltas vs baseline.
+
+Records that differ only in their calibration seed are one row (qbench.groups): each perplexity is
+their mean, with its standard deviation over the seeds (±ppl_*) and n."""
 
 import json
 from pathlib import Path
 
 import pandas as pd
 
-from qbench.records import forced_kernel, method_variant, read_records
+from qbench.groups import calib_seed, config_identity, merged, seed_groups, seeds_label, with_legacy_params
+from qbench.records import method_variant, read_records
 
 CONFIG_COLUMNS = ["model", "method", "bits", "group_size", "calib"]
 PUBLISHED = "reports"  # the committed leaderboards: written only by `qbench report --publish`
@@ -16,30 +20,33 @@ def _eval_key_str(rec: dict) -> str:
 
 
 def latest_per_config(records: list[dict]) -> list[dict]:
-    """The last ok/failed record of each (config, eval settings); skipped records are not rows."""
+    """The last ok/failed record of each (config, eval settings, calibration seed); skipped records are
+    not rows. Records of several seeds of one config stay apart here: qbench.groups merges them."""
     latest = {}
     for rec in records:
         if rec.get("status") == "skipped":
             continue
-        key = (_eval_key_str(rec), *(str(rec.get(c)) for c in CONFIG_COLUMNS),
-               json.dumps(rec.get("config", {}).get("method"), sort_keys=True), forced_kernel(rec))
-        latest[key] = rec
+        latest[(*config_identity(rec), calib_seed(rec))] = rec
     return list(latest.values())
 
 
 def comparison_frame(records: list[dict], model: str | None = None) -> pd.DataFrame:
     rows = []
-    recs = [r for r in latest_per_config(records) if model is None or r.get("model") == model]
+    recs = [merged(g) for g in seed_groups([r for r in latest_per_config(records) if model is None or r.get("model") == model])]
     baselines = {_eval_key_str(r): r for r in recs if r.get("method") == "fp16" and r.get("status") == "ok"}
     for rec in recs:
         row = {c: "" if rec.get(c) is None else str(rec.get(c)) for c in CONFIG_COLUMNS}
-        row["variant"] = " ".join(method_variant(rec))  # gguf Q4_K_M, int8 threshold=2.0, ...
+        seeds = [seeds_label(rec)] if rec.get("seeds") else []
+        row["variant"] = " ".join(method_variant(with_legacy_params(rec)) + seeds)  # gguf Q4_K_M, threshold=2.0, seeds 0-4
         row["status"] = rec.get("status")
         base = baselines.get(_eval_key_str(rec))
         for name, value in sorted(rec.get("metrics", {}).items()):
             if not name.startswith("ppl_"):
                 continue
             row[name] = value
+            spread = (rec.get("seed_spread") or {}).get(name)
+            if spread:  # a seed group: std over its seeds, and how many
+                row[f"±{name}"], row["n"] = spread["std"], spread["n"]
             if base and name in base.get("metrics", {}):
                 row[f"Δ{name}"] = value - base["metrics"][name]
                 row[f"Δ%{name}"] = _percent(value, base["metrics"][name])
@@ -54,10 +61,19 @@ def comparison_frame(records: list[dict], model: str | None = None) -> pd.DataFr
     if not rows:
         return pd.DataFrame()
     frame = pd.DataFrame(rows).sort_values(["windows", "seqlen", "_baseline"], kind="stable", key=lambda s: s.astype(str))
-    frame = frame.drop(columns="_baseline")
+    frame = frame[_spread_beside_mean(list(frame.columns))].drop(columns="_baseline")
     if (frame["error"] == "").all():
         frame = frame.drop(columns="error")
     return frame.reset_index(drop=True)
+
+
+def _spread_beside_mean(cols: list[str]) -> list[str]:
+    """Column order with n after status and each ±<metric> (seed groups' std) right after its metric:
+    the rows that have them need not come first."""
+    out = []
+    for col in [c for c in cols if c != "n" and not c.startswith("±")]:
+        out += [col] + [c for c in (f"±{col}",) if c in cols] + (["n"] if col == "status" and "n" in cols else [])
+    return out
 
 
 def _percent(value, base):
