@@ -2,6 +2,7 @@
 leaderboard and the gate show mean ± std and n. Synthetic records only."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -158,3 +159,19 @@ def test_gate_cli_takes_spread(tmp_path):
     run = lambda *a: subprocess.run([sys.executable, "-m", "qbench.cli", "gate", "--baseline", str(baseline),  # noqa: E731
                                      "--results", results, *a], capture_output=True, text=True, timeout=120)
     assert run().returncode == 1 and run("--spread", "2").returncode == 0
+
+
+def test_seeds_sweep_plans_five_seeds_of_gptq_and_awq():
+    """sweeps/seeds.yaml: one multirun, GPTQ/AWQ x bits 3, 4 x calib.seed 0-4, perplexity and KLD only;
+    valid (checked here on the CPU in place of its GPU)."""
+    import yaml
+
+    from qbench.cli import prevalidate
+    from qbench.sweep import plan
+
+    spec = yaml.safe_load((Path(__file__).parents[1] / "sweeps" / "seeds.yaml").read_text())
+    (command,), notes = plan(spec, [])
+    assert not notes and command[:3] == ["-m", "method=gptq,awq", "bits=3,4"]
+    assert "calib.seed=0,1,2,3,4" in command and "eval.kld=true" in command
+    assert not any(a.startswith(("eval.tasks", "eval.speed")) for a in command)
+    prevalidate([a if a != "device=cuda" else "device=cpu" for a in command])
