@@ -28,7 +28,7 @@ import statistics
 from datetime import datetime, timezone
 from pathlib import Path
 
-from qbench.groups import calib_seed
+from qbench.groups import calib_seed, config_identity
 from qbench.records import forced_kernel, git_sha, method_defaults, method_params, read_records, variant_parts
 from qbench.report import latest_per_config
 
@@ -109,11 +109,13 @@ def load_baseline(path: str) -> dict:
 
 
 def by_config(records: list[dict]) -> dict[str, list[dict]]:
-    """The records of each config key: one, or one per calibration seed."""
-    current: dict[str, list[dict]] = {}
+    """The records of each config key: one, or one per calibration seed. Records of one key that differ
+    in more than the seed (calib.nsamples, which the key does not hold) are not seeds of one config:
+    the last of those configs counts, as the last record did."""
+    same: dict[tuple, list[dict]] = {}
     for rec in records:
-        current.setdefault(key_str(config_key(rec)), []).append(rec)
-    return current
+        same.setdefault(config_identity(rec), []).append(rec)
+    return {key_str(config_key(recs[0])): recs for recs in same.values()}
 
 
 def mean_metric(recs: list[dict], metric: str):

@@ -149,6 +149,15 @@ def test_gate_a_failed_seed_fails_the_config(tmp_path, capsys):
     assert "failed: ValueError: x" in capsys.readouterr().out
 
 
+def test_gate_does_not_average_other_calibration_settings(tmp_path, capsys):
+    """calib.nsamples is not in the gate's key: records of two sizes are two configs, the later counts."""
+    baseline = tmp_path / "baseline.json"
+    gate.gate(str(baseline), _write(tmp_path / "base", RECORDS), update=True)
+    results = _write(tmp_path / "r", [rec("fp16", 21.6), rec("awq", 60.0)] + gptq_seeds() + [rec("gptq", 72.1, seed=0, nsamples=8)])
+    assert gate.gate(str(baseline), results, "0.5%") == 0
+    assert "| 72.1000   | +0.139%" in capsys.readouterr().out  # not the mean of six
+
+
 def test_gate_cli_takes_spread(tmp_path):
     import subprocess
     import sys
