@@ -9,10 +9,29 @@
 Importing this package imports triton; on a CPU, run under TRITON_INTERPRET=1.
 """
 
-from qbench.kernels.gguf import gguf_matmul
-from qbench.kernels.nf4 import nf4_matmul
-from qbench.kernels.w8a8 import fp8_matmul, int8_matmul, llm_int8_decode, quantize_rows
-from qbench.kernels.wint import is_default_g_idx, wint_matmul
+import sys
+
+if __name__ == "kernels":
+    # Imported as a top-level `kernels` because the repo root is on sys.path (`python -m ...` run there):
+    # that name belongs to Hugging Face's kernels package, which transformers (>= 5.2x) imports. Hand the
+    # name over to it; qbench's kernels are `qbench.kernels` and are not affected.
+    import importlib.machinery
+    import importlib.util
+    from pathlib import Path
+
+    _root = Path(__file__).resolve().parent.parent
+    _path = [p for p in sys.path if Path(p or ".").resolve() != _root]
+    _spec = importlib.machinery.PathFinder.find_spec("kernels", _path)
+    if _spec is None:
+        raise ImportError("no module named 'kernels' outside the qbench checkout (qbench's own are qbench.kernels)")
+    _module = importlib.util.module_from_spec(_spec)
+    sys.modules["kernels"] = _module  # the import statement returns what sys.modules holds at the end
+    _spec.loader.exec_module(_module)
+else:
+    from qbench.kernels.gguf import gguf_matmul
+    from qbench.kernels.nf4 import nf4_matmul
+    from qbench.kernels.w8a8 import fp8_matmul, int8_matmul, llm_int8_decode, quantize_rows
+    from qbench.kernels.wint import is_default_g_idx, wint_matmul
 
 __all__ = ["wint_matmul", "is_default_g_idx", "nf4_matmul", "gguf_matmul", "int8_matmul", "fp8_matmul",
            "llm_int8_decode", "quantize_rows"]
