@@ -57,7 +57,13 @@ def _save(device_name: str) -> None:
     mine = {k[len(prefix):]: v for k, v in _CHOSEN.items() if k.startswith(prefix)}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(mine, indent=1, sort_keys=True))
+        # Workers of a parallel sweep tune on the same machine at once: keep what the others wrote (one
+        # picked at the same moment may still be lost: it is only tuned again), and replace the file
+        # atomically, so no worker ever reads half of it.
+        on_disk = json.loads(path.read_text()) if path.is_file() else {}
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps({**on_disk, **mine}, indent=1, sort_keys=True))
+        os.replace(tmp, path)
     except OSError:
         pass  # a read-only home only costs re-tuning
 

@@ -55,8 +55,12 @@ def prevalidate(argv: list[str]) -> None:
     from omegaconf.errors import OmegaConfBaseException
 
     from qbench.config import validate
+    from qbench.launch import missing_plugin
     from qbench.paths import conf_dir, group_options
 
+    missing = missing_plugin(argv)
+    if missing:
+        raise ConfigError(missing)
     try:
         jobs = _sweep_overrides(argv)
     except HydraException as err:
@@ -77,6 +81,7 @@ def prevalidate(argv: list[str]) -> None:
 def _hydra_main() -> int:
     import hydra
 
+    from qbench import launch
     from qbench.paths import conf_dir
 
     @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
@@ -85,30 +90,37 @@ def _hydra_main() -> int:
         from hydra.types import RunMode
 
         from qbench.app import run_and_report
+        from qbench.launch import pin_job, sweep_id_of
 
         hc = HydraConfig.get()
-        sweep_id = hc.sweep.dir.rstrip("/").split("/")[-1] if hc.mode == RunMode.MULTIRUN else None
-        records.append(run_and_report(cfg, sweep_id))
-        last[:] = [cfg, sweep_id]
+        pin_job(hc)  # a joblib worker takes its GPU before anything touches CUDA
+        multirun = hc.mode == RunMode.MULTIRUN
+        record = run_and_report(cfg, sweep_id_of(hc.sweep.dir) if multirun else None)
+        if not multirun:
+            last[:] = [cfg, record]
 
-    last: list = []
-    records: list[dict] = []
+    last: list = []  # a single run's config and record
+    launch.ENDED.clear()
     app()
-    if len(last) == 2 and last[1]:  # a multirun ended: its leaderboard as a W&B table + HTML artifact
+    if launch.ENDED:  # a multirun: its jobs may have run in other processes, so its records are read back
         from qbench.app import resume_summary
         from qbench.wandb_log import log_sweep
 
+        cfg, sweep_id, records = launch.ENDED[-1]
         summary = resume_summary(records)
         if summary:
             print(summary)
-        try:
-            log_sweep(*last)
+        try:  # its leaderboard as a W&B table + HTML artifact
+            log_sweep(cfg, sweep_id)
         except Exception as err:  # the records are written; a logging failure is a note, not a crash
             print(f"qbench: W&B sweep report not logged: {type(err).__name__}: {err}", file=sys.stderr)
-    if last:
-        from qbench.app import next_steps
+    elif last:
+        cfg, records = last[0], [last[1]]
+    else:
+        return EXIT_OK  # nothing ran (--cfg, --info)
+    from qbench.app import next_steps
 
-        print(next_steps(last[0]))
+    print(next_steps(cfg))
     return exit_code(records)
 
 

@@ -121,8 +121,12 @@ def cached_reference(key: dict, windows: torch.Tensor, base_model, progress=None
     for i in progress(rows, "kld baseline", total=len(windows)) if progress else rows:
         torch.save(reference(model, windows[i], key["topk"]), tmp / f"window{i:05d}.pt")
     (tmp / "key.json").write_text(json.dumps(key, sort_keys=True))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)  # atomic: a half-written cache is never read
+    if not (meta.is_file() and json.loads(meta.read_text()) == key):
+        shutil.rmtree(folder, ignore_errors=True)  # a stale copy; one another worker just wrote may be in use
+    try:
+        os.replace(tmp, folder)  # atomic: a half-written cache is never read
+    except OSError:  # another worker of a parallel sweep wrote the same reference first
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
