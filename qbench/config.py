@@ -63,6 +63,7 @@ def validate(cfg: DictConfig) -> None:
         _integer("calib.nsamples", cfg.calib.nsamples, 1)
         _integer("calib.seqlen", cfg.calib.seqlen, 1, nullable=True)
     _validate_device(cfg.device)
+    _validate_fit(cfg)
     _validate_data(cfg)  # last: the task checks above have their own, more precise messages
 
 
@@ -87,6 +88,14 @@ def _validate_device(device: str) -> None:
         from qbench.models import resolve_device
 
         resolve_device(device)
+
+
+def _validate_fit(cfg: DictConfig) -> None:
+    """A model too large for the device fails here, before it is built or loaded (shape models and local
+    checkpoints: their parameter count is known from their config; torch is imported only for them)."""
+    from qbench.models import check_fit
+
+    check_fit(str(cfg.model), cfg.device, cfg.dtype)
 
 
 def _validate_data(cfg: DictConfig) -> None:

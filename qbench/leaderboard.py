@@ -2,6 +2,10 @@
 leaderboard.html (sortable table; perplexity vs bits per weight and vs decode latency, Pareto front
 highlighted), rendered from the result records only.
 
+A section of a shape model (synthetic weights, qbench/shapes.py) ranks nothing on accuracy: its
+perplexity, KLD and zero-shot columns are titled "(sanity)", carry no Δ, cannot be sorted, and its
+plot is decode latency vs bits per weight instead of perplexity.
+
 One section per eval setting (records compare only within one eval key), newest first; in each the
 baseline comes first and Δ columns are differences to it. Records that differ only in their
 calibration seed are one row (qbench.groups): "26.817 ± 0.123 (n=5)" is the mean over the seeds, its
@@ -34,12 +38,17 @@ SPEED = [("prefill_ms", "prefill ms", "{:.1f}", False), ("decode_ms_per_token", 
          ("tok_s_b1", "tok/s b1", "{:.0f}", False), ("tok_s_b8", "tok/s b8", "{:.0f}", False),
          ("tok_s_b32", "tok/s b32", "{:.0f}", False), ("vram_peak_run_gib", "VRAM GiB", "{:.2f}", False),
          ("usd_per_mtok_b1", "$/1M tok b1", "{:.3f}", False), ("usd_per_mtok_b32", "$/1M tok b32", "{:.4f}", False),
-         ("fits_gpu", "fits GPU", "{}", False), ("quantize_s", "quantize s", "{:.1f}", False)]
+         ("fits_gpu", "fits GPU", "{}", False), ("quantize_s", "quantize s", "{:.1f}", False),
+         ("vram_quantize_peak_gib", "quantize VRAM GiB", "{:.2f}", False)]
 TASK_METRICS = ("acc", "acc_norm", "perplexity")
+SANITY = " (sanity)"  # title suffix of an accuracy column of synthetic weights
 GPU_ONLY = ("fits_gpu",)  # columns of GPU sections only: a CPU run's float32 size says nothing of a GPU
 
 
 def model_slug(model: str) -> str:
+    """The model's folder name: shape:llama-3-8b -> llama-3-8b-shape, org/name -> org__name."""
+    if model.startswith("shape:"):
+        model = model[len("shape:"):] + "-shape"
     return re.sub(r"[^A-Za-z0-9._-]+", "__", model.strip("/")) or "model"
 
 
@@ -63,7 +72,8 @@ def columns(records: list[dict]) -> list[tuple]:
     """The columns of one section: config, then every metric some record has."""
     key = records[0].get("eval_key") or {}
     have = set().union(*(_values(r) for r in records))
-    cols = [c for c in FIXED if c[0] in have]
+    fixed = [c for c in FIXED if c[0] in have]
+    cols = list(fixed)
     for name in key.get("ppl_datasets", []):
         cols += [(k.format(name), t.format(name), f, d) for k, t, f, d in PER_DATASET if k.format(name) in have]
     cols += [c for c in KLD if c[0] in have]
@@ -74,6 +84,8 @@ def columns(records: list[dict]) -> list[tuple]:
                 cols.append((f"{metric}_{task}", f"{metric} {task}", fmt, True))
     if "avg_acc" in have:
         cols.append(("avg_acc", f"avg acc ({len(key['tasks'])} tasks)", "{:.4f}", True))
+    if key.get("synthetic_weights"):  # random weights: accuracy columns say the model runs, and rank nothing
+        cols = cols[:len(fixed)] + [(k, t + SANITY, f, False) for k, t, f, _ in cols[len(fixed):]]
     return cols + [c for c in SPEED if c[0] in have and any(_values(r).get(c[0]) is not None for r in records)
                    and (c[0] not in GPU_ONLY or key.get("device") == "cuda")]
 
@@ -193,6 +205,11 @@ def settings_lines(section: dict) -> list[str]:
              f"transformers {env.get('transformers', '?')}" + (f", triton {env['triton']}" if "triton" in env else ""),
              f"perplexity: {', '.join(key.get('ppl_datasets', []))}, seqlen {key.get('ppl_seqlen')}, windows {windows}; "
              f"data {json.dumps(key.get('data'))}"]
+    synthetic = key.get("synthetic_weights")
+    if synthetic:
+        lines.append(f"synthetic weights: the {synthetic['shape']} architecture with seeded random weights (seed "
+                     f"{synthetic['seed']}): quantize time, memory, speed and cost are the real shape's; perplexity "
+                     "and the other (sanity) columns only say that the model runs, rank nothing, and are not accuracy")
     if key.get("tasks"):
         lines.append(f"zero-shot (lm-eval): {', '.join(key['tasks'])}, limit {key.get('tasks_limit') or 'none'}; "
                      f"data {json.dumps(key.get('tasks_data'))}")
@@ -339,9 +356,11 @@ def place_labels(pixels: list[tuple], frame: tuple, first: list[int] = ()) -> li
 def section_plots(section: dict) -> list[str]:
     key = section["key"]
     ppl = next((f"ppl_{d}" for d in key.get("ppl_datasets", [])), None)
+    ok = [r for r in section["rows"] if r.get("status") == "ok"]
+    if key.get("synthetic_weights"):
+        return synthetic_plots(ok)
     if ppl is None:
         return []
-    ok = [r for r in section["rows"] if r.get("status") == "ok"]
     plots = []
     for xkey, xlabel in (("bits_per_weight", "bits per weight (scales and zeros included)"),
                          ("decode_ms_per_token", "decode latency, ms per token (batch 1)")):
@@ -349,6 +368,18 @@ def section_plots(section: dict) -> list[str]:
         if any(isinstance(x, (int, float)) for x, _, _ in points):
             plots.append(svg_plot(points, xlabel, ppl, f"{ppl} vs {xkey} (Pareto front highlighted)"))
     return plots
+
+
+def synthetic_plots(ok: list[dict]) -> list[str]:
+    """Synthetic weights: decode latency (the CUDA-graph figure where measured) vs bits per weight, the
+    speed/size front; their perplexity is no axis to rank on."""
+    ykey = "decode_ms_per_token_graph" if any(_values(r).get("decode_ms_per_token_graph") for r in ok) \
+        else "decode_ms_per_token"
+    points = [(_values(r).get("bits_per_weight"), _values(r).get(ykey), run_label(r)) for r in ok]
+    if not any(isinstance(y, (int, float)) for _, y, _ in points):
+        return []
+    return [svg_plot(points, "bits per weight (scales and zeros included)", ykey,
+                     f"{ykey} vs bits_per_weight (Pareto front highlighted)")]
 
 
 STYLE = """
@@ -385,11 +416,12 @@ function sortTable(table, col, desc) {
 }
 document.querySelectorAll('table.lb').forEach(function (table) {
   Array.prototype.forEach.call(table.tHead.rows[0].cells, function (th, i) {
+    if (th.classList.contains('sanity')) return;  // synthetic weights: no ranking on accuracy
     th.addEventListener('click', function () { sortTable(table, i, th.classList.contains('asc')); });
   });
   var m = /#sort=(-?)(.+)$/.exec(decodeURIComponent(location.hash));
   if (m) Array.prototype.forEach.call(table.tHead.rows[0].cells, function (th, i) {
-    if (th.getAttribute('data-key') === m[2]) sortTable(table, i, m[1] === '-');
+    if (th.getAttribute('data-key') === m[2] && !th.classList.contains('sanity')) sortTable(table, i, m[1] === '-');
   });
 });
 document.body.setAttribute('data-ready', '1');
@@ -412,7 +444,8 @@ def render_html(model: str, secs: list[dict], generated: str) -> str:
         for key, _, _, delta in section["cols"]:
             keys += [key, f"d_{key}"] if delta else [key]
         out.append("<table class='lb'><thead><tr>" +
-                   "".join(f"<th data-key='{e(k)}'>{e(h)}</th>" for k, h in zip(keys, header)) + "</tr></thead><tbody>")
+                   "".join(f"<th data-key='{e(k)}'{sanity_class(h)}>{e(h)}</th>" for k, h in zip(keys, header)) +
+                   "</tr></thead><tbody>")
         for rec, cells in zip(section["rows"], rows):
             cls = "baseline" if rec is section["baseline"] else ("failed" if rec.get("status") != "ok" else "")
             tds = "".join(f"<td data-v='{e('' if v is None else str(v))}'>{e(str(t))}</td>" for t, v in cells)
@@ -427,6 +460,10 @@ def render_html(model: str, secs: list[dict], generated: str) -> str:
             out.append("<div class='plots'>" + "".join(plots) + "</div>")
     out.append(f"<script>{SCRIPT}</script></body></html>")
     return "\n".join(out)
+
+
+def sanity_class(title: str) -> str:
+    return " class='sanity' title='synthetic weights: a sanity value, not sortable'" if title.endswith(SANITY) else ""
 
 
 def write_leaderboards(records: list[dict], out_dir: str | Path = "reports", model: str | None = None) -> list[Path]:

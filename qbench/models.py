@@ -1,8 +1,14 @@
 """Model names -> sources -> loaded (model, tokenizer).
 
-`model=` takes a registered name, a Hugging Face id, a local directory or a .gguf file. GGUF files
-are dequantized by transformers on load (slow on CPU), so the converted model is cached once under
-the qbench cache dir and reloaded from there.
+`model=` takes a registered name, a Hugging Face id, a local directory, a .gguf file or a shape model
+(`shape:<name>`, an architecture of conf/shapes with seeded random weights, qbench/shapes.py). GGUF
+files are dequantized by transformers on load (slow on CPU), so the converted model is cached once
+under the qbench cache dir and reloaded from there. Local directories and hub ids are loaded straight
+onto the run's device (device_map), never first as a host copy.
+
+Before anything loads, `check_fit` compares the memory a model needs with the device's (shape models
+and local directories, whose parameter count is known from their config): weights in the run's dtype
+plus FIT_MARGIN, against the GPU's total memory or the host's available memory.
 """
 
 import functools
@@ -33,12 +39,13 @@ def _smollm2_path() -> Path:
 
 
 REGISTERED = {"smollm2-135m": _smollm2_path}
+DEFAULT_MODEL = "smollm2-135m"  # its tokenizer is also the shape models' tokenizer
 
 
 @dataclass
 class ModelSource:
     name: str  # as the user gave it
-    kind: str  # gguf | dir | hub
+    kind: str  # gguf | dir | hub | shape
     path: str  # file, directory or hub id
 
 
@@ -48,6 +55,10 @@ def check_model_name(name: str) -> None:
 
 
 def resolve_source(name: str) -> ModelSource:
+    from qbench import shapes
+
+    if name.startswith(shapes.PREFIX):
+        return ModelSource(name, "shape", str(shapes.shape_file(name)))
     if name in REGISTERED:
         return ModelSource(name, "gguf", str(REGISTERED[name]()))
     path = Path(name).expanduser()
@@ -64,8 +75,15 @@ def resolve_source(name: str) -> ModelSource:
     registered = ", ".join(REGISTERED)
     raise ConfigError(
         f"unknown model {name!r}; give a registered name ({registered}), a Hugging Face id (org/name), "
-        "a local model directory or a .gguf file"
+        "a local model directory, a .gguf file or a shape model (shape:<name>, conf/shapes)"
     )
+
+
+def is_synthetic(name: str) -> bool:
+    """A shape model: seeded random weights, so its perplexity is a sanity value, never accuracy."""
+    from qbench import shapes
+
+    return name.startswith(shapes.PREFIX)
 
 
 def resolve_device(device: str) -> str:
@@ -140,16 +158,99 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", trust_remot
     source = resolve_source(name)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    if source.kind == "shape":
+        from qbench.shapes import build
+
+        return LoadedModel(build(source.path, device, torch_dtype), default_tokenizer(), source, device, torch_dtype)
     path = _load_gguf(source.path, trust_remote_code) if source.kind == "gguf" else source.path
     quantized = _quantized_checkpoint_loader(path)
+    # a checkpoint of its own (not the converted GGUF file) may be large: load it onto the device directly
+    placement = {"device_map": device} if source.kind in ("dir", "hub") else {}
     if quantized is not None:
         model = quantized(path, torch_dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                                                     **placement)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     model.to(device).eval()
     model.requires_grad_(False)
     return LoadedModel(model, tokenizer, source, device, torch_dtype)
+
+
+def default_tokenizer():
+    """The default model's tokenizer (from its converted copy, made once and cached)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(_load_gguf(resolve_source(DEFAULT_MODEL).path, False))
+
+
+# ---- will it fit? (before anything loads) ------------------------------------------------------------
+
+GIB = 2.0**30
+# Room beyond the weights: activations, calibration batches, the KV cache, a quantizer's per-layer
+# temporaries. A lower bound (GPTQ on an 8B model peaks several GiB above its weights), so a model that
+# passes may still run out of memory; it is then recorded as failed.
+FIT_MARGIN = {"fraction": 0.10, "gib": 1.0}
+
+
+def parameter_count(source: ModelSource) -> int | None:
+    """Parameters of a shape model or a local (unquantized) checkpoint; None where unknown before load."""
+    from qbench import shapes
+
+    if source.kind == "shape":
+        return shapes.shape_parameters(source.path)
+    if source.kind != "dir":
+        return None  # hub ids are not fetched to be measured; GGUF files are the small default model
+    fields = json.loads((Path(source.path) / "config.json").read_text())
+    if fields.get("quantization_config") or "model_type" not in fields:
+        return None
+    from transformers import CONFIG_MAPPING
+
+    if fields["model_type"] not in CONFIG_MAPPING:  # remote code: its architecture is not known here
+        return None
+    return shapes.count_parameters(json.dumps(fields, sort_keys=True))
+
+
+def device_memory(device: str) -> tuple[int, str]:
+    """(bytes, a phrase naming them with {} for the GiB): the GPU's total memory, or the host's available now."""
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.get_device_properties(0).total_memory, "the GPU has {} GiB"
+    return _host_available(), "the host has {} GiB available (device=cpu)"
+
+
+def _host_available() -> int:
+    """MemAvailable of /proc/meminfo, capped by a cgroup v2 memory limit (containers)."""
+    meminfo = Path("/proc/meminfo")
+    if meminfo.is_file():
+        fields = dict(line.split(":", 1) for line in meminfo.read_text().splitlines() if ":" in line)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    else:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    limit, used = Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory.current")
+    if limit.is_file() and used.is_file() and limit.read_text().strip() != "max":
+        available = min(available, int(limit.read_text()) - int(used.read_text()))
+    return available
+
+
+def check_fit(name: str, device: str = "auto", dtype: str = "auto") -> None:
+    """One line (ConfigError) when the model's weights plus FIT_MARGIN exceed the device's memory."""
+    params = parameter_count(resolve_source(name))
+    if params is None:
+        return
+    import torch
+
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    weights = params * torch.empty((), dtype=torch_dtype).element_size()
+    need = weights * (1 + FIT_MARGIN["fraction"]) + FIT_MARGIN["gib"] * GIB
+    have, phrase = device_memory(device)
+    if need > have:
+        dtype_name = str(torch_dtype).replace("torch.", "")
+        margin = f"{FIT_MARGIN['fraction']:.0%} + {FIT_MARGIN['gib']:g} GiB"
+        raise ConfigError(f"{name} needs ~{need / GIB:.0f} GiB in {dtype_name} ({params / 1e9:.2f}B parameters, "
+                          f"{weights / GIB:.1f} GiB of weights + {margin}), " + phrase.format(f"{have / GIB:.0f}"))
 
 
 # quant_method in a checkpoint's quantization_config -> "module:function" that loads it into qbench's

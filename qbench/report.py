@@ -90,7 +90,12 @@ def comparison_table(records: list[dict], model: str | None = None) -> str:
     for col in [c for c in frame.columns if c.startswith("Δ%")]:
         frame[col] = [("" if pd.isna(v) else f"{v:+.2f}%") for v in frame[col]]
     frame = frame.astype(object).where(frame.notna(), None)  # missing cells print empty, not nan
-    return frame.to_markdown(index=False, floatfmt=".4f", missingval="")
+    table = frame.to_markdown(index=False, floatfmt=".4f", missingval="")
+    synthetic = sorted({str(r["model"]) for r in records if r.get("synthetic_weights") and model in (None, r["model"])})
+    if synthetic:
+        table += (f"\n({', '.join(synthetic)}: synthetic weights, seeded random; their perplexity is a sanity value, "
+                  "not accuracy: compare their quantize time, memory and speed)")
+    return table
 
 
 def main(argv: list[str]) -> int:

@@ -3,6 +3,10 @@
     validate -> (resume=true: skip it if results_dir has its `ok` record) -> load model (cached per
     process) -> make sure the baseline is recorded -> quantize (method from the registry) -> export
     -> evaluate -> append the record
+A small model is quantized as a copy, so the runs of a multirun share one load. A shape model, or any
+model over KEEP_COPY_MAX_BYTES, is quantized in place, layer by layer, with no second full-precision
+copy: the process forgets it first, and the next run loads (or builds) it again. The quantization's
+peak GPU memory is recorded as `vram_quantize_peak_gib` (None on a CPU).
 A run that raises (bad data, NaN loss, out of memory) is recorded as `failed` with its reason, so a
 sweep goes on and no other run's record is lost; one cut short by Ctrl-C is recorded as `interrupted`
 and the KeyboardInterrupt goes on up (the command exits 130).
@@ -13,6 +17,7 @@ once: whoever needs it first measures it under that key's lock while the others 
 import contextlib
 import copy
 import hashlib
+import gc
 import json
 import time
 import traceback
@@ -25,6 +30,8 @@ from qbench.records import append_record, environment, locked, now, read_records
 
 _MODELS: dict = {}  # (model, device, dtype) -> LoadedModel, the unquantized model of this process
 _CACHE: dict = {}  # RunContext.cache shared by the runs of this process (calibration captures); follows _MODELS
+KEEP_COPY_MAX_BYTES = 2 * 2**30  # larger models are quantized in place: a copy would double their memory
+GIB = 2.0**30
 
 
 def _loaded(cfg: DictConfig):
@@ -34,6 +41,7 @@ def _loaded(cfg: DictConfig):
     if key not in _MODELS:
         _MODELS.clear()  # one model at a time
         _CACHE.clear()
+        gc.collect()  # the previous model's memory is free before the next one is allocated
         _MODELS[key] = load_model(str(cfg.model), cfg.device, cfg.dtype, bool(cfg.trust_remote_code))
     return _MODELS[key]
 
@@ -52,8 +60,19 @@ def eval_key(cfg: DictConfig, device: str, dtype) -> dict:
         "ppl_max_windows": ppl.max_windows,
         "data": {name: perplexity_source(name, cfg.data_dir) for name in ppl.datasets},
         **_extra_eval_key(cfg),
+        **_synthetic_key(cfg),
     }
     return json.loads(json.dumps(key, default=str))  # as the record stores it, so lookups compare equal
+
+
+def _synthetic_key(cfg: DictConfig) -> dict:
+    """A shape model's weights are a function of its shape file: name, seed and digest tell them apart."""
+    from qbench.models import is_synthetic, resolve_source
+    from qbench.shapes import identity
+
+    if not is_synthetic(str(cfg.model)):
+        return {}
+    return {"synthetic_weights": identity(resolve_source(str(cfg.model)).path)}
 
 
 def _extra_eval_key(cfg: DictConfig) -> dict:
@@ -71,6 +90,9 @@ def _extra_eval_key(cfg: DictConfig) -> dict:
 
 
 def _base_record(cfg: DictConfig) -> dict:
+    from qbench.models import is_synthetic
+
+    synthetic = {"synthetic_weights": True} if is_synthetic(str(cfg.model)) else {}  # accuracy is a sanity value
     return {
         "run_id": f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}",
         "status": None,
@@ -85,6 +107,7 @@ def _base_record(cfg: DictConfig) -> dict:
         "quant_info": {},
         "started_at": now(),
         "config": qconfig.to_plain(cfg),
+        **synthetic,
     }
 
 
@@ -221,18 +244,24 @@ def run(cfg: DictConfig, sweep_id: str | None = None) -> dict:
                 _record_baseline(cfg, loaded, key, ctx, sweep_id)
             held.close()  # an fp16 run is the baseline: it keeps the lock until its record is written
         method = get_method(cfg.method.name)
-        model = loaded.model if cfg.method.name == "fp16" else copy.deepcopy(loaded.model)
+        in_place = cfg.method.name != "fp16" and quantizes_in_place(loaded)
+        if in_place:
+            _MODELS.clear()  # it is about to be quantized: the next run loads it again
+            record["quantized_in_place"] = True
+        model = loaded.model if cfg.method.name == "fp16" or in_place else copy.deepcopy(loaded.model)
+        _reset_peak(loaded.device)
         t0 = time.perf_counter()
         record["quant_info"] = method.quantize(model, cfg, ctx) or {}
         _sync(loaded.device)
         record["timings"]["quantize_s"] = time.perf_counter() - t0
+        quantize_memory = {"vram_quantize_peak_gib": _peak_gib(loaded.device)}
         if cfg.export.path:
             if not hasattr(method, "export"):
                 raise ValueError(f"method {cfg.method.name} has no export format")
             method.export(model, cfg, ctx, str(cfg.export.path))
             record["export_path"] = str(cfg.export.path)
         t0 = time.perf_counter()
-        record["metrics"] = evaluate(model, loaded.tokenizer, cfg, ctx)
+        record["metrics"] = {**quantize_memory, **evaluate(model, loaded.tokenizer, cfg, ctx)}
         record["timings"]["eval_s"] = time.perf_counter() - t0
         if hasattr(method, "after_eval"):  # info known only after evaluation (LLM.int8() outlier counts)
             record["quant_info"].update(method.after_eval(model, cfg, ctx) or {})
@@ -261,6 +290,32 @@ def _record_baseline(cfg: DictConfig, loaded, key: dict, ctx, sweep_id) -> dict:
     record["metrics"] = evaluate(loaded.model, loaded.tokenizer, base_cfg, ctx)
     record["timings"] = {"load_s": 0.0, "quantize_s": 0.0, "eval_s": time.perf_counter() - t0}
     return _finish(base_cfg, record, "ok")
+
+
+def quantizes_in_place(loaded) -> bool:
+    """A shape model (rebuilt in seconds, there to measure large models) or a model whose copy would cost
+    more than KEEP_COPY_MAX_BYTES is quantized in place; a small one as a copy, kept for the next run."""
+    if loaded.source.kind == "shape":
+        return True
+    return sum(p.numel() * p.element_size() for p in loaded.model.parameters()) > KEEP_COPY_MAX_BYTES
+
+
+def _reset_peak(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib(device: str) -> float | None:
+    """Peak GPU memory allocated since _reset_peak (model and everything else the process holds), or None."""
+    if device != "cuda":
+        return None
+    import torch
+
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / GIB
 
 
 def _sync(device: str) -> None:

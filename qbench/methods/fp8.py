@@ -7,6 +7,8 @@ from qbench.quant.modules import quantizable_linears, set_module
 def quantize(model, cfg, ctx) -> dict:
     m = cfg.method
     linears = quantizable_linears(model, cfg.quantize_lm_head)
-    for name, linear in ctx.progress(linears.items(), "fp8", total=len(linears)):
+    count = len(linears)
+    for name in ctx.progress(list(linears), "fp8", total=count):
+        linear = linears.pop(name)  # its last reference: the float weight is freed once replaced
         set_module(model, name, FP8Linear(linear.weight.data, linear.bias, m.format, m.scale, m.activations, cfg.kernel))
-    return {"quantized_layers": len(linears), "format": m.format, "scale": m.scale, "activations": m.activations}
+    return {"quantized_layers": count, "format": m.format, "scale": m.scale, "activations": m.activations}

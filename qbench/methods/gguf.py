@@ -28,7 +28,9 @@ def quantize(model, cfg, ctx) -> dict:
     types = _types(model, linears, choice)
     head = model.get_output_embeddings()
     elements = nbytes = 0
-    for name, linear in ctx.progress(linears.items(), f"gguf {choice}", total=len(linears)):
+    count = len(linears)
+    for name in ctx.progress(list(linears), f"gguf {choice}", total=count):
+        linear = linears.pop(name)  # its last reference: the float weight is freed once replaced
         layer = GGUFLinear.from_linear(linear, types[name], kernel=cfg.kernel)
         set_module(model, name, layer)
         elements += linear.in_features * linear.out_features
@@ -37,7 +39,7 @@ def quantize(model, cfg, ctx) -> dict:
             # llama.cpp looks the input embeddings up in the same quantized tensor
             model.get_input_embeddings().weight.data = layer.dequantize(linear.weight.dtype)
     return {"type": choice, "bits_per_weight": 8 * nbytes / max(elements, 1),
-            "tensor_types": dict(Counter(types.values())), "quantized_layers": len(linears)}
+            "tensor_types": dict(Counter(types.values())), "quantized_layers": count}
 
 
 def export(model, cfg, ctx, path) -> None:

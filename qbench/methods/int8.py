@@ -9,9 +9,11 @@ def quantize(model, cfg, ctx) -> dict:
     if threshold < 0:
         raise ValueError(f"method.threshold must be >= 0 (0 = no decomposition), got {threshold}")
     linears = quantizable_linears(model, cfg.quantize_lm_head)
-    for name, linear in ctx.progress(linears.items(), "int8", total=len(linears)):
+    count = len(linears)
+    for name in ctx.progress(list(linears), "int8", total=count):
+        linear = linears.pop(name)  # its last reference: the float weight is freed once replaced
         set_module(model, name, Int8Linear(linear.weight.data, linear.bias, threshold, cfg.kernel))
-    return {"quantized_layers": len(linears), "threshold": threshold,
+    return {"quantized_layers": count, "threshold": threshold,
             "decomposition": threshold > 0}
 
 

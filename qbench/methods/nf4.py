@@ -15,11 +15,13 @@ def quantize(model, cfg, ctx) -> dict:
     compute_dtype = COMPUTE_DTYPES[cfg.method.compute_dtype]
     linears = quantizable_linears(model, cfg.quantize_lm_head)
     stored_bits, weights = 0.0, 0
-    for name, linear in ctx.progress(linears.items(), quant_type, total=len(linears)):
+    count = len(linears)
+    for name in ctx.progress(list(linears), quant_type, total=count):
+        linear = linears.pop(name)  # its last reference: the float weight is freed once replaced
         layer = Linear4bit.from_linear(linear, quant_type, blocksize, double_quant, compute_dtype, cfg.kernel)
         set_module(model, name, layer)
         stored_bits += layer.weight_bits() * linear.weight.numel()
         weights += linear.weight.numel()
-    return {"quantized_layers": len(linears), "quant_type": quant_type, "blocksize": blocksize,
+    return {"quantized_layers": count, "quant_type": quant_type, "blocksize": blocksize,
             "double_quant": double_quant, "compute_dtype": cfg.method.compute_dtype,
             "bits_per_weight": stored_bits / max(weights, 1)}
