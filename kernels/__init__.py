@@ -9,21 +9,24 @@
 Importing this package imports triton; on a CPU, run under TRITON_INTERPRET=1.
 """
 
+import importlib.machinery
 import sys
+from pathlib import Path
 
-if __name__ == "kernels":
+
+def _hugging_faces_kernels():
+    """The spec of a `kernels` package outside this checkout, or None (then this one serves the name)."""
+    root = Path(__file__).resolve().parent.parent
+    return importlib.machinery.PathFinder.find_spec("kernels", [p for p in sys.path if Path(p or ".").resolve() != root])
+
+
+if __name__ == "kernels" and _hugging_faces_kernels() is not None:
     # Imported as a top-level `kernels` because the repo root is on sys.path (`python -m ...` run there):
     # that name belongs to Hugging Face's kernels package, which transformers (>= 5.2x) imports. Hand the
     # name over to it; qbench's kernels are `qbench.kernels` and are not affected.
-    import importlib.machinery
     import importlib.util
-    from pathlib import Path
 
-    _root = Path(__file__).resolve().parent.parent
-    _path = [p for p in sys.path if Path(p or ".").resolve() != _root]
-    _spec = importlib.machinery.PathFinder.find_spec("kernels", _path)
-    if _spec is None:
-        raise ImportError("no module named 'kernels' outside the qbench checkout (qbench's own are qbench.kernels)")
+    _spec = _hugging_faces_kernels()
     _module = importlib.util.module_from_spec(_spec)
     sys.modules["kernels"] = _module  # the import statement returns what sys.modules holds at the end
     _spec.loader.exec_module(_module)
@@ -33,5 +36,5 @@ else:
     from qbench.kernels.w8a8 import fp8_matmul, int8_matmul, llm_int8_decode, quantize_rows
     from qbench.kernels.wint import is_default_g_idx, wint_matmul
 
-__all__ = ["wint_matmul", "is_default_g_idx", "nf4_matmul", "gguf_matmul", "int8_matmul", "fp8_matmul",
-           "llm_int8_decode", "quantize_rows"]
+    __all__ = ["wint_matmul", "is_default_g_idx", "nf4_matmul", "gguf_matmul", "int8_matmul", "fp8_matmul",
+               "llm_int8_decode", "quantize_rows"]
