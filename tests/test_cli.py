@@ -72,6 +72,7 @@ def test_report_on_empty_results_is_one_line(tmp_path):
     assert out.returncode == 2 and out.stdout.strip().count("\n") == 0
 
 
+@pytest.mark.slow  # about 45 s on a 2-core CPU: a real multirun of the default model
 def test_sweep_accounts_for_every_combination(tmp_path, data_dir, smollm2):
     out = qbench("-m", "method=rtn,fp16", "bits=3,4", "wandb.mode=disabled", *QUICK, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]

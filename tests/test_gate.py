@@ -170,7 +170,7 @@ def test_bad_input_is_one_line(case, baseline, tmp_path, capsys):
     assert len(lines) == 1 and lines[0].startswith("qbench gate: error: ") and expected in lines[0], text
 
 
-@pytest.mark.slow  # two real RTN runs of SmolLM2 on the CPU; CI runs it (pytest -q runs slow tests too)
+@pytest.mark.slow  # two real RTN runs of SmolLM2 on the CPU; `pytest -q -m slow` (and .ci/run) runs it
 def test_one_bit_less_in_rtn_fails_the_gate(smollm2, cfg_factory, data_dir, tmp_path, monkeypatch):
     from qbench import runner
     from qbench.methods import rtn

@@ -112,7 +112,9 @@ def h2_cfg(split: int, block_k: int = 32, block_n: int = 16, chain: int = 2, sta
             "STREAM": stream}
 
 
-@pytest.mark.parametrize("bits,group_size", [(2, 32), (3, 32), (3, -1), (4, 32), (4, 64), (8, -1), (8, 32)])
+# 3 bits (packed across words) take ~25 s each in the interpreter: slow, run by .ci/run
+@pytest.mark.parametrize("bits,group_size", [(2, 32), pytest.param(3, 32, marks=pytest.mark.slow),
+                                             pytest.param(3, -1, marks=pytest.mark.slow), (4, 32), (4, 64), (8, -1), (8, 32)])
 def test_wint_h2_decode_kernel(bits, group_size):
     """The fp16x2 decode kernel (fp16 activations): M = 1 and 3, split-K, chains of 1 and 2 words; K=200
     ends inside a word row (a 3-word chunk at 3 bits) and N=37 inside a column tile (masked); K=256,
@@ -134,7 +136,7 @@ def test_wint_h2_decode_kernel(bits, group_size):
               dtype=torch.float16, tol=2e-3, seed=seed)
 
 
-@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("bits", [pytest.param(3, marks=pytest.mark.slow), 4])
 def test_wint_h2_stream_k(bits):
     """Stream-K launches of the fp16x2 decode kernel: P programs share the (column tile, K tile) units
     equally, so tiles have one owner or several (partials summed by the last to arrive); P from 1 to

@@ -112,6 +112,7 @@ def test_run_records_task_metrics(fixture_tasks, cfg_factory, smollm2, data_dir,
 ALL_TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande", "hellaswag", "boolq", "lambada_openai")
 
 
+@pytest.mark.slow  # about a minute on a 2-core CPU: lm-eval twice over 7 x 20 items
 def test_seven_tasks_equal_lm_eval_on_20_items(smollm2, data_dir):
     """The shipped definitions on the real files: qbench's numbers equal lm-eval's own simple_evaluate (a task
     YAML that includes the official one, only the dataset location changed) on the same model object."""
