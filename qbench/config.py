@@ -5,7 +5,6 @@ Each method's legal values are data in its config group entry (conf/method/<name
 a key without choices keeps the type of its default there (a number stays a number).
 """
 
-import re
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -18,7 +17,6 @@ DTYPES = ("auto", "float16", "bfloat16", "float32")
 KERNELS = ("auto", "triton", "torch")
 WANDB_MODES = ("offline", "online", "disabled")
 PPL_DATASETS = ("wikitext2", "c4")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
 def _one_of(what: str, value, valid) -> None:

@@ -28,9 +28,8 @@ import statistics
 from datetime import datetime, timezone
 from pathlib import Path
 
-from qbench.groups import calib_seed, config_identity
-from qbench.records import forced_kernel, git_sha, method_defaults, method_params, read_records, variant_parts
-from qbench.report import latest_per_config
+from qbench.records import (calib_seed, config_identity, forced_kernel, git_sha, latest_per_config, method_defaults,
+                            method_params, read_records, variant_parts)
 
 FORMAT = "qbench-gate-baseline/1"
 

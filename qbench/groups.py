@@ -7,50 +7,18 @@ zero-shot metric the mean over its seeds, the sample standard deviation (n - 1) 
 (size, speed) are the latest member's. A group of one is the record itself, shown as before.
 """
 
-import json
 import statistics
 
-from qbench.records import forced_kernel
+# Which records are one configuration lives in qbench.records (with latest_per_config); re-exported here.
+from qbench.records import (CONFIG_COLUMNS, PARAMS_BEFORE_OPTION, calib_seed, config_identity,  # noqa: F401
+                            with_legacy_params)
 
-CONFIG_COLUMNS = ("model", "method", "bits", "group_size", "calib")
 SPREAD_PREFIXES = ("ppl_", "kld_", "top1_agree", "acc_", "perplexity_")  # averaged over a group's seeds
 STDERR = "_stderr_"  # lm-eval's stderr of one run (acc_stderr_piqa): averaged, given no spread of its own
 
-# Method parameters added after records were written: (methods, the value those older records ran with).
-PARAMS_BEFORE_OPTION = {"zero_in_range": (("rtn", "gptq", "awq"), True)}
-
-
-def with_legacy_params(rec: dict) -> dict:
-    """The record with any parameter it predates filled in with the value it ran with (an AWQ record
-    from before `zero_in_range` ran with 0 in range, not with AWQ's current default). Only records that
-    carry their method's whole conf entry (every run does: `default_bits` is in it) can predate a key."""
-    method = (rec.get("config") or {}).get("method") or {}
-    missing = {k: v for k, (methods, v) in PARAMS_BEFORE_OPTION.items()
-               if "default_bits" in method and rec.get("method") in methods and k not in method}
-    if not missing:
-        return rec
-    return {**rec, "config": {**rec["config"], "method": {**method, **missing}}}
-
-
-def calib_seed(rec: dict):
-    """The calibration seed of a calibration method's record; None for methods without calibration."""
-    if not rec.get("calib"):
-        return None
-    return ((rec.get("config") or {}).get("calib") or {}).get("seed")
-
-
-def config_identity(rec: dict) -> tuple:
-    """What makes records one configuration, the calibration seed aside: eval settings, model, method,
-    bits, group size, calibration set and its other settings, method parameters, a forced kernel."""
-    calib = dict((rec.get("config") or {}).get("calib") or {}) if rec.get("calib") else {}
-    calib.pop("seed", None)
-    method = (with_legacy_params(rec).get("config") or {}).get("method")
-    return (json.dumps(rec.get("eval_key"), sort_keys=True), *(str(rec.get(c)) for c in CONFIG_COLUMNS),
-            json.dumps(method, sort_keys=True), forced_kernel(rec), json.dumps(calib, sort_keys=True))
-
 
 def seed_groups(records: list[dict]) -> list[list[dict]]:
-    """The ok records (one per configuration and seed, e.g. report.latest_per_config) grouped by
+    """The ok records (one per configuration and seed, e.g. records.latest_per_config) grouped by
     configuration, in order of first appearance; a record that is not ok is a group of its own."""
     groups: dict = {}
     for i, rec in enumerate(records):

@@ -22,8 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from qbench.groups import members, merged, seed_groups, seeds_label, with_legacy_params
-from qbench.records import method_variant
-from qbench.report import latest_per_config
+from qbench.records import latest_per_config, method_variant
 
 # (metric key, column title, format, Δ vs baseline). Columns appear when any row has the metric.
 FIXED = [

@@ -17,12 +17,14 @@ import importlib.util
 import inspect
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from qbench import ConfigError
-from qbench.config import HUB_ID
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")  # a Hugging Face hub id, org/name
 
 # Registered names -> a function giving the model's source path (torch-free, resolved lazily).
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

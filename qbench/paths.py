@@ -4,6 +4,8 @@ import os
 from importlib.resources import files
 from pathlib import Path
 
+import yaml
+
 
 def conf_dir() -> Path:
     # conf/ is installed as the package qbench.conf (see pyproject.toml), editable or not.
@@ -13,6 +15,11 @@ def conf_dir() -> Path:
 def group_options(group: str) -> list[str]:
     """Names of the entries of a Hydra config group, e.g. group_options('method')."""
     return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+
+
+def method_meta(name: str) -> dict:
+    """The entry conf/method/<name>.yaml as written (its legal values, defaults and parameters)."""
+    return yaml.safe_load((conf_dir() / "method" / f"{name}.yaml").read_text())
 
 
 def data_root(configured: str | None = None) -> Path | None:

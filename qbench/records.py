@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from qbench import __version__
+from qbench.paths import method_meta
 
 RECORDS_FILE = "runs.jsonl"
 LOCKS_DIR = ".locks"
@@ -161,8 +162,6 @@ def now() -> str:
 
 def method_defaults(name: str) -> dict:
     try:
-        from qbench.sweep import method_meta
-
         return method_meta(name)
     except (OSError, ValueError):
         return {}
@@ -210,3 +209,51 @@ def variant_parts(name: str, params: dict, choices: list) -> list[str]:
         elif k not in defaults or defaults[k] != value:
             parts.append(f"{k}={value}")
     return parts
+
+
+# ---- which records are one configuration (report tables, leaderboards, the gate; qbench.groups) ---------
+
+CONFIG_COLUMNS = ("model", "method", "bits", "group_size", "calib")
+
+# Method parameters added after records were written: (methods, the value those older records ran with).
+PARAMS_BEFORE_OPTION = {"zero_in_range": (("rtn", "gptq", "awq"), True)}
+
+
+def with_legacy_params(rec: dict) -> dict:
+    """The record with any parameter it predates filled in with the value it ran with (an AWQ record
+    from before `zero_in_range` ran with 0 in range, not with AWQ's current default). Only records that
+    carry their method's whole conf entry (every run does: `default_bits` is in it) can predate a key."""
+    method = (rec.get("config") or {}).get("method") or {}
+    missing = {k: v for k, (methods, v) in PARAMS_BEFORE_OPTION.items()
+               if "default_bits" in method and rec.get("method") in methods and k not in method}
+    if not missing:
+        return rec
+    return {**rec, "config": {**rec["config"], "method": {**method, **missing}}}
+
+
+def calib_seed(rec: dict):
+    """The calibration seed of a calibration method's record; None for methods without calibration."""
+    if not rec.get("calib"):
+        return None
+    return ((rec.get("config") or {}).get("calib") or {}).get("seed")
+
+
+def config_identity(rec: dict) -> tuple:
+    """What makes records one configuration, the calibration seed aside: eval settings, model, method,
+    bits, group size, calibration set and its other settings, method parameters, a forced kernel."""
+    calib = dict((rec.get("config") or {}).get("calib") or {}) if rec.get("calib") else {}
+    calib.pop("seed", None)
+    method = (with_legacy_params(rec).get("config") or {}).get("method")
+    return (json.dumps(rec.get("eval_key"), sort_keys=True), *(str(rec.get(c)) for c in CONFIG_COLUMNS),
+            json.dumps(method, sort_keys=True), forced_kernel(rec), json.dumps(calib, sort_keys=True))
+
+
+def latest_per_config(records: list[dict]) -> list[dict]:
+    """The last ok/failed record of each (config, eval settings, calibration seed); skipped records are
+    not rows. Records of several seeds of one config stay apart here: qbench.groups merges them."""
+    latest = {}
+    for rec in records:
+        if rec.get("status") == "skipped":
+            continue
+        latest[(*config_identity(rec), calib_seed(rec))] = rec
+    return list(latest.values())

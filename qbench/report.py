@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from qbench.groups import calib_seed, config_identity, merged, seed_groups, seeds_label, with_legacy_params
-from qbench.records import method_variant, read_records
+from qbench.groups import merged, seed_groups, seeds_label, with_legacy_params
+from qbench.records import latest_per_config, method_variant, read_records  # noqa: F401 (latest_per_config: was here)
 
 CONFIG_COLUMNS = ["model", "method", "bits", "group_size", "calib"]
 PUBLISHED = "reports"  # the committed leaderboards: written only by `qbench report --publish`
@@ -17,17 +17,6 @@ PUBLISHED = "reports"  # the committed leaderboards: written only by `qbench rep
 
 def _eval_key_str(rec: dict) -> str:
     return json.dumps(rec.get("eval_key"), sort_keys=True)
-
-
-def latest_per_config(records: list[dict]) -> list[dict]:
-    """The last ok/failed record of each (config, eval settings, calibration seed); skipped records are
-    not rows. Records of several seeds of one config stay apart here: qbench.groups merges them."""
-    latest = {}
-    for rec in records:
-        if rec.get("status") == "skipped":
-            continue
-        latest[(*config_identity(rec), calib_seed(rec))] = rec
-    return list(latest.values())
 
 
 def comparison_frame(records: list[dict], model: str | None = None) -> pd.DataFrame:

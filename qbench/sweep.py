@@ -23,11 +23,7 @@ from pathlib import Path
 import yaml
 
 from qbench import EXIT_CONFIG, EXIT_INTERRUPTED, ConfigError
-from qbench.paths import conf_dir, group_options
-
-
-def method_meta(name: str) -> dict:
-    return yaml.safe_load((conf_dir() / "method" / f"{name}.yaml").read_text())
+from qbench.paths import group_options, method_meta
 
 
 def plan(spec: dict, extra: list[str]) -> tuple[list[list[str]], list[str]]:
