@@ -87,6 +87,48 @@ def comparison_table(records: list[dict], model: str | None = None) -> str:
     return table
 
 
+# ---- the issue-3 table (qbench report --gptq-awq-table) --------------------------------------------------
+
+GPTQ_AWQ_ORDER = {"fp16": 0, "rtn": 1, "gptq": 2, "awq": 3}  # the issue-3 methods; other records are left out
+GPTQ_AWQ_HEADER = ["method", "bits", "group size", "act-order", "calib", "WikiText-2 ppl", "Δ vs fp16", "C4 ppl", "quantize s", "device"]
+
+
+def _gptq_awq_row(rec: dict, base: float | None) -> list[str]:
+    method_cfg = rec.get("config", {}).get("method", {})
+    calib = (rec.get("quant_info") or {}).get("calib") or {}
+    ppl = rec["metrics"].get("ppl_wikitext2")
+    act = {"gptq": "yes" if method_cfg.get("act_order") else "no"}.get(rec["method"], "-")
+    return [
+        rec["method"],
+        "-" if rec.get("bits") is None else str(rec["bits"]),
+        "-" if rec.get("group_size") is None else str(rec["group_size"]),
+        act,
+        f"{calib['name']} {calib['nsamples']}x{calib['seqlen']} ({calib.get('sampling')})" if calib else "-",
+        "-" if ppl is None else f"{ppl:.3f}",
+        "-" if ppl is None or base is None or rec["method"] == "fp16" else f"{ppl - base:+.3f}",
+        f"{rec['metrics']['ppl_c4']:.3f}" if "ppl_c4" in rec["metrics"] else "-",
+        f"{(rec.get('timings') or {}).get('quantize_s', 0.0):.1f}",
+        str((rec.get("env") or {}).get("device_name")),
+    ]
+
+
+def gptq_awq_table(records: list[dict]) -> str:
+    """The issue-3 table (RTN / GPTQ / AWQ on WikiText-2, reports/gptq_awq_table.md): one row per (method, bits,
+    group size, act-order), the latest ok record; fp16 baseline first. `qbench report --gptq-awq-table`."""
+    latest = {}
+    for rec in records:
+        if rec.get("status") != "ok" or "ppl_wikitext2" not in rec.get("metrics", {}) or rec["method"] not in GPTQ_AWQ_ORDER:
+            continue
+        act = bool(rec.get("config", {}).get("method", {}).get("act_order"))
+        latest[(rec["method"], rec.get("bits"), rec.get("group_size"), act)] = rec
+    base = next((r["metrics"]["ppl_wikitext2"] for r in latest.values() if r["method"] == "fp16"), None)
+    rows = sorted(latest.values(), key=lambda r: (r.get("bits") or 0, -(r.get("group_size") or 0),
+                                                  GPTQ_AWQ_ORDER[r["method"]], not r["config"]["method"].get("act_order")))
+    lines = ["| " + " | ".join(GPTQ_AWQ_HEADER) + " |", "|" + "---|" * len(GPTQ_AWQ_HEADER)]
+    lines += ["| " + " | ".join(_gptq_awq_row(r, base)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> int:
     import argparse
 
@@ -100,17 +142,19 @@ def main(argv: list[str]) -> int:
     where.add_argument("--publish", action="store_true",
                        help=f"write the published leaderboards in {PUBLISHED}/ (the committed ones)")
     parser.add_argument("--no-leaderboard", action="store_true", help="print the table only")
+    parser.add_argument("--gptq-awq-table", action="store_true",
+                        help="the RTN/GPTQ/AWQ WikiText-2 table (reports/gptq_awq_table.md) instead; no leaderboards")
     args = parser.parse_args(argv)
     records = read_records(args.results)
     if not records:
         print(f"qbench report: error: no records in {args.results}")
         return 2
-    table = comparison_table(records, args.model)
+    table = gptq_awq_table(records) if args.gptq_awq_table else comparison_table(records, args.model)
     print(table)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(table + "\n")
-    if not args.no_leaderboard:
+    if not (args.no_leaderboard or args.gptq_awq_table):
         from qbench.leaderboard import write_leaderboards
 
         for path in write_leaderboards(records, leaderboard_dir(args), args.model):
