@@ -359,7 +359,7 @@ def wint_h2_decode_kernel(x_ptr, out_ptr, qweight, qzeros, scales, mins, xsums, 
 def h2_decode_configs(M: int, N: int, K: int, bits: int, group: int, dtype: torch.dtype, n_sm: int) -> list[dict]:
     """Configs of wint_h2_decode_kernel for this shape (empty where it does not apply: fp16 only).
 
-    Chosen from `python -m qbench.bench.decode_sweep --wide` on the H100 (240 configs per shape): the
+    Chosen from `python -m research.decode_sweep --wide` on the H100 (240 configs per shape): the
     K range split so that two to four programs per SM fill the GPU in one wave, loads pipelined two
     or three tiles ahead (cp.async), 64-row K tiles, and at 4/8 bits codes paired within a byte
     (BYTE_PAIRS), which won every one of the top 14 places on both Llama-3-70B MLP shapes. Tiles

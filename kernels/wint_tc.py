@@ -167,7 +167,7 @@ def tc_configs(M: int, N: int, K: int, bits: int, group: int, dtype: torch.dtype
     """Configs of wint_tc_kernel: 4 or 8 bits, fp16 activations, 2 <= M <= 32 tokens (token tiles of 16, or
     of 32 above 16; batch-32 decode; tiles of 32 tokens not timed yet), K tiles inside a group or of whole
     groups; the K range split so that two to six programs per SM fill the GPU. From `python -m
-    qbench.bench.decode_sweep --tc --m 16 --bits 4 --wide` on the H100 (90 and 120 configs on the two
+    research.decode_sweep --tc --m 16 --bits 4 --wide` on the H100 (90 and 120 configs on the two
     Llama-3-70B MLP shapes): 64-row K tiles with 64 or 128 columns and 4 warps took the top
     places on both; 8 warps, 256 columns and a pipeline of 2 were 5-15 % slower. Groups under 64 (the
     GGUF types' 16 and 32) take the same tiles, several groups each, and tiles of one group."""

@@ -1,5 +1,8 @@
 """The kernel benchmark's command line fails fast, in one line, on a bad shape list (before any GPU check)."""
 
+import sys
+from pathlib import Path
+
 import pytest
 
 pytest.importorskip("triton")
@@ -66,7 +69,8 @@ def test_host_profile_builds_each_format_s_layer(fmt):
     """The host profile's layers are the formats' real modules on their Triton path, computing the linear."""
     import torch
 
-    from qbench.bench.host_profile import build_layer
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # research/ is imported from the repo root
+    from research.host_profile import build_layer
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 64, bias=False)

@@ -115,3 +115,20 @@ def test_module_imports_alone(module):
     proc = subprocess.run([sys.executable, "-c", f"import {module}"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"import {module} failed:\n{proc.stderr[-3000:]}"
+
+
+RESEARCH = sorted(p.stem for p in (REPO / "research").glob("*.py") if p.stem != "__init__")
+
+
+def test_research_folder_is_seen():
+    assert {"tasks_identity", "int8_study", "decode_sweep"} <= set(RESEARCH)
+
+
+@pytest.mark.parametrize("name", RESEARCH)
+def test_research_module_imports(name):
+    """Each research/ script (a check or study run by hand, `python -m research.<name>` from the repo root)
+    imports alone: its qbench imports still resolve after moves in the package."""
+    env = {**os.environ, "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "1")}
+    proc = subprocess.run([sys.executable, "-c", f"import research.{name}"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"import research.{name} failed:\n{proc.stderr[-3000:]}"

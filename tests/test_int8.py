@@ -2,6 +2,8 @@
 counting, and SmolLM2 perplexity against its unquantized baseline."""
 
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -179,10 +181,11 @@ def test_as_accurate_as_bitsandbytes_llm_int8_with_planted_outliers():
 
 
 def test_int8_study_variants_bracket_llm_int8():
-    """The error-decomposition variants of qbench.bench.int8_study: weights-only equals x @ the int8
+    """The error-decomposition variants of research/int8_study.py: weights-only equals x @ the int8
     weights; with int8 on both sides and planted outliers the paper's eq. 3 (outlier columns on the
     original weights) is at least as accurate as LLM.int8() with int8 outlier weights."""
-    from qbench.bench.int8_study import Int8Variant
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # research/ is imported from the repo root
+    from research.int8_study import Int8Variant
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(96, 40, bias=False)
@@ -197,7 +200,8 @@ def test_int8_study_variants_bracket_llm_int8():
 
 
 def test_int8_study_rejects_an_unknown_variant_before_loading(capsys):
-    from qbench.bench.int8_study import main
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # research/ is imported from the repo root
+    from research.int8_study import main
 
     with pytest.raises(SystemExit):
         main(["--variants", "baseline,fp32"])

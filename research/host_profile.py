@@ -4,7 +4,7 @@ A SmolLM2-135M-shaped Llama with random fp16 weights; each format's layers are b
 calibration). For each format: ms per eager decode token (batch 1, dynamic KV cache) and the Python
 functions with the most own time over the timed steps (cProfile), with their call counts per token.
 
-    python -m qbench.bench.host_profile --formats fp16,w4a16,int8,fp8,nf4,q5_0 --steps 32 --top 18
+    python -m research.host_profile --formats fp16,w4a16,int8,fp8,nf4,q5_0 --steps 32 --top 18
 """
 
 import argparse

@@ -1,6 +1,6 @@
 """Probe: how fast can a Triton program with wint_h2's tiling just stream the packed 4-bit words?
 
-    python -m qbench.bench.probe_load
+    python -m research.probe_load
 
 Each program reads its [BLOCK_K/8, BLOCK_N] int32 tiles over its split of K (the decode kernel's
 grid, loads pipelined with tl.range(num_stages)) and XORs them together, so the time is the load

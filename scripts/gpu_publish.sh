@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The published GPU figures in one batch (reports/ and README): run on the GPU machine from the repo
-# root after `source qbench/bench/gpu_env.sh`, with OUT set to a folder that survives the call.
-#     OUT=/tmp/out bash qbench/bench/gpu_publish.sh [leaderboard|g64|noact|formats|gguf|int8t]...
+# root after `source scripts/gpu_env.sh`, with OUT set to a folder that survives the call.
+#     OUT=/tmp/out bash scripts/gpu_publish.sh [leaderboard|g64|noact|formats|gguf|int8t]...
 # Parts, in priority order (each a named sweep or multirun; records go to $OUT/<part>/runs.jsonl):
 #   leaderboard  sweeps/gpu.yaml: every method at 4 bits, RTN/GPTQ/AWQ at 3 too, group size 128,
 #                WikiText-2 + C4, KLD, speed, VRAM, cost on hardware=$HARDWARE (default h100)

@@ -1,9 +1,9 @@
 """Time every candidate config of an integer decode kernel on one GPU.
 
-    python -m qbench.bench.decode_sweep [--bits 4,3] [--shapes 8192x28672,28672x8192] [--group 128]
-    python -m qbench.bench.decode_sweep --pairings --bits 4,3           # BYTE_PAIRS vs IN_PLACE (wint_h2)
-    python -m qbench.bench.decode_sweep --tc --m 16 --bits 4 --wide     # kernels/wint_tc.py
-    python -m qbench.bench.decode_sweep --mma --m 16 --bits 4           # kernels/wint_mma.py (Hopper, Gluon)
+    python -m research.decode_sweep [--bits 4,3] [--shapes 8192x28672,28672x8192] [--group 128]
+    python -m research.decode_sweep --pairings --bits 4,3           # BYTE_PAIRS vs IN_PLACE (wint_h2)
+    python -m research.decode_sweep --tc --m 16 --bits 4 --wide     # kernels/wint_tc.py
+    python -m research.decode_sweep --mma --m 16 --bits 4           # kernels/wint_mma.py (Hopper, Gluon)
 
 For each (bits, shape) at M tokens (the fp16x2 kernel of kernels/wint_h2.py at M=1 by default):
 random packed weights, each candidate checked against a torch dequantize-then-matmul reference, then

@@ -1,4 +1,4 @@
-"""Where LLM.int8()'s perplexity loss on a model comes from: `python -m qbench.bench.int8_study`.
+"""Where LLM.int8()'s perplexity loss on a model comes from: `python -m research.int8_study`.
 
 Perplexity on the first WikiText-2 windows (float32, CPU by default; `--device cuda --dtype float16
 --windows 0` for the whole test set on the GPU, `--datasets wikitext2,c4`) of the model with every

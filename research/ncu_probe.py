@@ -1,15 +1,15 @@
 """Three launches each of the W4A16 decode kernel and of the load-only probe, for Nsight Compute.
 
     ncu --launch-skip 2 --launch-count 1 -k regex:wint_h2 --section SpeedOfLight --section SchedulerStats \
-        --section Occupancy python3 -m qbench.bench.ncu_probe      # (-k regex:stream_words: the probe)
+        --section Occupancy python3 -m research.ncu_probe      # (-k regex:stream_words: the probe)
 
 8192x28672 at M=1, the config the tuner chose on the H200 (reports/kernels/NOTES.md quotes the result).
 """
 
 import torch
 
-from qbench.bench.decode_sweep import packed_weights
-from qbench.bench.probe_load import stream_words
+from research.decode_sweep import packed_weights
+from research.probe_load import stream_words
 from qbench.kernels.wint_h2 import run_h2_decode
 
 CONFIG = {"KERNEL": "wint_h2", "BLOCK_N": 512, "BLOCK_K": 64, "SPLIT_K": 7, "CHAIN": 2, "STAGES": 3, "num_warps": 4,
