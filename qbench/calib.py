@@ -25,6 +25,8 @@ wikitext2 is always a stream: the train rows joined with "\\n\\n", random offset
 import json
 import os
 import random
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -167,3 +169,34 @@ def block_inputs(model, cfg, ctx, arch: dict) -> tuple[list[tuple], dict]:
     if key not in ctx.cache:
         ctx.cache[key] = capture_inputs(model, ids, batch_size_for(info["seqlen"]), arch)
     return ctx.cache[key], info
+
+
+@dataclass
+class BlockwiseStart:
+    """What a block-by-block method (GPTQ, AWQ) starts from."""
+    arch: dict  # qbench.quant.blocks.arch_of
+    targets: dict  # name -> nn.Linear to quantize (lm_head per cfg.quantize_lm_head)
+    batches: list  # the calibration batches at the input of decoder block 0
+    info: dict  # the calibration set, for the record
+    capture_s: float  # time to capture the batches
+
+
+def start_blockwise(model, cfg, ctx) -> BlockwiseStart:
+    from qbench.quant.blocks import arch_of, synchronize
+    from qbench.quant.modules import quantizable_linears
+
+    arch = arch_of(model)
+    targets = quantizable_linears(model, cfg.quantize_lm_head)
+    t0 = time.perf_counter()
+    batches, info = block_inputs(model, cfg, ctx, arch)
+    synchronize(ctx.device)
+    return BlockwiseStart(arch, targets, batches, info, time.perf_counter() - t0)
+
+
+def each_block(model, arch: dict, ctx, desc: str):
+    """(prefix "model.layers.<i>.", block) for every decoder block in order, with a progress bar."""
+    from qbench.quant.blocks import decoder_layers
+
+    layers = decoder_layers(model, arch)
+    for index, layer in enumerate(ctx.progress(layers, desc, total=len(layers))):
+        yield f"{arch['layers']}.{index}.", layer

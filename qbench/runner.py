@@ -252,7 +252,9 @@ def run(cfg: DictConfig, sweep_id: str | None = None) -> dict:
         _reset_peak(loaded.device)
         t0 = time.perf_counter()
         record["quant_info"] = method.quantize(model, cfg, ctx) or {}
-        _sync(loaded.device)
+        from qbench.quant.blocks import synchronize  # torch is imported only once a run starts
+
+        synchronize(loaded.device)
         record["timings"]["quantize_s"] = time.perf_counter() - t0
         quantize_memory = {"vram_quantize_peak_gib": _peak_gib(loaded.device)}
         if cfg.export.path:
@@ -318,8 +320,3 @@ def _peak_gib(device: str) -> float | None:
     return torch.cuda.max_memory_allocated() / GIB
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        import torch
-
-        torch.cuda.synchronize()

@@ -30,12 +30,11 @@ import time
 import torch
 from torch import nn
 
-from qbench.calib import block_inputs
+from qbench.calib import each_block, start_blockwise
 from qbench.config import resolved_bits, resolved_group_size
-from qbench.quant.blocks import arch_of, block_output, decoder_layers, record_inputs
+from qbench.quant.blocks import block_output, record_inputs, synchronize
 from qbench.quant.grid import fake_quantize, find_params, rtn_quantize
-from qbench.quant.modules import quantizable_linears, set_module
-from qbench.quant.qlinear import QuantLinear
+from qbench.quant.qlinear import replace_with_quantized
 
 
 def _fake_quant_rows(w: torch.Tensor, bits: int, sym: bool, zero_in_range: bool = True) -> torch.Tensor:
@@ -205,39 +204,29 @@ def awq_block(block: nn.Module, batches: list[tuple], arch: dict, s: dict) -> tu
     return outputs, summary
 
 
-def _sync(device) -> None:
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 @torch.no_grad()
 def quantize(model, cfg, ctx) -> dict:
     s = _settings(cfg)
-    arch = arch_of(model)
-    targets = quantizable_linears(model, cfg.quantize_lm_head)
     t0 = time.perf_counter()
-    batches, calib_info = block_inputs(model, cfg, ctx, arch)
-    _sync(ctx.device)
-    timings = {"capture_s": time.perf_counter() - t0}
+    start = start_blockwise(model, cfg, ctx)
+    arch, targets, batches = start.arch, start.targets, start.batches
+    timings = {"capture_s": start.capture_s}
     blocks, done = {}, set()
-    layers = decoder_layers(model, arch)
-    for index, layer in enumerate(ctx.progress(layers, "awq", total=len(layers))):
-        prefix = f"{arch['layers']}.{index}."
+    for prefix, layer in each_block(model, arch, ctx, "awq"):
         batches, blocks[prefix.rstrip(".")] = awq_block(layer, batches, arch, s)
         for name, lin in list(layer.named_modules()):
             if isinstance(lin, nn.Linear) and prefix + name in targets:
                 qw = rtn_quantize(lin.weight.data, s["bits"], s["group_size"], s["sym"], s["zero_in_range"])
-                set_module(layer, name, QuantLinear.from_quantized(qw, lin.bias, kernel=cfg.kernel).to(lin.weight.device))
+                replace_with_quantized(layer, name, qw, cfg.kernel)
                 done.add(prefix + name)
     for name in sorted(set(targets) - done):  # lm_head (quantize_lm_head=true): plain RTN, as the reference leaves it
-        lin = targets[name]
-        qw = rtn_quantize(lin.weight.data, s["bits"], s["group_size"], s["sym"], s["zero_in_range"])
-        set_module(model, name, QuantLinear.from_quantized(qw, lin.bias, kernel=cfg.kernel).to(lin.weight.device))
+        qw = rtn_quantize(targets[name].weight.data, s["bits"], s["group_size"], s["sym"], s["zero_in_range"])
+        replace_with_quantized(model, name, qw, cfg.kernel)
         blocks[name] = "rtn (outside the decoder blocks)"
         done.add(name)
-    _sync(ctx.device)
+    synchronize(ctx.device)
     timings["blocks_s"] = time.perf_counter() - t0 - timings["capture_s"]
-    return {"quantized_layers": len(done), "settings": s, "calib": calib_info, "timings": timings, "blocks": blocks}
+    return {"quantized_layers": len(done), "settings": s, "calib": start.info, "timings": timings, "blocks": blocks}
 
 
 def export(model, cfg, ctx, path: str) -> None:

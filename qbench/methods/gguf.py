@@ -10,7 +10,7 @@ from collections import Counter
 
 from qbench.quant import gguf_export, gguf_mix
 from qbench.quant.gguf_linear import GGUFLinear
-from qbench.quant.modules import quantizable_linears, set_module
+from qbench.quant.modules import quantizable_linears, replace_linears
 
 
 def _types(model, linears: dict, choice: str) -> dict[str, str]:
@@ -26,19 +26,21 @@ def quantize(model, cfg, ctx) -> dict:
     choice = str(cfg.method.type)
     linears = quantizable_linears(model, cfg.quantize_lm_head)
     types = _types(model, linears, choice)
+    del linears  # the walk below holds the only references, so each float weight goes once replaced
     head = model.get_output_embeddings()
-    elements = nbytes = 0
-    count = len(linears)
-    for name in ctx.progress(list(linears), f"gguf {choice}", total=count):
-        linear = linears.pop(name)  # its last reference: the float weight is freed once replaced
+    size = {"elements": 0, "bytes": 0}
+
+    def make_layer(name, linear):
         layer = GGUFLinear.from_linear(linear, types[name], kernel=cfg.kernel)
-        set_module(model, name, layer)
-        elements += linear.in_features * linear.out_features
-        nbytes += layer.qweight.numel()
+        size["elements"] += linear.in_features * linear.out_features
+        size["bytes"] += layer.qweight.numel()
         if linear is head and gguf_export.is_tied(model):
             # llama.cpp looks the input embeddings up in the same quantized tensor
             model.get_input_embeddings().weight.data = layer.dequantize(linear.weight.dtype)
-    return {"type": choice, "bits_per_weight": 8 * nbytes / max(elements, 1),
+        return layer
+
+    count = replace_linears(model, cfg, ctx, make_layer, f"gguf {choice}")
+    return {"type": choice, "bits_per_weight": 8 * size["bytes"] / max(size["elements"], 1),
             "tensor_types": dict(Counter(types.values())), "quantized_layers": count}
 
 

@@ -29,12 +29,11 @@ from dataclasses import dataclass
 
 import torch
 
-from qbench.calib import block_inputs
+from qbench.calib import each_block, start_blockwise
 from qbench.config import resolved_bits, resolved_group_size
-from qbench.quant.blocks import arch_of, decoder_layers, record_inputs, run_block
+from qbench.quant.blocks import record_inputs, run_block, synchronize
 from qbench.quant.grid import QuantizedWeight, default_g_idx, find_params
-from qbench.quant.modules import quantizable_linears, set_module
-from qbench.quant.qlinear import QuantLinear
+from qbench.quant.qlinear import replace_with_quantized
 
 BLOCKSIZE = 128
 
@@ -179,25 +178,15 @@ def _solve_set(layer, names: list[str], hessian: Hessian, s: dict) -> tuple[list
     return parts, losses
 
 
-def _sync(device) -> None:
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 @torch.no_grad()
 def quantize(model, cfg, ctx) -> dict:
     s = _settings(cfg)
-    arch = arch_of(model)
-    targets = quantizable_linears(model, cfg.quantize_lm_head)
-    t0 = time.perf_counter()
-    batches, calib_info = block_inputs(model, cfg, ctx, arch)
-    _sync(ctx.device)
-    timings = {"capture_s": time.perf_counter() - t0, "forward_s": 0.0, "solve_s": 0.0}
+    start = start_blockwise(model, cfg, ctx)
+    arch, targets, batches = start.arch, start.targets, start.batches
+    timings = {"capture_s": start.capture_s, "forward_s": 0.0, "solve_s": 0.0}
     steps = [[names] for names in arch["sequential"]] if s["true_sequential"] else [arch["sequential"]]
     layer_loss, done = {}, set()
-    layers = decoder_layers(model, arch)
-    for index, layer in enumerate(ctx.progress(layers, "gptq", total=len(layers))):
-        prefix = f"{arch['layers']}.{index}."
+    for prefix, layer in each_block(model, arch, ctx, "gptq"):
         quantized = {}
         for step in steps:
             t = time.perf_counter()
@@ -207,7 +196,7 @@ def quantize(model, cfg, ctx) -> dict:
                 hessians.setdefault(name, Hessian.zeros(x.shape[-1], x.device)).add(x)
 
             record_inputs(layer, batches, [names[0] for names in step], on_input, outputs=False)
-            _sync(ctx.device)
+            synchronize(ctx.device)
             timings["forward_s"] += time.perf_counter() - t
             t = time.perf_counter()
             for names in step:
@@ -217,11 +206,10 @@ def quantize(model, cfg, ctx) -> dict:
             timings["solve_s"] += time.perf_counter() - t
         t = time.perf_counter()
         batches = run_block(layer, batches)  # inputs of the next block, through the quantized one
-        _sync(ctx.device)
+        synchronize(ctx.device)
         timings["forward_s"] += time.perf_counter() - t
         for name, qw in quantized.items():
-            linear = layer.get_submodule(name)
-            set_module(layer, name, QuantLinear.from_quantized(qw, linear.bias, kernel=cfg.kernel).to(linear.weight.device))
+            replace_with_quantized(layer, name, qw, cfg.kernel)
             done.add(prefix + name)
     head = model.get_output_embeddings()
     head_name = next((n for n, mod in targets.items() if mod is head), None)
@@ -233,7 +221,7 @@ def quantize(model, cfg, ctx) -> dict:
     missing = sorted(set(targets) - done)
     if missing:
         raise ValueError(f"GPTQ left linears unquantized (not in the block description): {', '.join(missing[:5])}")
-    return {"quantized_layers": len(done), "settings": s, "calib": calib_info, "timings": timings,
+    return {"quantized_layers": len(done), "settings": s, "calib": start.info, "timings": timings,
             "loss_total": sum(layer_loss.values()), "layer_loss": layer_loss}
 
 
@@ -245,7 +233,7 @@ def _quantize_head(model, name: str, batches: list[tuple], arch: dict, s: dict, 
         hessian.add(norm(hidden))
     qw, row_loss = gptq_quantize(head.weight.data, hessian.H, s["bits"], s["group_size"], s["sym"],
                                  s["damp_percent"], s["act_order"], s["static_groups"], zero_in_range=s["zero_in_range"])
-    set_module(model, name, QuantLinear.from_quantized(qw, head.bias, kernel=kernel).to(head.weight.device))
+    replace_with_quantized(model, name, qw, kernel)
     return row_loss.sum().item()
 
 

@@ -26,7 +26,7 @@ import torch
 
 from qbench.config import resolved_bits, resolved_group_size
 from qbench.quant.float_zero import FloatZeroLinear
-from qbench.quant.modules import quantizable_linears, set_module
+from qbench.quant.modules import replace_linears
 
 
 def shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
@@ -140,17 +140,15 @@ def storage_bits(bits: int, group_size: int, in_features: int, s: dict) -> float
 @torch.no_grad()
 def quantize(model, cfg, ctx) -> dict:
     s = _settings(cfg)
-    linears = quantizable_linears(model, cfg.quantize_lm_head)
-    count, stored, weights, layers = len(linears), 0.0, 0, {}
-    for name in ctx.progress(list(linears), "hqq", total=count):
-        linear = linears.pop(name)
-        codes, scales, zeros, info = hqq_quantize(linear.weight.data, s["bits"], s["group_size"], s)
-        layer = FloatZeroLinear.from_float_zero(codes, scales, zeros, s["bits"], s["group_size"], linear.bias,
-                                                cfg.kernel)
-        set_module(model, name, layer.to(linear.weight.device))
-        stored += storage_bits(s["bits"], s["group_size"], linear.in_features, s) * linear.weight.numel()
-        weights += linear.weight.numel()
-        layers[name] = info
+    stored, layers = {"bits": 0.0, "weights": 0}, {}
+
+    def make_layer(name, linear):
+        codes, scales, zeros, layers[name] = hqq_quantize(linear.weight.data, s["bits"], s["group_size"], s)
+        stored["bits"] += storage_bits(s["bits"], s["group_size"], linear.in_features, s) * linear.weight.numel()
+        stored["weights"] += linear.weight.numel()
+        return FloatZeroLinear.from_float_zero(codes, scales, zeros, s["bits"], s["group_size"], linear.bias, cfg.kernel)
+
+    count = replace_linears(model, cfg, ctx, make_layer)
     its = [i["iterations"] for i in layers.values()]
-    return {"quantized_layers": count, "settings": s, "hqq_bits_per_weight": stored / max(weights, 1),
+    return {"quantized_layers": count, "settings": s, "hqq_bits_per_weight": stored["bits"] / max(stored["weights"], 1),
             "iterations_mean": sum(its) / max(len(its), 1), "layers": layers}

@@ -1,18 +1,15 @@
 """LLM.int8(): every linear becomes an Int8Linear (vector-wise int8 + 16-bit outlier columns)."""
 
 from qbench.quant.int8 import Int8Linear
-from qbench.quant.modules import quantizable_linears, set_module
+from qbench.quant.modules import replace_linears
 
 
 def quantize(model, cfg, ctx) -> dict:
     threshold = float(cfg.method.threshold)
     if threshold < 0:
         raise ValueError(f"method.threshold must be >= 0 (0 = no decomposition), got {threshold}")
-    linears = quantizable_linears(model, cfg.quantize_lm_head)
-    count = len(linears)
-    for name in ctx.progress(list(linears), "int8", total=count):
-        linear = linears.pop(name)  # its last reference: the float weight is freed once replaced
-        set_module(model, name, Int8Linear(linear.weight.data, linear.bias, threshold, cfg.kernel))
+    count = replace_linears(model, cfg, ctx,
+                            lambda name, linear: Int8Linear(linear.weight.data, linear.bias, threshold, cfg.kernel))
     return {"quantized_layers": count, "threshold": threshold,
             "decomposition": threshold > 0}
 

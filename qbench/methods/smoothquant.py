@@ -29,7 +29,7 @@ from qbench.methods.awq import apply_scale, scalable
 from qbench.quant.blocks import arch_of, batch_size_for, decoder_layers
 from qbench.quant.int8 import Int8Linear, int8_matmul
 from qbench.quant.kernel_choice import use_triton
-from qbench.quant.modules import quantizable_linears, set_module
+from qbench.quant.modules import quantizable_linears, replace_linears
 
 
 class SmoothQuantLinear(Int8Linear):
@@ -138,14 +138,17 @@ def quantize(model, cfg, ctx) -> dict:
     amax = activation_absmax(model, ids, list(targets), batch_size_for(ids.shape[1]))
     t1 = time.perf_counter()
     folded, explicit = smooth_model(model, amax, s["alpha"], s["smooth"] == "all")
-    for name in ctx.progress(list(targets), "smoothquant", total=len(targets)):
-        linear = targets.pop(name)
+    del targets  # the walk below holds the only references, so each float weight goes once replaced
+
+    def make_layer(name, linear):
         scale = folded.get(name, explicit.get(name))
         act_scale = None
         if s["activations"] == "static":  # the largest smoothed calibration activation -> 127
             act_scale = float((amax[name] if scale is None else amax[name] / scale).max()) / 127 or 1.0
         smooth = 1 / explicit[name] if name in explicit else None
-        set_module(model, name, SmoothQuantLinear(linear.weight.data, linear.bias, smooth, act_scale, cfg.kernel))
+        return SmoothQuantLinear(linear.weight.data, linear.bias, smooth, act_scale, cfg.kernel)
+
+    replace_linears(model, cfg, ctx, make_layer)
     ratio = [float((a.max() / a.median().clamp(min=1e-8))) for a in amax.values()]
     return {"quantized_layers": count,
             "settings": s, "calib": calib_info, "smoothed": len(folded), "explicit": sorted(explicit),

@@ -138,3 +138,9 @@ def record_inputs(block: nn.Module, batches: list[tuple], names: list[str], on_i
     finally:
         for handle in handles:
             handle.remove()
+
+
+def synchronize(device) -> None:
+    """Wait for the GPU (timings of GPU work); nothing on a CPU."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()

@@ -1,4 +1,10 @@
-"""Which linears of a model get quantized, and swapping them for quantized modules."""
+"""Which linears of a model get quantized, and swapping them for quantized modules.
+
+`replace_linears(model, cfg, ctx, make_layer)` is the one walk every weight-only method shares (the
+shape of torchao's `quantize_(model, config)`): each quantizable linear, in order, becomes
+`make_layer(name, linear)`, placed on the linear's device; the float weight is dropped as soon as its
+replacement is in, so a large model never holds a second full-precision copy.
+"""
 
 from torch import nn
 
@@ -17,3 +23,14 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+def replace_linears(model: nn.Module, cfg, ctx, make_layer, desc: str | None = None) -> int:
+    """Replace every quantizable linear (lm_head per cfg.quantize_lm_head) by make_layer(name, linear);
+    returns how many were replaced. The progress bar is titled desc (default: the method's name)."""
+    linears = quantizable_linears(model, cfg.quantize_lm_head)
+    count = len(linears)
+    for name in ctx.progress(list(linears), desc or str(cfg.method.name), total=count):
+        linear = linears.pop(name)  # the walk's reference goes: once replaced, the float weight is freed
+        set_module(model, name, make_layer(name, linear).to(linear.weight.device))
+    return count

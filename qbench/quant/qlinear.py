@@ -90,3 +90,11 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}, sym={self.sym}"
+
+
+def replace_with_quantized(parent: nn.Module, name: str, qw: QuantizedWeight, kernel: str = "auto") -> None:
+    """parent.<name>, an nn.Linear, becomes the QuantLinear of qw with the linear's bias, on its device."""
+    from qbench.quant.modules import set_module
+
+    linear = parent.get_submodule(name)
+    set_module(parent, name, QuantLinear.from_quantized(qw, linear.bias, kernel).to(linear.weight.device))
