@@ -18,8 +18,31 @@ def group_options(group: str) -> list[str]:
 
 
 def method_meta(name: str) -> dict:
-    """The entry conf/method/<name>.yaml as written (its legal values, defaults and parameters)."""
-    return yaml.safe_load((conf_dir() / "method" / f"{name}.yaml").read_text())
+    """The entry conf/method/<name>.yaml (its legal values, defaults and parameters) as Hydra composes it:
+    an entry's `defaults` list names other entries of conf/method it derives from (fp4: nf4), merged in
+    order, `_self_` where it stands (last when absent)."""
+    return _group_entry("method", name)
+
+
+def _group_entry(group: str, name: str) -> dict:
+    entry = yaml.safe_load((conf_dir() / group / f"{name}.yaml").read_text()) or {}
+    defaults = entry.pop("defaults", None)
+    if not defaults:
+        return entry
+    if "_self_" not in defaults:
+        defaults = [*defaults, "_self_"]
+    out: dict = {}
+    for parent in defaults:
+        _merge(out, entry if parent == "_self_" else _group_entry(group, str(parent)))
+    return out
+
+
+def _merge(into: dict, other: dict) -> None:
+    for key, value in other.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
 
 
 def data_root(configured: str | None = None) -> Path | None:

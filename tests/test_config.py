@@ -129,3 +129,17 @@ def test_no_data_root_and_no_network_says_how_to_set_one(monkeypatch):
     message = str(err.value)
     assert message.startswith("no data root set and the Hugging Face hub is unreachable")
     assert "QBENCH_DATA_DIR=" in message and "data_dir=" in message and "\n" not in message
+
+
+def test_fp4_derives_from_nf4(cfg_factory):
+    """conf/method/fp4.yaml holds only what differs from nf4.yaml (Hydra defaults): composed, the two
+    entries differ in their name only, and method_meta (sweep plans, method variants) sees the same."""
+    from omegaconf import OmegaConf
+
+    from qbench.paths import method_meta
+
+    fp4 = OmegaConf.to_container(cfg_factory("method=fp4").method)
+    nf4 = OmegaConf.to_container(cfg_factory("method=nf4").method)
+    assert fp4 == {**nf4, "name": "fp4"} and nf4["name"] == "nf4"
+    assert method_meta("fp4") == fp4 and method_meta("nf4") == nf4
+    assert fp4["group_sizes"] == [32, 64, 128, 256, 512, 1024, 2048, 4096] and fp4["double_quant"] is True
