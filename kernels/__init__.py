@@ -20,13 +20,13 @@ def _hugging_faces_kernels():
     return importlib.machinery.PathFinder.find_spec("kernels", [p for p in sys.path if Path(p or ".").resolve() != root])
 
 
-if __name__ == "kernels" and _hugging_faces_kernels() is not None:
+_spec = _hugging_faces_kernels() if __name__ == "kernels" else None
+if _spec is not None:
     # Imported as a top-level `kernels` because the repo root is on sys.path (`python -m ...` run there):
     # that name belongs to Hugging Face's kernels package, which transformers (>= 5.2x) imports. Hand the
     # name over to it; qbench's kernels are `qbench.kernels` and are not affected.
     import importlib.util
 
-    _spec = _hugging_faces_kernels()
     _module = importlib.util.module_from_spec(_spec)
     sys.modules["kernels"] = _module  # the import statement returns what sys.modules holds at the end
     _spec.loader.exec_module(_module)

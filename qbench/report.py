@@ -9,9 +9,8 @@ from pathlib import Path
 import pandas as pd
 
 from qbench.groups import merged, seed_groups, seeds_label, with_legacy_params
-from qbench.records import latest_per_config, method_variant, read_records  # noqa: F401 (latest_per_config: was here)
+from qbench.records import CONFIG_COLUMNS, latest_per_config, method_variant, read_records  # noqa: F401 (latest_per_config: was here)
 
-CONFIG_COLUMNS = ["model", "method", "bits", "group_size", "calib"]
 PUBLISHED = "reports"  # the committed leaderboards: written only by `qbench report --publish`
 
 

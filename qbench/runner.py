@@ -31,7 +31,6 @@ from qbench.records import append_record, environment, locked, now, read_records
 _MODELS: dict = {}  # (model, device, dtype) -> LoadedModel, the unquantized model of this process
 _CACHE: dict = {}  # RunContext.cache shared by the runs of this process (calibration captures); follows _MODELS
 KEEP_COPY_MAX_BYTES = 2 * 2**30  # larger models are quantized in place: a copy would double their memory
-GIB = 2.0**30
 
 
 def _loaded(cfg: DictConfig):
@@ -249,14 +248,15 @@ def run(cfg: DictConfig, sweep_id: str | None = None) -> dict:
             _MODELS.clear()  # it is about to be quantized: the next run loads it again
             record["quantized_in_place"] = True
         model = loaded.model if cfg.method.name == "fp16" or in_place else copy.deepcopy(loaded.model)
-        _reset_peak(loaded.device)
+        from qbench.eval.speed import PeakMemory  # torch is imported only once a run starts
+        from qbench.quant.blocks import synchronize
+
+        quantize_peak = PeakMemory(model, loaded.device)
         t0 = time.perf_counter()
         record["quant_info"] = method.quantize(model, cfg, ctx) or {}
-        from qbench.quant.blocks import synchronize  # torch is imported only once a run starts
-
         synchronize(loaded.device)
         record["timings"]["quantize_s"] = time.perf_counter() - t0
-        quantize_memory = {"vram_quantize_peak_gib": _peak_gib(loaded.device)}
+        quantize_memory = {"vram_quantize_peak_gib": quantize_peak.metrics().get("vram_peak_allocated_gib")}
         if cfg.export.path:
             if not hasattr(method, "export"):
                 raise ValueError(f"method {cfg.method.name} has no export format")
@@ -300,23 +300,5 @@ def quantizes_in_place(loaded) -> bool:
     if loaded.source.kind == "shape":
         return True
     return sum(p.numel() * p.element_size() for p in loaded.model.parameters()) > KEEP_COPY_MAX_BYTES
-
-
-def _reset_peak(device: str) -> None:
-    if device == "cuda":
-        import torch
-
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _peak_gib(device: str) -> float | None:
-    """Peak GPU memory allocated since _reset_peak (model and everything else the process holds), or None."""
-    if device != "cuda":
-        return None
-    import torch
-
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / GIB
 
 
