@@ -105,15 +105,18 @@ def no_cudnn_attention(device: str):
 
 
 @torch.no_grad()
-def static_decode(model, prompt: torch.Tensor, steps: int, repeats: int, device: str) -> tuple[float, torch.Tensor]:
+def static_decode(model, prompt: torch.Tensor, steps: int, repeats: int, device: str,
+                  cache_factory=None) -> tuple[float, torch.Tensor]:
     """Greedy decode at batch 1 with a static KV cache: (ms per decode step, median of repeats; the
     [1, steps + 1] tokens). On a GPU the step is captured once in a CUDA graph and replayed; elsewhere
     it is called directly (the same code path minus the capture, for tests). Each repeat decodes the
-    same positions again from the prompt's first token."""
+    same positions again from the prompt's first token. cache_factory(model, max_cache_len) makes the
+    cache (qbench.kvcache.static_factory(kind): a quantized one); None: transformers' StaticCache."""
     from transformers import StaticCache
 
     n = prompt.shape[1]
-    cache = StaticCache(config=model.config, max_cache_len=n + steps + 8)
+    length = n + steps + 8
+    cache = cache_factory(model, length) if cache_factory else StaticCache(config=model.config, max_cache_len=length)
     kv = cache_keyword(model)
     with no_cudnn_attention(device):
         out = model(prompt, **{kv: cache}, cache_position=torch.arange(n, device=device), use_cache=True,
