@@ -12,6 +12,11 @@
 #   zeroshot     sweeps/gpu.yaml with perplexity and the seven zero-shot tasks only (KLD and speed off)
 #   identity     research/tasks_identity.py on the fp16 model, full splits: qbench's task numbers vs
 #                lm-eval's own simple_evaluate on the same model object and files ($OUT/identity.json)
+#   zeroshot-par the zeroshot part's 13 quantized configs (all but fp16 and gguf, published before) as three
+#                multiruns on hydra/launcher=gpus at once, $ZS_JOBS workers each (default 4) sharing the GPU:
+#                accuracy only (tasks_s of concurrent workers is no per-config speed figure)
+#   shape8b      sweeps/gpu-8b.yaml (shape:llama-3-8b, every method; quantize time and memory, served speed,
+#                prefill 2048/8192) on hardware=$HARDWARE, resumable
 #   int8t        LLM.int8() at outlier thresholds $INT8_THRESHOLDS (default 5,4,3,2,1), ppl and outlier
 #                fractions: how the perplexity loss trades against the share of 16-bit columns
 set -uo pipefail
@@ -30,6 +35,16 @@ for part in "${parts[@]}"; do
     gguf) qb -m method=gguf method.type=${GGUF_TYPES:-Q4_0,Q4_1,Q5_0,Q5_1,Q8_0,Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q3_K_M,Q4_K_M,Q5_K_M} "${PPL[@]}" "results_dir=$OUT/gguf" ;;
     zeroshot) qb sweep sweeps/gpu.yaml "results_dir=$OUT/zeroshot" "hardware=${HARDWARE:-h100}" wandb.mode=disabled \
                 eval.kld=false eval.speed=false ;;
+    zeroshot-par)
+      ZS=(model=smollm2-135m device=cuda "eval.ppl.datasets=[wikitext2,c4]" quiet=true wandb.mode=disabled
+          "eval.tasks=[arc_easy,arc_challenge,piqa,winogrande,hellaswag,boolq,lambada_openai]" eval.tasks_batch_size=64
+          eval.kld=false eval.speed=false eval.kld_windows=8 "hardware=${HARDWARE:-h100}" "results_dir=$OUT/zeroshot"
+          hydra/launcher=gpus "hydra.launcher.n_jobs=${ZS_JOBS:-4}" resume=true)
+      qb -m method=rtn,gptq,awq,hqq bits=3,4 "${ZS[@]}" > "$OUT/zs-int.log" 2>&1 &
+      qb -m method=nf4,fp4 bits=4 "${ZS[@]}" > "$OUT/zs-nf4.log" 2>&1 &
+      qb -m method=int8,fp8,smoothquant bits=8 "${ZS[@]}" > "$OUT/zs-w8.log" 2>&1 &
+      wait; tail -n 3 "$OUT"/zs-*.log ;;
+    shape8b) qb sweep sweeps/gpu-8b.yaml "results_dir=$OUT/gpu-8b" "hardware=${HARDWARE:-h100}" wandb.mode=disabled resume=true ;;
     identity) python3 research/tasks_identity.py --device cuda --dtype float16 --limit 0 --batch-size 64 \
                 --out "$OUT/identity.json" ;;
     int8t) qb -m method=int8 "method.threshold=${INT8_THRESHOLDS:-5.0,4.0,3.0,2.0,1.0}" "${PPL[@]}" "results_dir=$OUT/int8t" ;;

@@ -66,9 +66,9 @@ def test_metric_that_could_not_be_measured_says_why(tmp_path):
     no_graph = rec("int8", 8, None, 20.2, 8.05, 2.0, decode_graph_error="AcceleratorError: capture failed")
     leaderboard.write_leaderboards(RECORDS + [no_graph], tmp_path)
     md = (tmp_path / "smollm2-135m" / "leaderboard.md").read_text()
-    assert "Not measured:\n- int8 w8: decode ms/tok graph: AcceleratorError: capture failed" in md
+    assert "Not measured:\n- int8 w8: served decode (CUDA graph; eager figures stand in): AcceleratorError: capture failed" in md
     html_text = (tmp_path / "smollm2-135m" / "leaderboard.html").read_text()
-    assert "<li>int8 w8: decode ms/tok graph: AcceleratorError: capture failed</li>" in html_text
+    assert "<li>int8 w8: served decode (CUDA graph; eager figures stand in): AcceleratorError: capture failed</li>" in html_text
 
 
 def test_sections_per_eval_setting(tmp_path):
@@ -300,3 +300,11 @@ def test_zero_shot_columns_show_stderr_and_an_average(tmp_path):
     assert "| 0.4400 |" in base  # (0.58 + 0.30) / 2
     rtn = next(l for l in lines if l.startswith("| rtn w4"))
     assert "| 0.4295 | -0.0105 |" in rtn  # (0.579 + 0.28) / 2, and its delta
+
+
+def test_speed_path_of_records_from_before_the_served_path_is_eager():
+    old = rec("rtn", 4, 128, 22.0, 4.25, 6.0, tok_s_b1=50.0)
+    served = rec("rtn", 4, 128, 22.0, 4.25, 6.0, tok_s_b1=300.0, speed_path="cuda_graph")
+    assert leaderboard._values(old)["speed_path"] == "eager"
+    assert leaderboard._values(served)["speed_path"] == "cuda_graph"
+    assert "speed_path" not in leaderboard._values(rec("rtn", 4, 128, 22.0, 4.25, 6.0))  # no speed measured

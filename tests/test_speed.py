@@ -58,6 +58,9 @@ def test_cpu_speed_is_tiny_and_labelled(smollm2, cfg_factory):
     assert metrics["speed_device"] == "cpu" and metrics["speed_prefill_tokens"] == speed.CPU_CAPS["prefill_tokens"]
     assert set(metrics) >= {"prefill_ms", "decode_ms_per_token", "tok_s_b1"} and "tok_s_b8" not in metrics
     assert metrics["prefill_ms"] > 0 and metrics["decode_ms_per_token"] > 0 and metrics["tok_s_b1"] > 0
+    assert metrics["speed_path"] == "static_cache"  # the served path's code, minus the CUDA graph capture
+    assert metrics["eager_tok_s_b1"] > 0 and metrics["eager_decode_ms_per_token"] > 0
+    assert metrics["prefill_ms_64"] == metrics["prefill_ms"] and "copy_gbs" not in metrics
     assert speed.PeakMemory(smollm2.model, "cpu").metrics() == {}
 
 
@@ -70,6 +73,47 @@ def test_static_cache_decode_matches_eager_generation(smollm2):
     assert ms > 0 and tokens.shape == (1, 6) and torch.equal(tokens, eager)
 
 
+def test_static_generate_batches_and_matches_eager_generation(smollm2):
+    """The served path at batch 2: prefill then decode on a static cache, timed as prefill + decode."""
+    prompt = torch.randint(0, 1000, (2, 7), generator=torch.Generator().manual_seed(5))
+    total, step, tokens = speed.static_generate(smollm2.model, prompt, 4, 2, "cpu")
+    _, eager = speed.generate_timed(smollm2.model, prompt, 5, "cpu")
+    assert tokens.shape == (2, 5) and torch.equal(tokens, eager)
+    assert total > 4 * step > 0  # the total holds the prefill and the four decode steps
+
+
+def test_timed_repeats_stop_once_stable():
+    stable = iter([10.0, 10.1, 10.05, 50.0, 50.0])
+    assert speed.timed_repeats(lambda: next(stable), 5) == [10.0, 10.1, 10.05]
+    noisy = iter([10.0, 20.0, 30.0, 40.0])
+    assert speed.timed_repeats(lambda: next(noisy), 4) == [10.0, 20.0, 30.0, 40.0]  # never stable: all repeats
+    assert speed.timed_repeats(lambda: 1.0, 2) == [1.0, 1.0]  # fewer repeats than the stability window
+
+
+def test_speed_falls_back_to_eager_when_the_served_path_fails(smollm2, cfg_factory, monkeypatch):
+    def cannot_capture(*args, **kwargs):
+        raise RuntimeError("capture failed\nsecond line")
+
+    monkeypatch.setattr(speed, "static_generate", cannot_capture)
+    cfg = cfg_factory("eval.speed=true", "eval.speed_opts.new_tokens=3", "eval.speed_opts.prompt_tokens=4",
+                      "eval.speed_opts.repeats=1")
+    metrics = speed.measure_speed(smollm2.model, cfg, "cpu")
+    assert metrics["speed_path"] == "eager" and metrics["decode_graph_error"] == "RuntimeError: capture failed"
+    assert metrics["tok_s_b1"] == metrics["eager_tok_s_b1"] > 0
+    assert metrics["decode_ms_per_token"] == metrics["eager_decode_ms_per_token"] > 0
+
+
+def test_decode_bytes_leave_out_an_untied_input_embedding(smollm2):
+    model = smollm2.model
+    total = speed.weight_stats(model)["model_bytes"]
+    assert speed.decode_bytes_per_token(model) == total  # SmolLM2 ties lm_head to the embedding: it is read
+    untied = nn.Module()
+    untied.embed, untied.head = nn.Embedding(100, 8), nn.Linear(8, 100, bias=False)
+    untied.get_input_embeddings = lambda: untied.embed
+    untied.get_output_embeddings = lambda: untied.head
+    assert speed.decode_bytes_per_token(untied) == 100 * 8 * 4  # the head only, float32
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_speed_and_peak_memory(smollm2, cfg_factory):
     import copy
@@ -80,7 +124,9 @@ def test_gpu_speed_and_peak_memory(smollm2, cfg_factory):
     metrics = speed.measure_speed(model, cfg, "cuda")
     peak = memory.metrics()
     assert metrics["speed_device"] == "cuda" and metrics["tok_s_b8"] > metrics["tok_s_b1"] > 0
-    assert "decode_graph_error" not in metrics and metrics["decode_ms_per_token_graph"] > 0
+    assert "decode_graph_error" not in metrics and metrics["speed_path"] == "cuda_graph"
+    assert metrics["eager_decode_ms_per_token"] > metrics["decode_ms_per_token"] > 0  # no Python loop in a replay
+    assert metrics["copy_gbs"] > 0 and 0 < metrics["decode_bandwidth_fraction"]
     prompt = torch.randint(0, 1000, (1, 8), device="cuda")
     _, graph_tokens = speed.static_decode(model, prompt, 6, 1, "cuda")  # the CUDA graph decodes what eager does
     _, eager_tokens = speed.generate_timed(model, prompt, 7, "cuda")

@@ -5,16 +5,24 @@ weight_stats (always recorded, any device): bytes of every parameter and buffer 
 lm_head only when quantize_lm_head) the bytes of all their parameters and buffers except biases,
 i.e. packed weights, scales, zeros and indices, divided by their in*out weights: `bits_per_weight`.
 
-measure_speed (eval.speed=true), on random token ids (never zeros), after one warm-up, median of
-`repeats` timed repeats, timed with CUDA events on a GPU:
-    prefill_ms           one forward of 1 x prefill_tokens, filling the KV cache
-    decode_ms_per_token  batch 1, greedy, KV cache: mean time of one decode step (median of repeats)
-    tok_s_b<B>           B x new_tokens generated tokens / time of prefill (prompt_tokens) + decode
-    decode_ms_per_token_graph   (GPU, eval.speed_opts.cuda_graph) batch 1, static KV cache, one decode
-                         step captured in a CUDA graph and replayed new_tokens times: the GPU's time per
-                         token without Python and launch overhead, which dominate the eager figure for
-                         small models on a slow host (a model that cannot be captured records
-                         `decode_graph_error` instead)
+measure_speed (eval.speed=true), on random token ids (never zeros), after one warm-up, the median of
+at most `repeats` timed repeats (stopping once three agree within 2 %), timed with CUDA events on a GPU:
+    prefill_ms_<N>       one forward of 1 x N tokens for each N of prefill_tokens, filling a KV cache;
+                         prefill_ms is the first; vram_peak_prefill_<N>_gib the peak GPU memory of it
+    speed_path           how generation is timed. cuda_graph (the default on a GPU, how a serving stack
+                         runs decode): a static KV cache, the prompt prefilled in one forward, then each
+                         decode step one replay of a CUDA graph of the step, so no Python or kernel-launch
+                         overhead is timed; static_cache (CPU: the same code minus the capture); eager
+                         (eval.speed_opts.cuda_graph=false, or a model that cannot be captured, which
+                         records decode_graph_error): the eager figures below stand in
+    tok_s_b<B>           served: B x new_tokens generated tokens / time of prefill (prompt_tokens) + decode
+    decode_ms_per_token  served: batch 1, time of one decode step
+    eager_tok_s_b<B>, eager_decode_ms_per_token   the same from a Python loop of forwards with
+                         transformers' dynamic cache, at eager_batch_sizes (a secondary figure)
+    copy_gbs             GPU: bandwidth of a plain 1 GiB device copy (read + write), measured in the run
+    decode_bytes_per_token  bytes a batch-1 decode step reads (weights, less the input embedding table)
+    decode_bandwidth_fraction  decode_bytes_per_token / decode_ms_per_token over copy_gbs: how close a
+                         decode step comes to the bandwidth bound
 On a GPU, attention runs without SDPA's cuDNN backend: torch 2.11 picks it on the H100 and it rebuilds
 its graph whenever the KV length changes, i.e. at every decode step (2.3 ms of CPU per attention call,
 60 % of a SmolLM2 decode step, reports/kernels/NOTES.md).
@@ -104,36 +112,58 @@ def no_cudnn_attention(device: str):
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
+def timed_repeats(run, repeats: int, tolerance: float = 0.02, min_repeats: int = 3) -> list[float]:
+    """Times of run() (each returns its ms): at most `repeats`, stopping early once the last
+    `min_repeats` lie within `tolerance` of their median (a stable figure needs no more repeats)."""
+    times = []
+    for _ in range(max(int(repeats), 1)):
+        times.append(run())
+        last = sorted(times[-min_repeats:])
+        if len(times) >= min_repeats and last[-1] - last[0] <= tolerance * last[len(last) // 2]:
+            break
+    return times
+
+
 @torch.no_grad()
-def static_decode(model, prompt: torch.Tensor, steps: int, repeats: int, device: str,
-                  cache_factory=None) -> tuple[float, torch.Tensor]:
-    """Greedy decode at batch 1 with a static KV cache: (ms per decode step, median of repeats; the
-    [1, steps + 1] tokens). On a GPU the step is captured once in a CUDA graph and replayed; elsewhere
-    it is called directly (the same code path minus the capture, for tests). Each repeat decodes the
-    same positions again from the prompt's first token. cache_factory(model, max_cache_len) makes the
-    cache (qbench.kvcache.static_factory(kind): a quantized one); None: transformers' StaticCache."""
+def static_generate(model, prompt: torch.Tensor, steps: int, repeats: int, device: str,
+                    cache_factory=None) -> tuple[float, float, torch.Tensor]:
+    """Fixed-length greedy generation as a serving stack runs it: a static KV cache, the prompt
+    prefilled in one forward, then `steps` decode steps, each one replay of a CUDA graph of the step
+    (GPU; elsewhere the step is called directly, the same code path minus the capture, for tests).
+    Returns (ms of prefill + all decode steps, ms per decode step, the [B, steps + 1] greedy tokens),
+    medians over the timed repeats (timed_repeats); every repeat prefills and decodes the same
+    positions again. cache_factory(model, max_cache_len, batch) makes the cache (a quantized one,
+    qbench.kvcache); None: transformers' StaticCache."""
     from transformers import StaticCache
 
-    n = prompt.shape[1]
+    batch, n = prompt.shape
     length = n + steps + 8
-    cache = cache_factory(model, length) if cache_factory else StaticCache(config=model.config, max_cache_len=length)
+    cache = cache_factory(model, length, batch) if cache_factory else StaticCache(config=model.config, max_cache_len=length)
     kv = cache_keyword(model)
+    positions = torch.arange(n, device=device)
+    tok, pos = torch.zeros(batch, 1, dtype=torch.long, device=device), torch.tensor([n], device=device)
+
+    def prefill():
+        for layer in getattr(cache, "layers", []):  # newer transformers count the cached tokens per layer
+            cached = getattr(layer, "cumulative_length", None)
+            if isinstance(cached, torch.Tensor):
+                cached.fill_(0)
+        logits = model(prompt, **{kv: cache}, cache_position=positions, use_cache=True, logits_to_keep=1).logits
+        tok.copy_(logits[:, -1:].argmax(-1))
+        pos.fill_(n)
+
+    def step():
+        logits = model(tok, **{kv: cache}, cache_position=pos, use_cache=True, logits_to_keep=1).logits
+        tok.copy_(logits[:, -1:].argmax(-1))
+        pos.add_(1)
+
     with no_cudnn_attention(device):
-        out = model(prompt, **{kv: cache}, cache_position=torch.arange(n, device=device), use_cache=True,
-                    logits_to_keep=1)
-        first = out.logits[:, -1:].argmax(-1)
-        tok, pos = first.clone(), torch.tensor([n], device=device)
-
-        def step():
-            logits = model(tok, **{kv: cache}, cache_position=pos, use_cache=True, logits_to_keep=1).logits
-            tok.copy_(logits[:, -1:].argmax(-1))
-            pos.add_(1)
-
         capture = device == "cuda"
         side = torch.cuda.Stream() if capture else None  # warm-up off the default stream, as capture wants
         if capture:
             side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side) if capture else contextlib.nullcontext():
+            prefill()
             for _ in range(3):  # kernel tuning, compilation and the cache's lazy allocation, before the capture
                 step()
         run = step
@@ -144,29 +174,34 @@ def static_decode(model, prompt: torch.Tensor, steps: int, repeats: int, device:
                 step()
             run = graph.replay
 
-        def rewind():
-            pos.fill_(n)
-            tok.copy_(first)
-            for layer in getattr(cache, "layers", []):  # newer transformers count the cached tokens per layer
-                length = getattr(layer, "cumulative_length", None)
-                if isinstance(length, torch.Tensor):
-                    length.fill_(n)
-
-        rewind()
-        tokens = [first.clone()]
+        prefill()
+        tokens = [tok.clone()]
         for _ in range(steps):
             run()
             tokens.append(tok.clone())
-        times = []
-        for _ in range(repeats):
-            rewind()
+        splits = []
+
+        def generate() -> float:
             timer = Timer(device)
+            timer.mark()
+            prefill()
             timer.mark()
             for _ in range(steps):
                 run()
             timer.mark()
-            times.append(timer.intervals_ms()[0] / steps)
-    return statistics.median(times), torch.cat(tokens, dim=1)
+            prefill_ms, decode_ms = timer.intervals_ms()
+            splits.append(decode_ms / steps)
+            return prefill_ms + decode_ms
+
+        totals = timed_repeats(generate, repeats)
+    return statistics.median(totals), statistics.median(splits), torch.cat(tokens, dim=1)
+
+
+def static_decode(model, prompt: torch.Tensor, steps: int, repeats: int, device: str,
+                  cache_factory=None) -> tuple[float, torch.Tensor]:
+    """static_generate's (ms per decode step, tokens)."""
+    _, step_ms, tokens = static_generate(model, prompt, steps, repeats, device, cache_factory)
+    return step_ms, tokens
 
 
 def _forward(model, ids, past=None):
@@ -177,14 +212,15 @@ def _forward(model, ids, past=None):
 def prefill_ms(model, vocab: int, tokens: int, repeats: int, device: str, gen: torch.Generator) -> float:
     ids = torch.randint(0, vocab, (1, tokens), generator=gen).to(device)
     _forward(model, ids)  # warm-up
-    times = []
-    for _ in range(repeats):
+
+    def once() -> float:
         timer = Timer(device)
         timer.mark()
         _forward(model, ids)
         timer.mark()
-        times.append(timer.intervals_ms()[0])
-    return statistics.median(times)
+        return timer.intervals_ms()[0]
+
+    return statistics.median(timed_repeats(once, repeats))
 
 
 @torch.no_grad()
@@ -204,44 +240,136 @@ def generate_timed(model, prompt: torch.Tensor, new_tokens: int, device: str) ->
     return timer.intervals_ms(), torch.cat(tokens, dim=1)
 
 
-@torch.no_grad()
-def measure_speed(model, cfg, device: str) -> dict:
-    opts = dict(cfg.eval.speed_opts)
-    batches = [int(b) for b in opts["batch_sizes"]]
+def copy_bandwidth_gbs(device: str, gib: float = 1.0, copies: int = 10) -> float:
+    """Device memory bandwidth of a plain copy (bytes read + written per second, GB/s): the bound a
+    weight-streaming decode step can reach, measured in the same run as the model."""
     if device != "cuda":
-        opts.update({k: min(int(opts[k]), cap) for k, cap in CPU_CAPS.items()})
-        batches = [1]
+        return 0.0
+    src = torch.empty(int(gib * 2**30), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    timer = Timer(device)
+    timer.mark()
+    for _ in range(copies):
+        dst.copy_(src)
+    timer.mark()
+    return 2 * src.numel() * copies / (timer.intervals_ms()[0] / 1000) / 1e9
+
+
+def decode_bytes_per_token(model) -> int:
+    """Bytes a batch-1 decode step reads: every parameter and buffer once, except the input embedding
+    table (one row is gathered) unless the output layer shares it. The KV cache is left out."""
+    total = _tensor_bytes(list(model.parameters()) + list(model.buffers()))
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(embed, "weight", None)
+    if weight is None or (head is not None and getattr(head, "weight", None) is weight):
+        return total
+    return total - _tensor_bytes([weight])
+
+
+def _prefill_lengths(opts: dict) -> list[int]:
+    value = opts["prefill_tokens"]
+    return [int(value)] if isinstance(value, int) else [int(v) for v in value]
+
+
+@torch.no_grad()
+def measure_speed(model, cfg, device: str, cache_factory=None) -> dict:
+    """Prefill at each eval.speed_opts.prefill_tokens, then generation on the served path (the
+    module docstring); eager generation at eager_batch_sizes as a secondary figure."""
+    opts = dict(cfg.eval.speed_opts)
+    lengths = _prefill_lengths(opts)
+    batches = [int(b) for b in opts["batch_sizes"]]
+    eager_batches = [int(b) for b in opts.get("eager_batch_sizes") or []]
+    if device != "cuda":
+        lengths = [min(lengths[0], CPU_CAPS["prefill_tokens"])]
+        opts.update({k: min(int(opts[k]), cap) for k, cap in CPU_CAPS.items() if k != "prefill_tokens"})
+        batches, eager_batches = [1], [1]
     vocab = int(model.config.vocab_size)
     gen = torch.Generator().manual_seed(int(cfg.seed))
-    new = max(int(opts["new_tokens"]), 2)
-    metrics = {"speed_device": device, "speed_prefill_tokens": int(opts["prefill_tokens"]),
+    new, repeats = max(int(opts["new_tokens"]), 2), int(opts["repeats"])
+    metrics = {"speed_device": device, "speed_prefill_tokens": lengths[0],
                "speed_prompt_tokens": int(opts["prompt_tokens"]), "speed_new_tokens": new}
     with no_cudnn_attention(device):
-        metrics.update(_eager_speed(model, opts, batches, vocab, new, device, gen))
-    if device == "cuda" and opts.get("cuda_graph", True):
-        try:
-            prompt = torch.randint(0, vocab, (1, int(opts["prompt_tokens"])), generator=gen).to(device)
-            metrics["decode_ms_per_token_graph"] = static_decode(model, prompt, new, int(opts["repeats"]), device)[0]
-        except Exception as err:  # noqa: BLE001 - a model transformers cannot run with a static cache, or capture
-            metrics["decode_graph_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
-            torch.cuda.synchronize()
+        for i, tokens in enumerate(lengths):
+            reset_peak(device)
+            ms = prefill_ms(model, vocab, tokens, repeats, device, gen)
+            metrics[f"prefill_ms_{tokens}"] = ms
+            if i == 0:
+                metrics["prefill_ms"] = ms
+            if device == "cuda":
+                metrics[f"vram_peak_prefill_{tokens}_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        prompts = {b: torch.randint(0, vocab, (b, int(opts["prompt_tokens"])), generator=gen).to(device)
+                   for b in sorted(set(batches) | set(eager_batches))}
+        eager = _eager_speed(model, prompts, eager_batches, new, repeats, device)
+        metrics.update({f"eager_{k}": v for k, v in eager.items()})
+        served = _served_speed(model, prompts, batches, new, repeats, device, opts, cache_factory)
+        if served["speed_path"] == "eager":  # the eager figures stand in for the served ones
+            served.update(_eager_speed(model, prompts, [b for b in batches if b not in eager_batches], new, repeats,
+                                       device))
+            served.update({k: v for k, v in eager.items()})
+        metrics.update(served)
+    if device == "cuda":
+        metrics["copy_gbs"] = copy_bandwidth_gbs(device)
+        metrics["decode_bytes_per_token"] = decode_bytes_per_token(model)
+        if metrics.get("decode_ms_per_token") and metrics["copy_gbs"]:
+            achieved = metrics["decode_bytes_per_token"] / (metrics["decode_ms_per_token"] / 1000) / 1e9
+            metrics["decode_bandwidth_fraction"] = achieved / metrics["copy_gbs"]
     return metrics
 
 
-def _eager_speed(model, opts: dict, batches: list, vocab: int, new: int, device: str, gen) -> dict:
-    metrics = {"prefill_ms": prefill_ms(model, vocab, int(opts["prefill_tokens"]), int(opts["repeats"]), device, gen)}
+def _served_speed(model, prompts: dict, batches: list, new: int, repeats: int, device: str, opts: dict,
+                  cache_factory) -> dict:
+    """tok_s_b<B> and decode_ms_per_token from static_generate (speed_path cuda_graph on a GPU,
+    static_cache elsewhere); a model that cannot be captured records decode_graph_error and speed_path eager."""
+    if device == "cuda" and not opts.get("cuda_graph", True):
+        return {"speed_path": "eager"}
+    out = {"speed_path": "cuda_graph" if device == "cuda" else "static_cache"}
+    try:
+        for batch in batches:
+            total, step, _ = static_generate(model, prompts[batch], new, repeats, device, cache_factory)
+            out[f"tok_s_b{batch}"] = batch * new / (total / 1000)
+            if batch == 1:
+                out["decode_ms_per_token"] = step
+    except Exception as err:  # noqa: BLE001 - a model transformers cannot run with a static cache, or capture
+        if device == "cuda":
+            torch.cuda.synchronize()
+        first = str(err).splitlines()[0][:300] if str(err) else ""
+        return {"speed_path": "eager", "decode_graph_error": f"{type(err).__name__}: {first}"}
+    return out
+
+
+def _eager_speed(model, prompts: dict, batches: list, new: int, repeats: int, device: str) -> dict:
+    """tok_s_b<B> and decode_ms_per_token of a Python loop of forwards with transformers' dynamic cache."""
+    metrics = {}
     for batch in batches:
-        prompt = torch.randint(0, vocab, (batch, int(opts["prompt_tokens"])), generator=gen).to(device)
+        prompt = prompts[batch]
         generate_timed(model, prompt, new, device)  # warm-up
-        totals, steps = [], []
-        for _ in range(int(opts["repeats"])):
+        steps = []
+
+        def once() -> float:
             times, _ = generate_timed(model, prompt, new, device)
-            totals.append(sum(times))
             steps.append(statistics.fmean(times[1:]))
+            return sum(times)
+
+        totals = timed_repeats(once, repeats)
         metrics[f"tok_s_b{batch}"] = batch * new / (statistics.median(totals) / 1000)
         if batch == 1:
             metrics["decode_ms_per_token"] = statistics.median(steps)
     return metrics
+
+
+_folded = {"allocated": 0, "reserved": 0}  # peaks seen before a reset_peak, so PeakMemory still sees them
+
+
+def reset_peak(device: str) -> None:
+    """Start a fresh peak-memory window (e.g. one prefill) without losing the run's peak."""
+    if device != "cuda" or not torch.cuda.is_available():
+        return
+    torch.cuda.synchronize()
+    _folded["allocated"] = max(_folded["allocated"], torch.cuda.max_memory_allocated())
+    _folded["reserved"] = max(_folded["reserved"], torch.cuda.max_memory_reserved())
+    torch.cuda.reset_peak_memory_stats()
 
 
 class PeakMemory:
@@ -253,6 +381,7 @@ class PeakMemory:
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+            _folded.update(allocated=0, reserved=0)
             own = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()) if t.is_cuda)
             self.other = torch.cuda.memory_allocated() - own
 
@@ -261,6 +390,7 @@ class PeakMemory:
             return {}
         torch.cuda.synchronize()
         gib = 2.0**30
-        peak = torch.cuda.max_memory_allocated()
-        return {"vram_peak_allocated_gib": peak / gib, "vram_peak_reserved_gib": torch.cuda.max_memory_reserved() / gib,
+        peak = max(torch.cuda.max_memory_allocated(), _folded["allocated"])
+        reserved = max(torch.cuda.max_memory_reserved(), _folded["reserved"])
+        return {"vram_peak_allocated_gib": peak / gib, "vram_peak_reserved_gib": reserved / gib,
                 "vram_peak_run_gib": (peak - self.other) / gib}
