@@ -1,11 +1,12 @@
 """qbench's Triton kernels: plain @triton.jit kernels and thin launchers, one file per weight format.
 
-    wint_matmul   W{2..8}A16 grouped integer (RTN/GPTQ/AWQ), act-order    kernels/wint.py (fp16: wint_h2.py, wint_tc.py, wint_mma.py)
-    nf4_matmul    NF4/FP4 blockwise absmax, double quant                   kernels/nf4.py (fp16 decode: nf4_h2.py)
+    wint_matmul   W{2..8}A16 grouped integer (RTN/GPTQ/AWQ), act-order    kernels/wint.py (wint_decode.py, wint_h2.py, wint_tc.py, wint_mma.py)
+    nf4_matmul    NF4/FP4 blockwise absmax, double quant                   kernels/nf4.py (decode: nf4_decode.py, nf4_h2.py; nf4_tc.py)
     gguf_matmul   GGUF Q4_0/1, Q5_0/1, Q8_0, Q2_K .. Q6_K                  kernels/gguf.py
     int8_matmul   W8A8 int8 and LLM.int8() with 16-bit outlier columns     kernels/w8a8.py
     llm_int8_decode  LLM.int8() for <= 32 tokens, outliers found on device  kernels/w8a8.py
     fp8_matmul    FP8 (E4M3/E5M2) weights, per-token FP8 activations       kernels/w8a8.py
+Which kernels compete for each format and token range: kernels/registry.py.
 Importing this package imports triton; on a CPU, run under TRITON_INTERPRET=1.
 """
 

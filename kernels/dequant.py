@@ -205,13 +205,17 @@ def _scale_min_k4(scales, sub, mask):
 
 
 @triton.jit
-def dequant_tile(p0, p1, p2, p3, p4, f0, offs_k, offs_n, k0, N, K, i0,
-                 FMT: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The [BLOCK_K, BLOCK_N] tile of W^T of format FMT (0 WINT, 1 NF4/FP4, 2 GGUF), float32."""
-    if FMT == 0:
-        w = dequant_wint(p0, p1, p2, p3, offs_k, offs_n, k0, N, K, i0, C0, C1, C2, BLOCK_K)
-    elif FMT == 1:
-        w = dequant_nf4(p0, p1, p2, p3, p4, f0, offs_k, offs_n, N, K, C0, C1)
+def dequant_tile(offs_k, offs_n, k0, N, K, qweight, qzeros, scales, g_idx, n_zero_words, codes, absmax, lut, absmax2,
+                 code2, offset, raw, row_bytes, FORMAT: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                 ACT_ORDER: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, QTYPE: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """The [BLOCK_K, BLOCK_N] tile of W^T, float32, of the weight in FORMAT ("wint", "nf4" or "gguf"); only that
+    format's arguments are read (kernels/matmul.py's layouts set them, the others are None or 0)."""
+    if FORMAT == "wint":
+        w = dequant_wint(qweight, qzeros, scales, g_idx, offs_k, offs_n, k0, N, K, n_zero_words, BITS, GROUP_SIZE,
+                         ACT_ORDER, BLOCK_K)
+    elif FORMAT == "nf4":
+        w = dequant_nf4(codes, absmax, lut, absmax2, code2, offset, offs_k, offs_n, N, K, BLOCKSIZE, DOUBLE_QUANT)
     else:
-        w = dequant_gguf(p0, offs_k, offs_n, N, K, i0, C0)
+        w = dequant_gguf(raw, offs_k, offs_n, N, K, row_bytes, QTYPE)
     return w

@@ -6,8 +6,8 @@ written to memory. Two shapes of the same kernel:
   tl.dot; the K range is split over SPLIT_K programs that add into a float32 output (split-K), which
   fills the GPU when N alone gives too few tiles;
 - prefill: a tiled GEMM (BLOCK_M 64/128) with grouped tile order for L2 reuse, tl.dot on the tensor cores.
-Two more candidates compete with it in the tuner: a format's own decode kernel (`fast`, e.g.
-kernels/wint.py, kernels/nf4.py), and for M > 4 "dequantize, then cuBLAS": dequant_kernel
+Its configs compete in the tuner with the formats' own kernels (kernels/registry.py), and for M > 4 with
+"dequantize, then cuBLAS": dequant_kernel
 writes W^T once in the activation dtype (the same dequant device functions, one pass over the packed
 bytes) and torch.matmul multiplies. At prefill sizes the fused GEMM dequantizes every weight tile
 once per row-tile of M (16 times at M=2048 with 128-row tiles) and feeds the tensor cores from
@@ -15,18 +15,96 @@ registers, while the one-pass dequantization costs about (2 + packed bytes) per 
 traffic, a small fraction of a large matmul.
 Candidate configs are generated from the shape and the SM count (no shape is hard-coded) and timed
 once per shape by kernels/tune.py.
+
+The weight comes in one of three named layouts (WintLayout, Nf4Layout, GgufLayout); the kernels take every
+format's arguments by name and read those of FORMAT, the others left None or 0 (`skeleton_args`).
 """
 
 import functools
+from typing import Callable, NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 from qbench.kernels.dequant import dequant_tile
-from qbench.kernels.tune import cdiv, m_bucket, pick
+from qbench.kernels.splitk import split_output, split_tiles, store_or_add, tile_offsets
+from qbench.kernels.tune import cdiv
 
-WINT, NF4, GGUF = 0, 1, 2
+
+class WintLayout(NamedTuple):
+    """Integer codes in the GPTQ layout (kernels/wint.py), W = (q - z) * s. `mins` [G, N] (HQQ's float zero
+    points, GGUF's min term: W = (q - z) * s - mins) is subtracted by the kernels that take it (kernels/
+    registry.py); the skeleton ignores it."""
+    qweight: torch.Tensor
+    qzeros: torch.Tensor
+    scales: torch.Tensor
+    g_idx: torch.Tensor | None  # act-order; None: groups of `group` consecutive input channels
+    bits: int
+    group: int  # 0: one group
+    mins: torch.Tensor | None = None
+
+    @property
+    def N(self) -> int:
+        return self.scales.shape[1]
+
+    def skeleton_args(self) -> dict:
+        return dict(qweight=self.qweight, qzeros=self.qzeros, scales=self.scales, g_idx=self.g_idx,
+                    n_zero_words=self.qzeros.shape[1], FORMAT="wint", BITS=self.bits, GROUP_SIZE=self.group,
+                    ACT_ORDER=self.g_idx is not None)
+
+    def tune_key(self) -> tuple:
+        """The tuner's key of the format, as it was before the layouts had names (cached choices stay valid)."""
+        return 0, (self.bits, self.group, self.g_idx is not None)
+
+
+class Nf4Layout(NamedTuple):
+    """bitsandbytes NF4/FP4 (kernels/nf4.py), the tensors as the caller holds them (copies are cached on them)."""
+    codes: torch.Tensor  # uint8, two codes a byte
+    absmax: torch.Tensor  # float32, or with double quant uint8 codes into code2
+    lut: torch.Tensor  # float32 [16]
+    absmax2: torch.Tensor | None  # double quant: float32 per 256 blocks
+    code2: torch.Tensor | None
+    offset: float
+    blocksize: int
+    N: int
+
+    def skeleton_args(self) -> dict:
+        double = self.absmax2 is not None
+        return dict(codes=self.codes.view(-1), absmax=self.absmax.view(-1) if double else self.absmax.view(-1).float(),
+                    lut=self.lut, absmax2=self.absmax2, code2=self.code2 if double else None, offset=float(self.offset),
+                    FORMAT="nf4", BLOCKSIZE=self.blocksize, DOUBLE_QUANT=double)
+
+    def tune_key(self) -> tuple:
+        return 1, (self.blocksize, self.absmax2 is not None, 0)
+
+
+class GgufLayout(NamedTuple):
+    """ggml blocks (kernels/gguf.py). `integer`: a function returning the weight's integer copy as a WintLayout
+    with mins (built by the caller on first use and cached there), for the kernels that read it; or None."""
+    raw: torch.Tensor  # uint8 [N, row bytes]
+    qtype: int  # kernels/dequant.py's Q4_0 ... Q3_K
+    integer: Callable[[], WintLayout] | None = None
+
+    @property
+    def N(self) -> int:
+        return self.raw.shape[0]
+
+    def skeleton_args(self) -> dict:
+        return dict(raw=self.raw, row_bytes=self.raw.shape[1], FORMAT="gguf", QTYPE=self.qtype)
+
+    def tune_key(self) -> tuple:
+        return 2, (self.qtype, 0, 0)
+
+
+_UNSET = dict(qweight=None, qzeros=None, scales=None, g_idx=None, n_zero_words=0, codes=None, absmax=None, lut=None,
+              absmax2=None, code2=None, offset=0.0, raw=None, row_bytes=0, BITS=0, GROUP_SIZE=0, ACT_ORDER=False,
+              BLOCKSIZE=0, DOUBLE_QUANT=False, QTYPE=0)
+
+
+def skeleton_args(layout) -> dict:
+    """Every format's arguments of dequant_matmul_kernel / dequant_kernel: the layout's own, the others unset."""
+    return {**_UNSET, **layout.skeleton_args()}
 
 
 @triton.jit
@@ -42,26 +120,30 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 
 
 @triton.jit
-def dequant_matmul_kernel(x_ptr, out_ptr, p0, p1, p2, p3, p4, f0,
-                          M, N, K, stride_xm, stride_om, i0, SPLIT_K,
-                          FMT: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          GROUP_M: tl.constexpr, ATOMIC: tl.constexpr):
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mmask = offs_m < M
+def output_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Rows and columns of this program's output tile (grid axis 0, in grouped_tile's order) and their masks."""
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m, mmask = tile_offsets(pid_m, M, BLOCK_M)
+    offs_n, nmask = tile_offsets(pid_n, N, BLOCK_N)
+    return offs_m, mmask, offs_n, nmask
 
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(k_tiles, SPLIT_K)
-    t_end = tl.minimum(pid_k * per_split + per_split, k_tiles)
+
+@triton.jit
+def dequant_matmul_kernel(x_ptr, out_ptr, M, N, K, stride_xm, stride_om, SPLIT_K,
+                          qweight, qzeros, scales, g_idx, n_zero_words, codes, absmax, lut, absmax2, code2, offset,
+                          raw, row_bytes, FORMAT: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                          ACT_ORDER: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                          QTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          GROUP_M: tl.constexpr, ATOMIC: tl.constexpr):
+    offs_m, mmask, offs_n, nmask = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    t_start, t_end = split_tiles(tl.cdiv(K, BLOCK_K), SPLIT_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for t in range(pid_k * per_split, t_end):
+    for t in range(t_start, t_end):
         k0 = t * BLOCK_K
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        w = dequant_tile(p0, p1, p2, p3, p4, f0, offs_k, offs_n, k0, N, K, i0, FMT, C0, C1, C2, BLOCK_K)
+        w = dequant_tile(offs_k, offs_n, k0, N, K, qweight, qzeros, scales, g_idx, n_zero_words, codes, absmax, lut,
+                         absmax2, code2, offset, raw, row_bytes, FORMAT, BITS, GROUP_SIZE, ACT_ORDER, BLOCKSIZE,
+                         DOUBLE_QUANT, QTYPE, BLOCK_K)
         kmask = offs_k < K
         if BLOCK_M == 1:
             xk = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],
@@ -74,35 +156,33 @@ def dequant_matmul_kernel(x_ptr, out_ptr, p0, p1, p2, p3, p4, f0,
                 acc += tl.dot(x, w, input_precision="ieee")  # no silent tf32 for float32 models
             else:
                 acc += tl.dot(x, w.to(x.dtype))
-    out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    omask = mmask[:, None] & (offs_n < N)[None, :]
-    if ATOMIC:
-        tl.atomic_add(out, acc, mask=omask)
-    else:
-        tl.store(out, acc, mask=omask)
+    store_or_add(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc, mmask[:, None] & nmask[None, :], ATOMIC)
 
 
 @triton.jit
-def dequant_kernel(out_ptr, p0, p1, p2, p3, p4, f0, N, K, i0,
-                   FMT: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
+def dequant_kernel(out_ptr, N, K, qweight, qzeros, scales, g_idx, n_zero_words, codes, absmax, lut, absmax2, code2,
+                   offset, raw, row_bytes, FORMAT: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                   ACT_ORDER: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, QTYPE: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out [K, N] = W^T, dequantized from the packed bytes, in out's dtype."""
     k0 = tl.program_id(0) * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    w = dequant_tile(p0, p1, p2, p3, p4, f0, offs_k, offs_n, k0, N, K, i0, FMT, C0, C1, C2, BLOCK_K)
+    w = dequant_tile(offs_k, offs_n, k0, N, K, qweight, qzeros, scales, g_idx, n_zero_words, codes, absmax, lut,
+                     absmax2, code2, offset, raw, row_bytes, FORMAT, BITS, GROUP_SIZE, ACT_ORDER, BLOCKSIZE,
+                     DOUBLE_QUANT, QTYPE, BLOCK_K)
     mask = (offs_k < K)[:, None] & (offs_n < N)[None, :]
     tl.store(out_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def dequantize_t(fmt: int, K: int, N: int, ptrs: tuple, consts: tuple, i0: int = 0, f0: float = 0.0,
-                 dtype=torch.float16, device=None, block_n: int = 64, block_k: int = 64) -> torch.Tensor:
-    """W^T [K, N] in dtype from the packed weight (Triton; the prefill path of dequant_matmul)."""
-    p = tuple(ptrs) + (None,) * (5 - len(ptrs))
-    c = tuple(consts) + (0,) * (3 - len(consts))
-    out = torch.empty((K, N), dtype=dtype, device=device if device is not None else ptrs[0].device)
+def dequantize_t(layout, K: int, N: int, dtype=torch.float16, device=None, block_n: int = 64,
+                 block_k: int = 64) -> torch.Tensor:
+    """W^T [K, N] in dtype from the packed weight (Triton; the prefill path of the skeleton)."""
+    args = skeleton_args(layout)
+    first = next(v for v in args.values() if isinstance(v, torch.Tensor))
+    out = torch.empty((K, N), dtype=dtype, device=device if device is not None else first.device)
     grid = (cdiv(K, block_k), cdiv(N, block_n))
-    dequant_kernel[grid](out, *p, f0, N, K, i0, FMT=fmt, C0=c[0], C1=c[1], C2=c[2], BLOCK_N=block_n, BLOCK_K=block_k)
+    dequant_kernel[grid](out, N, K, **args, BLOCK_N=block_n, BLOCK_K=block_k)
     return out
 
 
@@ -146,39 +226,15 @@ def _fast_configs(M: int, N: int, K: int, device: torch.device) -> list[dict]:
             _cfg(128, 64, 128, 8, 3)]
 
 
-def dequant_matmul(fmt: int, x: torch.Tensor, N: int, ptrs: tuple, consts: tuple, i0: int = 0, f0: float = 0.0,
-                   name: str = "dequant_matmul", config: dict | None = None, fast: tuple | None = None) -> torch.Tensor:
-    """x [..., K] (fp16/bf16/fp32) times the dequantized [N, K] weight -> [..., N] in x's dtype.
-
-    fast: (make_configs, run) of the format's own decode kernel: make_configs() -> list of configs with a
-    "KERNEL" key, built only when a shape is tuned; run(config, x2d) -> [M, N]. They compete with the
-    skeleton's configs in the tuner."""
-    K = x.shape[-1]
-    x2 = x.reshape(-1, K)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    M = x2.shape[0]
-    p = tuple(ptrs) + (None,) * (5 - len(ptrs))
-    c = tuple(consts) + (0,) * (3 - len(consts))
-
-    def run(cfg):
-        kind = cfg.get("KERNEL", "tiled")
-        if kind == "dequant_cublas":
-            wt = dequantize_t(fmt, K, N, ptrs, consts, i0, f0, x.dtype, x.device, cfg["BLOCK_N"], cfg["BLOCK_K"])
-            return x2 @ wt
-        if kind != "tiled":
-            return fast[1](cfg, x2)
-        split = cfg["SPLIT_K"]
-        out = torch.zeros((M, N), dtype=torch.float32, device=x.device) if split > 1 else \
-            torch.empty((M, N), dtype=x.dtype, device=x.device)
-        grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]), split)
-        dequant_matmul_kernel[grid](x2, out, *p, f0, M, N, K, x2.stride(0), out.stride(0), i0, split,
-                                    FMT=fmt, C0=c[0], C1=c[1], C2=c[2], ATOMIC=split > 1,
-                                    **{k: v for k, v in cfg.items() if k not in ("SPLIT_K", "KERNEL")})
-        return out.to(x.dtype)
-
-    if config is None:
-        key = (fmt, c, m_bucket(M), N, K, str(x.dtype))
-        config = pick(name, key, lambda: ([] if fast is None else fast[0]()) + candidate_configs(M, N, K, x.device),
-                      run, x.device)
-    return run(config).reshape(*x.shape[:-1], N)
+def run_skeleton(cfg: dict, x2: torch.Tensor, layout, N: int) -> torch.Tensor:
+    """x2 [M, K] (stride 1 along K) times the dequantized [N, K] weight -> [M, N] in x2's dtype, with one of
+    candidate_configs: dequantize + cuBLAS (KERNEL "dequant_cublas") or the fused kernel (no KERNEL)."""
+    M, K = x2.shape
+    if cfg.get("KERNEL", "tiled") == "dequant_cublas":
+        return x2 @ dequantize_t(layout, K, N, x2.dtype, x2.device, cfg["BLOCK_N"], cfg["BLOCK_K"])
+    split = cfg["SPLIT_K"]
+    out = split_output(x2, N, split)
+    grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]), split)
+    dequant_matmul_kernel[grid](x2, out, M, N, K, x2.stride(0), out.stride(0), split, **skeleton_args(layout),
+                                ATOMIC=split > 1, **{k: v for k, v in cfg.items() if k not in ("SPLIT_K", "KERNEL")})
+    return out.to(x2.dtype)

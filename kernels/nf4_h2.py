@@ -30,9 +30,10 @@ import torch
 import triton
 import triton.language as tl
 
-from qbench.kernels.splitk import split_buffers, store_result, store_stream, stream_bounds, stream_slots, stream_span, wave_splits
+from qbench.kernels.half2 import pack_h2, unpack_h2
+from qbench.kernels.splitk import (decode_launch, h2_configs, split_tile, store_result, store_stream, stream_span,
+                                   stream_tile, wave_splits)
 from qbench.kernels.tune import cdiv, interpreted
-from qbench.kernels.wint_h2 import _h2, _u32
 
 
 def slot_table(lut: torch.Tensor):
@@ -145,13 +146,13 @@ def nf4_chunk_fma(s, t, la, la1, lb, lb1, ha, ha1, hb, hb1, xa, xb, acc, slot_va
         v1 = tl.load(slot_values + ((s >> 4) & 15))
         v2 = tl.load(slot_values + ((s >> 8) & 15))
         v3 = tl.load(slot_values + ((s >> 12) & 15))
-        xa_lo, xa_hi = _h2(xa)
-        xb_lo, xb_hi = _h2(xb)
-        a_lo, a_hi = _h2(acc)
+        xa_lo, xa_hi = unpack_h2(xa)
+        xb_lo, xb_hi = unpack_h2(xb)
+        a_lo, a_hi = unpack_h2(acc)
         # two fp16 fmas per half, each rounded, as fma.rn.f16x2 (products exact in float32)
         t_lo = (v0 * xa_lo.to(tl.float32) + a_lo.to(tl.float32)).to(tl.float16)
         t_hi = (v1 * xa_hi.to(tl.float32) + a_hi.to(tl.float32)).to(tl.float16)
-        out = _u32((v2 * xb_lo.to(tl.float32) + t_lo.to(tl.float32)).to(tl.float16),
+        out = pack_h2((v2 * xb_lo.to(tl.float32) + t_lo.to(tl.float32)).to(tl.float16),
                    (v3 * xb_hi.to(tl.float32) + t_hi.to(tl.float32)).to(tl.float16))
     return out
 
@@ -189,7 +190,7 @@ def _tile_sums(xw, words_ptr, absmax, la, la1, lb, lb1, ha, ha1, hb, hb1, slot_v
             part = nf4_chunk_fma(words, flipped, la, la1, lb, lb1, ha, ha1, hb, hb1, x0, x1, part, slot_values, PTX)
             part = nf4_chunk_fma(words >> 16, flipped >> 16, la, la1, lb, lb1, ha, ha1, hb, hb1, x2, x3, part,
                                  slot_values, PTX)
-        p_lo, p_hi = _h2(part)
+        p_lo, p_hi = unpack_h2(part)
         acc += (p_lo.to(tl.float32) + p_hi.to(tl.float32)) * (a * inv_c)[None, :]
     return tl.sum(acc, axis=0)
 
@@ -217,21 +218,15 @@ def nf4_h2_decode_kernel(x_ptr, out_ptr, words_ptr, absmax, table, slot_values, 
         n_tiles = tl.cdiv(N, BLOCK_N)
         start, end, first_tile, end_tile, P, U = stream_span(n_tiles, k_tiles)
         for tile in range(first_tile, end_tile):
-            lo, hi = stream_bounds(tile, start, end, k_tiles)
-            offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-            nmask = offs_n < N
+            lo, hi, offs_n, nmask = stream_tile(tile, start, end, k_tiles, N, BLOCK_N)
             res = _tile_sums(xw, words_ptr, absmax, la, la1, lb, lb1, ha, ha1, hb, hb1, slot_values, inv_c,
                              N, K, offs_n, nmask, lo, hi, BLOCKSIZE, BLOCK_N, BLOCK_K, CHAIN, STAGES, PTX, EVEN_N)
             store_stream(out_ptr, res, partials, counters, offs_n, nmask, N, stride_om, tile, n_tiles, k_tiles, P, U,
                          BLOCK_N)
     else:
-        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        nmask = offs_n < N
-        pid_k = tl.program_id(1)
-        per_split = tl.cdiv(k_tiles, SPLIT_K)
-        t_end = tl.minimum(pid_k * per_split + per_split, k_tiles)
+        t_start, t_end, offs_n, nmask = split_tile(k_tiles, SPLIT_K, N, BLOCK_N)
         res = _tile_sums(xw, words_ptr, absmax, la, la1, lb, lb1, ha, ha1, hb, hb1, slot_values, inv_c,
-                         N, K, offs_n, nmask, pid_k * per_split, t_end, BLOCKSIZE, BLOCK_N, BLOCK_K, CHAIN, STAGES,
+                         N, K, offs_n, nmask, t_start, t_end, BLOCKSIZE, BLOCK_N, BLOCK_K, CHAIN, STAGES,
                          PTX, EVEN_N)
         store_result(out_ptr, res, partials, counters, offs_n, nmask, N, stride_om, SPLIT_K, BLOCK_N)
 
@@ -252,17 +247,10 @@ def nf4_h2_configs(M: int, N: int, K: int, blocksize: int, lut: torch.Tensor, dt
                                (1024, small, 8, None), (512, 128, 8, None)):
         if blocksize % bk:
             continue
-        tiles = cdiv(N, bn) * M
-        for split in wave_splits(K // bk, tiles, n_sm):
-            for stages in (2, 3):
-                configs.append({"KERNEL": "nf4_h2", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "CHAIN": 2,
-                                "STAGES": stages, "num_warps": warps, "num_stages": 1, "MAXNREG": cap})
-        if (bn, warps) == (512, 4):  # stream-K, 3-4 equal programs per SM: no gain measured on the H100
-            for per_sm in (3, 4):
-                for stages in (2, 3):
-                    configs.append({"KERNEL": "nf4_h2", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1, "CHAIN": 2,
-                                    "STAGES": stages, "num_warps": warps, "num_stages": 1, "MAXNREG": cap,
-                                    "STREAM": max(per_sm * n_sm // M, 1)})
+        # stream-K (3-4 equal programs per SM) only for the 512-column 4-warp tiles: no gain measured on the H100
+        streams = [max(per_sm * n_sm // M, 1) for per_sm in (3, 4)] if (bn, warps) == (512, 4) else []
+        configs += h2_configs("nf4_h2", bn, bk, warps, 2, wave_splits(K // bk, cdiv(N, bn) * M, n_sm), streams,
+                              MAXNREG=cap)
     return configs
 
 
@@ -291,15 +279,7 @@ def run_nf4_h2(cfg: dict, x2: torch.Tensor, codes: torch.Tensor, absmax, lut32, 
     if x2.stride(0) % 2 or x2.data_ptr() % 4:  # x is read as int32 pairs
         x2 = x2.contiguous().clone()
     stream = cfg.get("STREAM", 0)  # stream-K: programs per token (0: split-K)
-    if stream:
-        n_tiles, k_tiles = cdiv(N, cfg["BLOCK_N"]), K // cfg["BLOCK_K"]
-        programs = min(stream, n_tiles * k_tiles)  # every program holds at least one unit
-        out, partials, counters = split_buffers(x2, N, stream_slots(n_tiles, k_tiles, programs), cfg["BLOCK_N"])
-        grid, split = (programs, 1, M), 1
-    else:
-        split = cfg["SPLIT_K"]
-        out, partials, counters = split_buffers(x2, N, split, cfg["BLOCK_N"])
-        grid = (cdiv(N, cfg["BLOCK_N"]), split, M)
+    out, partials, counters, grid, split = decode_launch(cfg, x2, N, K // cfg["BLOCK_K"])
     nf4_h2_decode_kernel[grid](x2, out, words, absmax_cols, table, slot_values, inv_c, partials, counters, N, K,
                                x2.stride(0), out.stride(0), split, BLOCKSIZE=blocksize, BLOCK_N=cfg["BLOCK_N"],
                                BLOCK_K=cfg["BLOCK_K"], CHAIN=cfg["CHAIN"], STAGES=cfg.get("STAGES", 1), PTX=not interpreted(),

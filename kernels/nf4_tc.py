@@ -22,9 +22,9 @@ import triton
 import triton.language as tl
 
 from qbench.kernels.nf4_h2 import column_layout, device_slot_table, load_slot_table
-from qbench.kernels.splitk import merge_partial, split_buffers, wave_splits
+from qbench.kernels.splitk import split_buffers, store_token_tile, token_tile_program, wave_splits
 from qbench.kernels.tune import cdiv, interpreted
-from qbench.kernels.wint_h2 import _h2, _u32
+from qbench.kernels.half2 import pack_h2, unpack_h2
 from qbench.kernels.wint_tc import per_word
 
 
@@ -52,8 +52,8 @@ def nf4_pairs(s, t, la, la1, lb, lb1, ha, ha1, hb, hb1, slot_values, PTX: tl.con
         v1 = tl.load(slot_values + ((s >> 4) & 15)).to(tl.float16)
         v2 = tl.load(slot_values + ((s >> 8) & 15)).to(tl.float16)
         v3 = tl.load(slot_values + ((s >> 12) & 15)).to(tl.float16)
-        pa = _u32(v0, v1)
-        pb = _u32(v2, v3)
+        pa = pack_h2(v0, v1)
+        pb = pack_h2(v2, v3)
     return pa, pb
 
 
@@ -65,9 +65,9 @@ def mul_pairs(p, ss, PTX: tl.constexpr):
         out = tl.inline_asm_elementwise("mul.rn.f16x2 $0, $1, $2;", "=r,r,r", [p, ss], dtype=tl.uint32,
                                         is_pure=True, pack=1)
     else:
-        lo, hi = _h2(p)
-        s_lo, _ = _h2(ss)
-        out = _u32((lo.to(tl.float32) * s_lo.to(tl.float32)).to(tl.float16),
+        lo, hi = unpack_h2(p)
+        s_lo, _ = unpack_h2(ss)
+        out = pack_h2((lo.to(tl.float32) * s_lo.to(tl.float32)).to(tl.float16),
                    (hi.to(tl.float32) * s_lo.to(tl.float32)).to(tl.float16))
     return out
 
@@ -80,19 +80,11 @@ def nf4_tc_kernel(x_ptr, out_ptr, words_ptr, absmax, table, slot_values, inv_c, 
     WORDS: tl.constexpr = BLOCK_K // 8
     TB: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCKSIZE < BLOCK_K else 1  # blocks per K tile (SCALE_IN only)
     la, la1, lb, lb1, ha, ha1, hb, hb1 = load_slot_table(table)
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = offs_n < N
-    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mmask = offs_m < M
+    offs_n, nmask, offs_m, mmask, t_start, t_end = token_tile_program(M, N, K, SPLIT_K, BLOCK_N, BLOCK_M, BLOCK_K)
     offs_w = tl.arange(0, WORDS)
     offs_k = tl.arange(0, BLOCK_K)
-    k_tiles = K // BLOCK_K  # the launcher makes BLOCK_K divide the block, and blocks divide K
-    per_split = tl.cdiv(k_tiles, SPLIT_K)
-    t_end = tl.minimum(pid_k * per_split + per_split, k_tiles)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for t in tl.range(pid_k * per_split, t_end, num_stages=STAGES):
+    for t in tl.range(t_start, t_end, num_stages=STAGES):
         k0 = t * BLOCK_K
         words = tl.load(words_ptr + (k0 // 8 + offs_w)[None, :] * N + offs_n[:, None], mask=nmask[:, None], other=0)
         words = words.to(tl.uint32, bitcast=True)  # [BLOCK_N, WORDS]
@@ -103,7 +95,7 @@ def nf4_tc_kernel(x_ptr, out_ptr, words_ptr, absmax, table, slot_values, inv_c, 
             b = k0 // BLOCKSIZE + tl.arange(0, TB)
             a = tl.load(absmax + b[None, :] * N + offs_n[:, None], mask=nmask[:, None], other=0.0)
             a16 = (a * inv_c).to(tl.float16)
-            ss = per_word(_u32(a16, a16), BLOCK_N, TB, WORDS)
+            ss = per_word(pack_h2(a16, a16), BLOCK_N, TB, WORDS)
             p0 = mul_pairs(p0, ss, PTX)
             p1 = mul_pairs(p1, ss, PTX)
             p2 = mul_pairs(p2, ss, PTX)
@@ -112,7 +104,7 @@ def nf4_tc_kernel(x_ptr, out_ptr, words_ptr, absmax, table, slot_values, inv_c, 
             a = tl.load(absmax + (k0 // BLOCKSIZE) * N + offs_n, mask=nmask, other=0.0)
         # pairs in K order (word w, pair i) -> [BLOCK_N, BLOCK_K / 2], then each pair's two halves
         pairs = tl.reshape(tl.join(tl.join(p0, p2), tl.join(p1, p3)), (BLOCK_N, BLOCK_K // 2))
-        lo, hi = _h2(pairs)
+        lo, hi = unpack_h2(pairs)
         w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
         # x loaded along K (16-byte loads) and transposed in the MMA's operand layout
         xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :], mask=mmask[:, None], other=0.0)
@@ -120,13 +112,7 @@ def nf4_tc_kernel(x_ptr, out_ptr, words_ptr, absmax, table, slot_values, inv_c, 
             acc += tl.dot(w, tl.trans(xk))
         else:
             acc += tl.dot(w, tl.trans(xk)) * (a * inv_c)[:, None]
-    out = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
-    mask = nmask[:, None] & mmask[None, :]
-    if SPLIT_K == 1:
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        ticket = counters + tl.program_id(2) * tl.num_programs(0) + pid_n
-        merge_partial(out, acc, partials, offs_n[:, None], mask, N, M, offs_m[None, :], pid_k, SPLIT_K, ticket)
+    store_token_tile(out_ptr, acc, partials, counters, offs_n, nmask, offs_m, mmask, N, M, stride_om, SPLIT_K)
 
 
 def nf4_tc_configs(M: int, N: int, K: int, blocksize: int, lut: torch.Tensor, dtype: torch.dtype,

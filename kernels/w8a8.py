@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from qbench.kernels.matmul import grouped_tile
+from qbench.kernels.matmul import grouped_tile, output_tile
+from qbench.kernels.splitk import split_tiles
 from qbench.kernels.tune import cdiv, m_bucket, pick
 
 INT8_MAX, E4M3_MAX = 127.0, 448.0
@@ -172,20 +173,12 @@ def w8a8_kernel(xq_ptr, sx_ptr, wq_ptr, sw_ptr, out_ptr, x16_ptr, oidx_ptr, wo_p
                 GROUP_M: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr, DENSE_OUTLIERS: tl.constexpr = False):
     """DENSE_OUTLIERS: x16_ptr is x [M, K] with every column but the outliers zeroed (see the module
     docstring); otherwise the HAS_OUTLIERS part gathers the n_out columns of oidx_ptr."""
-    pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mmask = offs_m < M
-    nmask = offs_n < N
-
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(k_tiles, SPLIT_K)
-    t_end = tl.minimum(pid_k * per_split + per_split, k_tiles)
+    offs_m, mmask, offs_n, nmask = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    t_start, t_end = split_tiles(tl.cdiv(K, BLOCK_K), SPLIT_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if IS_INT else tl.float32)
     acc16 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # DENSE_OUTLIERS: x[:, outliers] @ w_q^T
-    for t in range(pid_k * per_split, t_end):
+    for t in range(t_start, t_end):
         offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
         if EVEN_K:  # no K mask: the loads stay unpredicated along K (vectorized, pipelined)
             xmask = mmask[:, None]

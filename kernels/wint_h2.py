@@ -33,22 +33,10 @@ import triton
 import triton.language as tl
 
 from qbench.kernels.dequant import stream_bits
-from qbench.kernels.splitk import split_buffers, store_result, store_stream, stream_bounds, stream_slots, stream_span, wave_splits
+from qbench.kernels.half2 import pack_h2, unpack_h2
+from qbench.kernels.splitk import (decode_launch, h2_configs, split_tile, store_result, store_stream, stream_span,
+                                   stream_tile, wave_splits)
 from qbench.kernels.tune import cdiv, interpreted
-
-@triton.jit
-def _h2(u):
-    """uint32 -> (low fp16, high fp16)."""
-    lo = (u & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
-    hi = (u >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
-    return lo, hi
-
-
-@triton.jit
-def _u32(lo, hi):
-    """(fp16, fp16) -> uint32 with lo in bits 0-15."""
-    return lo.to(tl.uint16, bitcast=True).to(tl.uint32) | (hi.to(tl.uint16, bitcast=True).to(tl.uint32) << 16)
-
 
 @triton.jit
 def pair_fma(t, mask2, xp, zz, acc, PTX: tl.constexpr):
@@ -63,14 +51,14 @@ def pair_fma(t, mask2, xp, zz, acc, PTX: tl.constexpr):
             }""",
             "=r,r,r,r,r,r", [t, mask2, xp, zz, acc], dtype=tl.uint32, is_pure=True, pack=1)
     else:
-        t_lo, t_hi = _h2((t & mask2) | 0x3C003C00)
-        z_lo, z_hi = _h2(zz)
-        x_lo, x_hi = _h2(xp)
-        a_lo, a_hi = _h2(acc)
+        t_lo, t_hi = unpack_h2((t & mask2) | 0x3C003C00)
+        z_lo, z_hi = unpack_h2(zz)
+        x_lo, x_hi = unpack_h2(xp)
+        a_lo, a_hi = unpack_h2(acc)
         d_lo = (t_lo - z_lo).to(tl.float32)  # exact: multiples of 2**-BITS below 1
         d_hi = (t_hi - z_hi).to(tl.float32)
         # the fma's product is exact in float32; one rounding to fp16, as fma.rn.f16x2
-        out = _u32((d_lo * x_lo.to(tl.float32) + a_lo.to(tl.float32)).to(tl.float16),
+        out = pack_h2((d_lo * x_lo.to(tl.float32) + a_lo.to(tl.float32)).to(tl.float16),
                    (d_hi * x_hi.to(tl.float32) + a_hi.to(tl.float32)).to(tl.float16))
     return out
 
@@ -116,14 +104,14 @@ def placed_fma(src, pos: tl.constexpr, BITS: tl.constexpr, TOP: tl.constexpr, nz
             }""",
             "=r,r,r,r,r,r,r", [src, mask, s2, nzz, xp, acc], dtype=tl.uint32, is_pure=True, pack=1)
     else:
-        t_lo, t_hi = _h2((src & mask) | 0x3C003C00)
-        n_lo, n_hi = _h2(nzz)
+        t_lo, t_hi = unpack_h2((src & mask) | 0x3C003C00)
+        n_lo, n_hi = unpack_h2(nzz)
         S: tl.constexpr = 2.0 ** (TOP - pos)
         d_lo = (t_lo.to(tl.float32) * S + n_lo.to(tl.float32)).to(tl.float16)  # exact
         d_hi = (t_hi.to(tl.float32) * S + n_hi.to(tl.float32)).to(tl.float16)
-        x_lo, x_hi = _h2(xp)
-        a_lo, a_hi = _h2(acc)
-        out = _u32((d_lo.to(tl.float32) * x_lo.to(tl.float32) + a_lo.to(tl.float32)).to(tl.float16),
+        x_lo, x_hi = unpack_h2(xp)
+        a_lo, a_hi = unpack_h2(acc)
+        out = pack_h2((d_lo.to(tl.float32) * x_lo.to(tl.float32) + a_lo.to(tl.float32)).to(tl.float16),
                    (d_hi.to(tl.float32) * x_hi.to(tl.float32) + a_hi.to(tl.float32)).to(tl.float16))
     return out
 
@@ -186,7 +174,7 @@ def code_pair(src, pos, k_lo, k_hi, xrow, K, mask2, zz, part, TOP: tl.constexpr,
     else:
         x_lo = tl.load(xrow + k_lo, mask=k_lo < K, other=0.0)
         x_hi = tl.load(xrow + k_hi, mask=k_hi < K, other=0.0)
-    return pair_fma(to_top(src, pos, TOP), mask2, _u32(x_lo, x_hi)[:, None], zz, part, PTX)
+    return pair_fma(to_top(src, pos, TOP), mask2, pack_h2(x_lo, x_hi)[:, None], zz, part, PTX)
 
 
 @triton.jit
@@ -269,7 +257,7 @@ def _tile_sums(x_ptr, qweight, qzeros, scales, mins, xsums, N, K, stride_xm, n_z
             nz6 = placed_zero(z, 6, TOP) if BITS == 3 else nz3
         else:
             z1 = (1.0 + z.to(tl.float32) / UNIT).to(tl.float16)  # 1 + z / UNIT, exact
-            zz = _u32(z1, z1)[None, :]
+            zz = pack_h2(z1, z1)[None, :]
         part = tl.zeros((ROWS, BLOCK_N), dtype=tl.uint32)  # fp16 pair sums over CHAIN rows of a column
         for c in tl.static_range(CHAIN):
             row = k0 // PER + c * ROWS + offs_r
@@ -318,7 +306,7 @@ def _tile_sums(x_ptr, qweight, qzeros, scales, mins, xsums, N, K, stride_xm, n_z
                 words = load_rows(qweight, row, offs_n, nmask, N, n_words, EVEN)
                 for j in tl.static_range(HALF):
                     part = code_pair(words, BITS * j, k + j, k + j + HALF, xrow, K, mask2, zz, part, TOP, EVEN, PTX)
-        p_lo, p_hi = _h2(part)  # sum of x * (q - z) / UNIT over the chained rows, in two halves
+        p_lo, p_hi = unpack_h2(part)  # sum of x * (q - z) / UNIT over the chained rows, in two halves
         acc += (p_lo.to(tl.float32) + p_hi.to(tl.float32)) * (s * UNIT)[None, :]
     if HAS_MIN:
         return tl.sum(acc, axis=0) - min_acc
@@ -337,22 +325,16 @@ def wint_h2_decode_kernel(x_ptr, out_ptr, qweight, qzeros, scales, mins, xsums, 
         n_tiles = tl.cdiv(N, BLOCK_N)
         start, end, first_tile, end_tile, P, U = stream_span(n_tiles, k_tiles)
         for tile in range(first_tile, end_tile):
-            lo, hi = stream_bounds(tile, start, end, k_tiles)
-            offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-            nmask = offs_n < N
+            lo, hi, offs_n, nmask = stream_tile(tile, start, end, k_tiles, N, BLOCK_N)
             res = _tile_sums(x_ptr, qweight, qzeros, scales, mins, xsums, N, K, stride_xm, n_zero_words, offs_n, nmask,
                              m, lo, hi, BITS, GROUP, BLOCK_N, BLOCK_K, PTX, EVEN, CHAIN, STAGES, BYTE_PAIRS, IN_PLACE,
                              HAS_MIN)
             store_stream(out_ptr, res, partials, counters, offs_n, nmask, N, stride_om, tile, n_tiles, k_tiles, P, U,
                          BLOCK_N)
     else:
-        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        nmask = offs_n < N
-        pid_k = tl.program_id(1)
-        per_split = tl.cdiv(k_tiles, SPLIT_K)
-        t_end = tl.minimum(pid_k * per_split + per_split, k_tiles)
+        t_start, t_end, offs_n, nmask = split_tile(k_tiles, SPLIT_K, N, BLOCK_N)
         res = _tile_sums(x_ptr, qweight, qzeros, scales, mins, xsums, N, K, stride_xm, n_zero_words, offs_n, nmask, m,
-                         pid_k * per_split, t_end, BITS, GROUP, BLOCK_N, BLOCK_K, PTX, EVEN, CHAIN, STAGES,
+                         t_start, t_end, BITS, GROUP, BLOCK_N, BLOCK_K, PTX, EVEN, CHAIN, STAGES,
                          BYTE_PAIRS, IN_PLACE, HAS_MIN)
         store_result(out_ptr, res, partials, counters, offs_n, nmask, N, stride_om, SPLIT_K, BLOCK_N)
 
@@ -377,18 +359,10 @@ def h2_decode_configs(M: int, N: int, K: int, bits: int, group: int, dtype: torc
     for bn, bk, warps in ((512, small, 4), (256, small, 4), (1024, small, 8), (512, 128, 8)):
         if (group and group % bk) or bk // per < chain:
             continue
-        k_tiles = cdiv(K, bk)
-        tiles = cdiv(N, bn) * M
-        for split in wave_splits(k_tiles, tiles, n_sm):
-            for stages in (2, 3):
-                configs.append({"KERNEL": "wint_h2", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "CHAIN": chain,
-                                "STAGES": stages, "num_warps": warps, "num_stages": 1, **pairing})
-        if (bn, warps) == (512, 4):  # stream-K, 3-5 equal programs per SM: no gain measured on the H100
-            for per_sm in (3, 4, 5):
-                for stages in (2, 3):
-                    configs.append({"KERNEL": "wint_h2", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1, "CHAIN": chain,
-                                    "STAGES": stages, "num_warps": warps, "num_stages": 1,
-                                    "STREAM": max(per_sm * n_sm // M, 1), **pairing})
+        # stream-K (3-5 equal programs per SM) only for the 512-column 4-warp tile: no gain measured on the H100
+        streams = [max(per_sm * n_sm // M, 1) for per_sm in (3, 4, 5)] if (bn, warps) == (512, 4) else []
+        configs += h2_configs("wint_h2", bn, bk, warps, chain, wave_splits(cdiv(K, bk), cdiv(N, bn) * M, n_sm), streams,
+                              **pairing)
     return configs
 
 
@@ -402,15 +376,7 @@ def run_h2_decode(cfg: dict, x2: torch.Tensor, qweight, qzeros, scales, bits: in
             raise ValueError(f"wint_h2 with mins: BLOCK_K {cfg['BLOCK_K']} must divide K {K}")
         xsums = x2.view(M, K // cfg["BLOCK_K"], cfg["BLOCK_K"]).sum(-1, dtype=torch.float32)
     stream = cfg.get("STREAM", 0)  # stream-K: programs per token (0: split-K)
-    if stream:
-        n_tiles, k_tiles = cdiv(N, cfg["BLOCK_N"]), cdiv(K, cfg["BLOCK_K"])
-        programs = min(stream, n_tiles * k_tiles)  # every program holds at least one unit
-        out, partials, counters = split_buffers(x2, N, stream_slots(n_tiles, k_tiles, programs), cfg["BLOCK_N"])
-        grid, split = (programs, 1, M), 1
-    else:
-        split = cfg["SPLIT_K"]
-        out, partials, counters = split_buffers(x2, N, split, cfg["BLOCK_N"])
-        grid = (cdiv(N, cfg["BLOCK_N"]), split, M)
+    out, partials, counters, grid, split = decode_launch(cfg, x2, N, cdiv(K, cfg["BLOCK_K"]))
     # x read as int32 pairs: needs an even K and row stride and a 4-byte aligned start
     x_words = K % 2 == 0 and x2.stride(0) % 2 == 0 and x2.data_ptr() % 4 == 0
     byte_pairs = cfg.get("BYTE_PAIRS", False) and bits in (4, 8) and x_words

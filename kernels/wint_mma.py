@@ -53,7 +53,6 @@ except ImportError:  # pragma: no cover - older triton: the tuner does not offer
 
 from qbench.kernels.splitk import split_buffers, wave_splits
 from qbench.kernels.tune import cdiv, interpreted
-from qbench.quant.packing import unpack_rows
 
 _PAIR = """{
 .reg .b32 d;
@@ -78,7 +77,8 @@ def mma_layout(qweight: torch.Tensor, N: int, K: int, BK: int, BN: int) -> torch
         return cached[1]
     if K % BK or BK % 32 or BN % 64:
         raise ValueError(f"wint_mma: K={K} must be a multiple of BLOCK_K={BK} (a multiple of 32), BLOCK_N={BN} of 64")
-    codes = unpack_rows(qweight, 4, K).T  # [N, K]
+    nibbles = 4 * torch.arange(8, device=qweight.device)
+    codes = ((qweight.long()[:, None, :] >> nibbles[None, :, None]) & 15).reshape(K, N).T  # [N, K]: code k in word k // 8
     n_pad = -(-N // BN) * BN
     if n_pad != N:
         codes = torch.cat((codes, codes.new_zeros(n_pad - N, K)))

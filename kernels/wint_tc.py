@@ -28,9 +28,9 @@ import triton
 import triton.language as tl
 
 from qbench.kernels.dequant import stream_codes
-from qbench.kernels.splitk import merge_partial, split_buffers, wave_splits
+from qbench.kernels.splitk import split_buffers, store_token_tile, token_tile_program, wave_splits
 from qbench.kernels.tune import cdiv, interpreted
-from qbench.kernels.wint_h2 import _h2, _u32
+from qbench.kernels.half2 import pack_h2, unpack_h2
 
 
 @triton.jit
@@ -57,11 +57,11 @@ def pair_weights(shifted, words, sel, zz, ss, PTX: tl.constexpr):
 def sub_mul_ref(lo, hi, zz, ss):
     """The interpreter's sub.f16x2 then mul.rn.f16x2 on the fp16 bit patterns lo and hi (bits 0-15): (t - z)
     is exact in fp16, the product rounded once."""
-    t_lo, _ = _h2(lo)
-    t_hi, _ = _h2(hi)
-    z_lo, _ = _h2(zz)
-    s_lo, _ = _h2(ss)
-    return _u32(((t_lo - z_lo).to(tl.float32) * s_lo.to(tl.float32)).to(tl.float16),
+    t_lo, _ = unpack_h2(lo)
+    t_hi, _ = unpack_h2(hi)
+    z_lo, _ = unpack_h2(zz)
+    s_lo, _ = unpack_h2(ss)
+    return pack_h2(((t_lo - z_lo).to(tl.float32) * s_lo.to(tl.float32)).to(tl.float16),
                 ((t_hi - z_lo).to(tl.float32) * s_lo.to(tl.float32)).to(tl.float16))
 
 
@@ -99,20 +99,12 @@ def wint_tc_kernel(x_ptr, out_ptr, qweight, qzeros, scales, mins, xsums, partial
     WORDS: tl.constexpr = BLOCK_K * BITS // 32
     # groups per K tile: 1 when the tile lies inside a group, else the tile holds whole groups
     TG: tl.constexpr = BLOCK_K // GROUP if GROUP != 0 and GROUP < BLOCK_K else 1
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = offs_n < N
-    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mmask = offs_m < M
+    offs_n, nmask, offs_m, mmask, t_start, t_end = token_tile_program(M, N, K, SPLIT_K, BLOCK_N, BLOCK_M, BLOCK_K)
     offs_w = tl.arange(0, WORDS)
     offs_k = tl.arange(0, BLOCK_K)
-    k_tiles = K // BLOCK_K  # the launcher makes BLOCK_K divide K and the group (or the group divide it)
-    per_split = tl.cdiv(k_tiles, SPLIT_K)
-    t_end = tl.minimum(pid_k * per_split + per_split, k_tiles)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     min_acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for t in tl.range(pid_k * per_split, t_end, num_stages=STAGES):
+    for t in tl.range(t_start, t_end, num_stages=STAGES):
         k0 = t * BLOCK_K
         g = (0 if GROUP == 0 else k0 // GROUP) + tl.arange(0, TG)  # the tile's groups
         s = tl.load(scales + g[None, :] * N + offs_n[:, None], mask=nmask[:, None], other=0.0).to(tl.float32)
@@ -123,8 +115,8 @@ def wint_tc_kernel(x_ptr, out_ptr, qweight, qzeros, scales, mins, xsums, partial
         if BITS == 4:
             z1 = (1.0 + z / 64).to(tl.float16)  # 1 + z / 64, exact
             s64 = (s * 64).to(tl.float16)  # exact: a power of two times an fp16
-            zz = per_word(_u32(z1, z1), BLOCK_N, TG, WORDS)
-            ss = per_word(_u32(s64, s64), BLOCK_N, TG, WORDS)
+            zz = per_word(pack_h2(z1, z1), BLOCK_N, TG, WORDS)
+            ss = per_word(pack_h2(s64, s64), BLOCK_N, TG, WORDS)
             shifted = words << 4
             p0 = pair_weights(shifted, words, tl.full((1, 1), 0 | (4 << 8), tl.uint32), zz, ss, PTX)
             p1 = pair_weights(shifted, words, tl.full((1, 1), 1 | (5 << 8), tl.uint32), zz, ss, PTX)
@@ -135,12 +127,12 @@ def wint_tc_kernel(x_ptr, out_ptr, qweight, qzeros, scales, mins, xsums, partial
         else:
             z1 = (1024.0 + z).to(tl.float16)  # exact
             s16 = s.to(tl.float16)
-            zz = per_word(_u32(z1, z1), BLOCK_N, TG, WORDS)
-            ss = per_word(_u32(s16, s16), BLOCK_N, TG, WORDS)
+            zz = per_word(pack_h2(z1, z1), BLOCK_N, TG, WORDS)
+            ss = per_word(pack_h2(s16, s16), BLOCK_N, TG, WORDS)
             p0 = pair_bytes(words, tl.full((1, 1), 0x4140, tl.uint32), zz, ss, PTX)
             p1 = pair_bytes(words, tl.full((1, 1), 0x4342, tl.uint32), zz, ss, PTX)
             pairs = tl.reshape(tl.join(p0, p1), (BLOCK_N, BLOCK_K // 2))
-        lo, hi = _h2(pairs)
+        lo, hi = unpack_h2(pairs)
         w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
         xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + (k0 + offs_k)[:, None], mask=mmask[None, :], other=0.0)
         acc += tl.dot(w, xt)
@@ -154,13 +146,7 @@ def wint_tc_kernel(x_ptr, out_ptr, qweight, qzeros, scales, mins, xsums, partial
                 min_acc += mn[:, None] * xs[None, :]
     if HAS_MIN:
         acc -= min_acc
-    out = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
-    mask = nmask[:, None] & mmask[None, :]
-    if SPLIT_K == 1:
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        ticket = counters + tl.program_id(2) * tl.num_programs(0) + pid_n
-        merge_partial(out, acc, partials, offs_n[:, None], mask, N, M, offs_m[None, :], pid_k, SPLIT_K, ticket)
+    store_token_tile(out_ptr, acc, partials, counters, offs_n, nmask, offs_m, mmask, N, M, stride_om, SPLIT_K)
 
 
 def tc_configs(M: int, N: int, K: int, bits: int, group: int, dtype: torch.dtype, n_sm: int) -> list[dict]:

@@ -62,9 +62,10 @@ def h2_cfg(split=1, stream=0, block_k=32, byte_pairs=False, in_place=False, chai
 
 @pytest.mark.parametrize("qtype", H2_TYPES)
 def test_gguf_decode_through_the_integer_kernel(qtype):
-    """M <= 4 fp16 decode on the integer fp16x2 kernel (kernels/gguf.py wint_layout): split-K, stream-K, the
+    """M <= 4 fp16 decode on the integer fp16x2 kernel (gguf_linear.wint_layout's copy): split-K, stream-K, the
     pairings, min terms (Q4_1, Q5_1, Q4_K, Q5_K), groups of 16 (Q6_K); N=37 ends inside a column tile."""
-    from qbench.kernels.gguf import gguf_matmul, wint_layout
+    from qbench.kernels.gguf import gguf_matmul
+    from qbench.quant.gguf_linear import wint_layout
     from qbench.quant.gguf_quants import dequantize, quantize
     from qbench.quant.packing import unpack_rows
 
@@ -83,7 +84,7 @@ def test_gguf_decode_through_the_integer_kernel(qtype):
                    (2, h2_cfg(stream=5, block_k=bk, stages=2, **pairing)), (1, h2_cfg(split=2, block_k=bk, stages=3))):
         x = torch.randn(M, K, device=DEVICE, dtype=torch.float16)
         ref = x.double() @ w.T
-        y = gguf_matmul(x, raw, qtype.lower(), config=cfg)
+        y = gguf_matmul(x, raw, qtype.lower(), config=cfg, integer_copy=lambda: wint_layout(raw, qtype.lower(), K))
         assert y.shape == (M, 37) and y.dtype == torch.float16
         err = ((y.double() - ref).norm() / ref.norm()).item()
         assert err < 2e-3, f"{qtype} rel err {err:.2e} (seed {seed}, M={M}, config={cfg})"
@@ -118,6 +119,7 @@ def test_gguf_any_m_through_the_integer_skeleton(qtype):
     """The integer formats' skeleton on the copy (gguf_wint): GEMV with split-K, tl.dot for a few tokens,
     the tiled GEMM, dequantize + cuBLAS; the min term added after it; float32 and fp16 activations."""
     from qbench.kernels.gguf import gguf_matmul
+    from qbench.quant.gguf_linear import wint_layout
     from qbench.quant.gguf_quants import dequantize, quantize
 
     seed = int.from_bytes(__import__("os").urandom(4), "little")
@@ -129,7 +131,8 @@ def test_gguf_any_m_through_the_integer_skeleton(qtype):
                             (5, CUBLAS, torch.float16)):
         x = torch.randn(M, K, device=DEVICE, dtype=dtype)
         ref = x.double() @ w.T
-        y = gguf_matmul(x, raw, qtype.lower(), config={"KERNEL": "gguf_wint", "WINT": inner})
+        y = gguf_matmul(x, raw, qtype.lower(), config={"KERNEL": "gguf_wint", "WINT": inner},
+                        integer_copy=lambda: wint_layout(raw, qtype.lower(), K))
         assert y.shape == (M, 37) and y.dtype == dtype
         err = ((y.double() - ref).norm() / ref.norm()).item()
         assert err < 2e-3, f"{qtype} rel err {err:.2e} (seed {seed}, M={M}, config={inner})"
@@ -141,8 +144,9 @@ def test_gguf_few_tokens_on_tensor_cores(qtype):
     Q4_1, Q4_K) and 8-bit codes (Q5_*, Q8_0, Q6_K), the min term, groups of 16 and 32 in K tiles of one
     group and of 2-8 groups, split-K; M=17 takes two token tiles of 16, M=32 one of 32; N=37 ends inside a
     column tile. The candidates exist for 2-32 tokens only."""
-    from qbench.kernels.gguf import gguf_matmul, wint_layout
+    from qbench.kernels.gguf import gguf_matmul
     from qbench.kernels.wint_tc import tc_configs
+    from qbench.quant.gguf_linear import wint_layout
     from qbench.quant.gguf_quants import dequantize, quantize
 
     seed = int.from_bytes(__import__("os").urandom(4), "little")
@@ -162,7 +166,7 @@ def test_gguf_few_tokens_on_tensor_cores(qtype):
                "num_warps": 4, "num_stages": 1}
         x = torch.randn(M, K, device=DEVICE, dtype=torch.float16)
         ref = x.double() @ w.T
-        y = gguf_matmul(x, raw, qtype.lower(), config=cfg)
+        y = gguf_matmul(x, raw, qtype.lower(), config=cfg, integer_copy=lambda: wint_layout(raw, qtype.lower(), K))
         assert y.shape == (M, 37) and y.dtype == torch.float16
         err = ((y.double() - ref).norm() / ref.norm()).item()
         assert err < 2e-3, f"{qtype} rel err {err:.2e} (seed {seed}, M={M}, split={split}, BLOCK_K={bk})"

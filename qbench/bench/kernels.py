@@ -89,6 +89,7 @@ def make_format(fmt: str, K: int, N: int, dev) -> tuple:
         return (lambda x: qk.nf4_matmul(x, packed, qcodes, lut, N, bs, absmax2, code2, off)), ref, nbytes, bs
     if fmt in ("q4_0", "q8_0", "q4_k", "q5_0", "q6_k"):
         from qbench.kernels.gguf import BLOCKS
+        from qbench.quant.gguf_linear import wint_layout
         from qbench.quant.gguf_quants import dequantize
 
         _, elems, nb = BLOCKS[fmt]
@@ -98,7 +99,7 @@ def make_format(fmt: str, K: int, N: int, dev) -> tuple:
             (torch.rand(N, K // elems, halves, device=dev) * 0.01 + 0.001).half().view(torch.uint8)
         raw = raw.view(N, -1)
         ref = dequantize(raw, fmt.upper(), K).float()  # qbench's torch path, equal to gguf-py's (tests)
-        return (lambda x: qk.gguf_matmul(x, raw, fmt)), ref, raw.numel(), elems
+        return (lambda x: qk.gguf_matmul(x, raw, fmt, integer_copy=lambda: wint_layout(raw, fmt, K))), ref, raw.numel(), elems
     w = torch.randn(N, K, device=dev)
     if fmt in ("int8", "llm_int8"):
         s = w.abs().amax(1) / 127

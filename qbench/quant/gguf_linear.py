@@ -2,18 +2,39 @@
 
     qweight uint8 [out_features, (in_features // block_elems) * block_bytes]   (layout: gguf_quants.py)
     bias    float32 [out_features] or None
-The blocks go through the Triton dequant-matmul (kernels/gguf.py) where the shared kernel rule says
-so (qbench.quant.kernel_choice: kernel=auto on CUDA, kernel=triton); kernel=torch (and a type not in
-KERNEL_TYPES) uses the torch reference, which dequantizes the weight and multiplies.
+The blocks (and their integer copy, `wint_layout`) go through the Triton kernels (kernels/gguf.py) where
+the shared kernel rule says so (qbench.quant.kernel_choice: kernel=auto on CUDA, kernel=triton);
+kernel=torch (and a type not in KERNEL_TYPES) uses the torch reference, which dequantizes the weight and
+multiplies.
 """
 
 import torch
 from torch import nn
 
-from qbench.quant.gguf_quants import TYPES, dequantize, quantize, row_bytes
+from qbench.quant.gguf_quants import TYPES, dequantize, integer_form, quantize, row_bytes
 from qbench.quant.kernel_choice import use_triton
+from qbench.quant.packing import pack_cols, pack_rows
 
 KERNEL_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")  # with a Triton kernel
+
+
+def wint_layout(raw: torch.Tensor, qtype: str, K: int) -> tuple:
+    """(qweight, qzeros, scales fp16 [G, N], mins fp16 [G, N] or None, bits, group) of a GGUF weight in the
+    integer kernels' layout (kernels/wint.py: codes packed along K by qbench/quant/packing.py), the copy that
+    kernels/gguf.py's integer kernels read; cached on `raw` until it changes."""
+    key = (raw._version, qtype, K)
+    cached = getattr(raw, "_qbench_wint", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    form = integer_form(raw, qtype.upper(), K)
+    bits = form.bits if form.bits in (2, 3, 4, 8) else 8  # 5- and 6-bit codes take 8: no such kernel path
+    groups = form.scales.shape[1]
+    qweight = pack_rows(form.codes.T, bits)
+    qzeros = pack_cols(torch.full((groups, raw.shape[0]), form.zero, dtype=torch.int32, device=raw.device), bits)
+    mins = None if form.mins is None else form.mins.T.contiguous().half()
+    layout = (qweight, qzeros, form.scales.T.contiguous().half(), mins, bits, form.group)
+    raw._qbench_wint = (key, layout)
+    return layout
 
 
 def _triton_matmul(layer: "GGUFLinear", x: torch.Tensor) -> torch.Tensor | None:
@@ -22,7 +43,8 @@ def _triton_matmul(layer: "GGUFLinear", x: torch.Tensor) -> torch.Tensor | None:
         return None
     from qbench.kernels.gguf import gguf_matmul
 
-    return gguf_matmul(x, layer.qweight, layer.qtype.lower())
+    raw, qtype = layer.qweight, layer.qtype.lower()
+    return gguf_matmul(x, raw, qtype, integer_copy=lambda: wint_layout(raw, qtype, layer.in_features))
 
 
 class GGUFLinear(nn.Module):
