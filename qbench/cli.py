@@ -69,7 +69,7 @@ def prevalidate(argv: list[str]) -> None:
         for overrides in jobs:
             for override in overrides:
                 group, _, value = override.partition("=")
-                if group in ("method", "calib", "hardware") and value not in group_options(group):
+                if group in ("method", "calib", "hardware", "kv_cache") and value not in group_options(group):
                     raise ConfigError(f"unknown {group} {value!r}; valid: {', '.join(group_options(group))}")
             try:
                 cfg = compose(config_name="config", overrides=overrides)

@@ -56,6 +56,7 @@ def validate(cfg: DictConfig) -> None:
     _integer("seed", cfg.seed)
     _validate_quant(cfg)
     _validate_eval(cfg)
+    _validate_kv_cache(cfg)
     if "calib" in cfg and cfg.calib is not None:
         _one_of("calib", cfg.calib.name, group_options("calib"))
         _integer("calib.nsamples", cfg.calib.nsamples, 1)
@@ -153,6 +154,18 @@ def _validate_method_ranges(m: DictConfig) -> None:
         if (low is not None and value < low) or (high is not None and value > high):
             shown = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
             raise ConfigError(f"method.{key} for {m.name} must be in {shown}, got {value}")
+
+
+def _validate_kv_cache(cfg: DictConfig) -> None:
+    """conf/kv_cache/<name>.yaml: its name, its choice options, the perplexity chunk (no entry: none)."""
+    kv = cfg.get("kv_cache")
+    if kv is None:
+        return
+    _one_of("kv_cache", kv.name, group_options("kv_cache"))
+    for key, valid in (kv.get("choices") or {}).items():
+        _one_of(f"kv_cache.{key} for {kv.name}", kv.get(key), list(valid))
+    if "chunk" in kv:
+        _integer("kv_cache.chunk", kv.chunk, 1, nullable=True)
 
 
 def _validate_eval(cfg: DictConfig) -> None:

@@ -28,8 +28,8 @@ import statistics
 from datetime import datetime, timezone
 from pathlib import Path
 
-from qbench.records import (calib_seed, config_identity, forced_kernel, git_sha, latest_per_config, method_defaults,
-                            method_params, read_records, variant_parts)
+from qbench.records import (calib_seed, config_identity, forced_kernel, git_sha, kv_cache_entry, kv_variant,
+                            latest_per_config, method_defaults, method_params, read_records, variant_parts)
 
 FORMAT = "qbench-gate-baseline/1"
 
@@ -45,6 +45,9 @@ def config_key(rec: dict) -> dict:
     kernel = forced_kernel(rec)
     if kernel:  # only where forced, so that baselines of kernel=auto runs keep their keys
         key["kernel"] = kernel
+    kv = kv_cache_entry(rec)
+    if kv is not None:  # likewise: kv_cache=none keeps the keys of records from before the option
+        key["kv_cache"] = kv
     return key
 
 
@@ -64,6 +67,8 @@ def label(key: dict) -> str:
         parts.append(key["calib"])
     if key.get("kernel"):
         parts.append(f"kernel={key['kernel']}")
+    if key.get("kv_cache"):
+        parts += kv_variant({"config": {"kv_cache": key["kv_cache"]}})
     ev = key.get("eval") or {}
     parts.append(f"[{ev.get('device')} seqlen {ev.get('ppl_seqlen')} x{ev.get('ppl_max_windows') or 'all'}]")
     return " ".join(parts)

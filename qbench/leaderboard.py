@@ -22,12 +22,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from qbench.groups import members, merged, seed_groups, seeds_label, with_legacy_params
-from qbench.records import latest_per_config, method_variant
+from qbench.records import is_baseline, kv_variant, latest_per_config, method_variant
 
 # (metric key, column title, format, Δ vs baseline). Columns appear when any row has the metric.
 FIXED = [
     ("bits_per_weight", "bits/w", "{:.2f}", False),
     ("model_mib", "size MiB", "{:.1f}", False),
+    ("kv_mib_8k", "KV MiB 8k", "{:.1f}", False),  # the KV cache at 8192 tokens, batch 1 (kv_cache=)
 ]
 PER_DATASET = [("ppl_{}", "ppl {}", "{:.3f}", True)]
 KLD = [("kld_mean", "KLD mean", "{:.4f}", False), ("kld_p99", "KLD p99", "{:.3f}", False),
@@ -67,6 +68,8 @@ def _values(rec: dict) -> dict:
     values = dict(rec.get("metrics") or {})
     if "model_bytes" in values:
         values["model_mib"] = values["model_bytes"] / 2**20
+    if "kv_bytes_8k" in values:
+        values["kv_mib_8k"] = values["kv_bytes_8k"] / 2**20
     values["quantize_s"] = (rec.get("timings") or {}).get("quantize_s")
     if "tok_s_b1" in values and "speed_path" not in values:
         values["speed_path"] = "eager"  # measured before the served path: its tok/s are eager figures
@@ -101,7 +104,7 @@ def columns(records: list[dict]) -> list[tuple]:
 
 def run_label(rec: dict) -> str:
     """A record's configuration in a few words: "gguf Q4_K_M", "gptq w4 g128 c4", "int8 w8 threshold=2.0"."""
-    if rec.get("method") == "fp16":
+    if is_baseline(rec):
         return "fp16 (baseline)"
     parts = [rec["method"]] + ([f"w{rec['bits']}"] if rec.get("bits") is not None else [])
     parts += method_variant(with_legacy_params(rec))
@@ -109,6 +112,7 @@ def run_label(rec: dict) -> str:
         parts.append(f"g{rec['group_size']}")
     if rec.get("calib"):
         parts.append(rec["calib"])
+    parts += kv_variant(rec)
     if rec.get("seeds"):
         parts.append(seeds_label(rec))
     return " ".join(parts)
@@ -123,9 +127,9 @@ def sections(records: list[dict], model: str) -> list[dict]:
         groups.setdefault(_key_str(rec), []).append(rec)
     out = []
     for rows in groups.values():
-        rows.sort(key=lambda r: (r.get("method") != "fp16", str(r.get("method")), r.get("bits") or 0,
+        rows.sort(key=lambda r: (not is_baseline(r), str(r.get("method")), r.get("bits") or 0,
                                  str(r.get("group_size"))))
-        base = next((r for r in rows if r.get("method") == "fp16" and r.get("status") == "ok"), None)
+        base = next((r for r in rows if is_baseline(r) and r.get("status") == "ok"), None)
         out.append({"key": rows[0]["eval_key"], "rows": rows, "baseline": base, "cols": columns(rows),
                     "latest": max(str(r.get("finished_at") or r.get("started_at")) for r in rows)})
     return sorted(out, key=lambda s: s["latest"], reverse=True)

@@ -184,10 +184,35 @@ def forced_kernel(rec: dict) -> str | None:
     return None if kernel in (None, "auto") else str(kernel)
 
 
+def kv_cache_entry(rec: dict) -> dict | None:
+    """The record's conf/kv_cache entry; None for kv_cache=none and for records from before the option."""
+    kv = (rec.get("config") or {}).get("kv_cache") or {}
+    return None if kv.get("name", "none") == "none" else kv
+
+
+def is_baseline(rec: dict) -> bool:
+    """The unquantized baseline: method fp16 with an unquantized KV cache."""
+    return rec.get("method") == "fp16" and kv_cache_entry(rec) is None
+
+
+def kv_variant(rec: dict) -> list[str]:
+    """"kv int8", "kv fp8" (E4M3), "kv fp8 e5m2", a non-default perplexity chunk; [] for kv_cache=none."""
+    kv = kv_cache_entry(rec)
+    if kv is None:
+        return []
+    parts = ["kv", str(kv["name"])]
+    if kv.get("format") not in (None, "e4m3"):
+        parts.append(str(kv["format"]))
+    if kv.get("chunk") is not None:
+        parts.append(f"chunk={kv['chunk']}")
+    return [" ".join(parts)]
+
+
 def method_variant(rec: dict) -> list[str]:
     """What tells a record's method settings apart: the value of each choice parameter (gguf Q4_K_M, fp8
     e4m3 tensor), and any other parameter, or an on/off switch, where it is not the method's default
-    (threshold=2.0, act_order=off); a forced kernel last (kernel=torch: its numbers can differ a little)."""
+    (threshold=2.0, act_order=off); a forced kernel last (kernel=torch: its numbers can differ a little).
+    A quantized KV cache is another axis: kv_variant."""
     choices = list(((rec.get("config") or {}).get("method") or {}).get("choices") or {})
     parts = variant_parts(rec.get("method") or "", method_params(rec), choices)
     kernel = forced_kernel(rec)
@@ -240,12 +265,15 @@ def calib_seed(rec: dict):
 
 def config_identity(rec: dict) -> tuple:
     """What makes records one configuration, the calibration seed aside: eval settings, model, method,
-    bits, group size, calibration set and its other settings, method parameters, a forced kernel."""
+    bits, group size, calibration set and its other settings, method parameters, a forced kernel, a
+    quantized KV cache (kv_cache=none and records before the option: the same, None)."""
     calib = dict((rec.get("config") or {}).get("calib") or {}) if rec.get("calib") else {}
     calib.pop("seed", None)
     method = (with_legacy_params(rec).get("config") or {}).get("method")
+    kv = kv_cache_entry(rec)
     return (json.dumps(rec.get("eval_key"), sort_keys=True), *(str(rec.get(c)) for c in CONFIG_COLUMNS),
-            json.dumps(method, sort_keys=True), forced_kernel(rec), json.dumps(calib, sort_keys=True))
+            json.dumps(method, sort_keys=True), forced_kernel(rec), json.dumps(calib, sort_keys=True),
+            None if kv is None else json.dumps(kv, sort_keys=True))
 
 
 def latest_per_config(records: list[dict]) -> list[dict]:

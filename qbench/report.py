@@ -9,7 +9,8 @@ from pathlib import Path
 import pandas as pd
 
 from qbench.groups import merged, seed_groups, seeds_label, with_legacy_params
-from qbench.records import CONFIG_COLUMNS, latest_per_config, method_variant, read_records  # noqa: F401 (latest_per_config: was here)
+from qbench.records import (CONFIG_COLUMNS, is_baseline, kv_cache_entry, kv_variant,  # noqa: F401 (latest_per_config: was here)
+                            latest_per_config, method_variant, read_records)
 
 PUBLISHED = "reports"  # the committed leaderboards: written only by `qbench report --publish`
 
@@ -21,11 +22,11 @@ def _eval_key_str(rec: dict) -> str:
 def comparison_frame(records: list[dict], model: str | None = None) -> pd.DataFrame:
     rows = []
     recs = [merged(g) for g in seed_groups([r for r in latest_per_config(records) if model is None or r.get("model") == model])]
-    baselines = {_eval_key_str(r): r for r in recs if r.get("method") == "fp16" and r.get("status") == "ok"}
+    baselines = {_eval_key_str(r): r for r in recs if is_baseline(r) and r.get("status") == "ok"}
     for rec in recs:
         row = {c: "" if rec.get(c) is None else str(rec.get(c)) for c in CONFIG_COLUMNS}
         seeds = [seeds_label(rec)] if rec.get("seeds") else []
-        row["variant"] = " ".join(method_variant(with_legacy_params(rec)) + seeds)  # gguf Q4_K_M, threshold=2.0, seeds 0-4
+        row["variant"] = " ".join(method_variant(with_legacy_params(rec)) + kv_variant(rec) + seeds)  # gguf Q4_K_M, threshold=2.0, kv int8, seeds 0-4
         row["status"] = rec.get("status")
         base = baselines.get(_eval_key_str(rec))
         for name, value in sorted(rec.get("metrics", {}).items()):
@@ -44,7 +45,7 @@ def comparison_frame(records: list[dict], model: str | None = None) -> pd.DataFr
         row["windows"] = key.get("ppl_max_windows") or "all"
         row["seqlen"] = key.get("ppl_seqlen")
         row["error"] = rec.get("error") or ""  # an ok row's error cell stays empty, not nan
-        row["_baseline"] = rec.get("method") != "fp16"
+        row["_baseline"] = not is_baseline(rec)
         rows.append(row)
     if not rows:
         return pd.DataFrame()
@@ -116,7 +117,8 @@ def gptq_awq_table(records: list[dict]) -> str:
     group size, act-order), the latest ok record; fp16 baseline first. `qbench report --gptq-awq-table`."""
     latest = {}
     for rec in records:
-        if rec.get("status") != "ok" or "ppl_wikitext2" not in rec.get("metrics", {}) or rec["method"] not in GPTQ_AWQ_ORDER:
+        if rec.get("status") != "ok" or "ppl_wikitext2" not in rec.get("metrics", {}) or rec["method"] not in GPTQ_AWQ_ORDER \
+                or kv_cache_entry(rec) is not None:  # weights only: a quantized KV cache is another axis
             continue
         act = bool(rec.get("config", {}).get("method", {}).get("act_order"))
         latest[(rec["method"], rec.get("bits"), rec.get("group_size"), act)] = rec

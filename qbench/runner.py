@@ -26,7 +26,7 @@ import uuid
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from qbench import config as qconfig
-from qbench.records import append_record, environment, locked, now, read_records, records_path
+from qbench.records import append_record, environment, is_baseline, locked, now, read_records, records_path
 
 _MODELS: dict = {}  # (model, device, dtype) -> LoadedModel, the unquantized model of this process
 _CACHE: dict = {}  # RunContext.cache shared by the runs of this process (calibration captures); follows _MODELS
@@ -117,7 +117,7 @@ def baseline_lock(key: dict) -> str:
 
 def find_baseline(results_dir: str, key: dict) -> dict | None:
     for rec in reversed(read_records(records_path(results_dir))):
-        if rec.get("method") == "fp16" and rec.get("status") == "ok" and rec.get("eval_key") == key:
+        if is_baseline(rec) and rec.get("status") == "ok" and rec.get("eval_key") == key:
             return rec
     return None
 
@@ -127,8 +127,11 @@ NOT_IDENTITY = ("results_dir", "resume", "quiet", "wandb")
 
 
 def run_identity(config: dict, bits, group_size) -> dict:
-    """What decides a run's numbers: its config with bits and group size resolved, NOT_IDENTITY left out."""
+    """What decides a run's numbers: its config with bits and group size resolved, NOT_IDENTITY left out
+    (and kv_cache=none, so that records from before the option still match)."""
     ident = {k: v for k, v in config.items() if k not in NOT_IDENTITY}
+    if (ident.get("kv_cache") or {}).get("name", "none") == "none":
+        ident.pop("kv_cache", None)
     ident.update(bits=bits, group_size=group_size)
     return ident
 
@@ -154,12 +157,15 @@ def evaluate(model, tokenizer, cfg: DictConfig, ctx) -> dict:
     memory = speed.PeakMemory(model, ctx.device)
     ppl = cfg.eval.ppl
     who = progress_label(cfg)
+    kv = kv_metrics(model.config, cfg, ctx.dtype)
     for name in ppl.datasets:
         ids = tokenize(tokenizer, perplexity_text(name, cfg.data_dir), key=f"{name}:{cfg.data_dir}")
         bar = _titled(ctx, f"{who}: ppl {name}")
-        result = perplexity(model, ids, int(ppl.seqlen), ppl.max_windows, int(ppl.batch_size), bar)
+        result = perplexity(model, ids, int(ppl.seqlen), ppl.max_windows, int(ppl.batch_size), bar,
+                            kv_cache=kv["kv_cache"], chunk=kv.get("kv_ppl_chunk"))
         for field, value in result.items():
             metrics[f"{field}_{name}"] = value
+    metrics.update(kv)
     if cfg.eval.get("tasks"):
         from qbench.eval.tasks import evaluate_tasks
 
@@ -176,12 +182,27 @@ def evaluate(model, tokenizer, cfg: DictConfig, ctx) -> dict:
     return metrics
 
 
+def kv_metrics(config, cfg: DictConfig, dtype) -> dict:
+    """The KV cache's format (qbench.kvcache kind), its bytes at 8192 tokens of batch 1 for this model,
+    and the perplexity chunk (tokens per forward through the quantized cache) where it is quantized."""
+    from qbench.kvcache import cache_kind, kv_bytes
+
+    kind = cache_kind(cfg.get("kv_cache"))
+    out = {"kv_cache": kind, "kv_bytes_8k": kv_bytes(config, kind, 8192, 1, dtype)}
+    if kind != "none":
+        out["kv_ppl_chunk"] = int(cfg.kv_cache.get("chunk") or cfg.eval.ppl.seqlen)
+    return out
+
+
 def progress_label(cfg: DictConfig) -> str:
     """Which model a progress bar is about: "fp16 baseline" or the quantized one, "rtn w4 g128"."""
+    kind = (cfg.get("kv_cache") or {}).get("name", "none")
+    kv = [] if kind == "none" else [f"kv {kind}"]
     if cfg.method.name == "fp16":
-        return "fp16 baseline"
+        return " ".join(["fp16"] + kv) if kv else "fp16 baseline"
     bits, gs = qconfig.resolved_bits(cfg), qconfig.resolved_group_size(cfg)
-    return " ".join([cfg.method.name] + ([f"w{bits}"] if bits is not None else []) + ([f"g{gs}"] if gs is not None else []))
+    return " ".join([cfg.method.name] + ([f"w{bits}"] if bits is not None else []) + ([f"g{gs}"] if gs is not None else [])
+                    + kv)
 
 
 def _titled(ctx, title: str):
@@ -236,9 +257,10 @@ def run(cfg: DictConfig, sweep_id: str | None = None) -> dict:
         ctx = RunContext(loaded.tokenizer, loaded.device, loaded.dtype, cfg.data_dir, bool(cfg.quiet), cache=_CACHE)
         held.enter_context(locked(cfg.results_dir, baseline_lock(key)))  # the records are read again under it
         baseline = find_baseline(cfg.results_dir, key)
-        if cfg.method.name == "fp16" and baseline is not None:
+        is_base = is_baseline(record)  # fp16 with kv_cache=int8 is measured against the baseline, like a method
+        if is_base and baseline is not None:
             return _finish(cfg, record, "skipped", f"baseline already recorded as run {baseline['run_id']}")
-        if cfg.method.name != "fp16":
+        if not is_base:
             if baseline is None:
                 _record_baseline(cfg, loaded, key, ctx, sweep_id)
             held.close()  # an fp16 run is the baseline: it keeps the lock until its record is written
@@ -286,6 +308,7 @@ def _record_baseline(cfg: DictConfig, loaded, key: dict, ctx, sweep_id) -> dict:
         base_cfg.method = {"name": "fp16", "bits_choices": [], "default_bits": None, "group_sizes": "none",
                            "default_group_size": None, "choices": {}}
         base_cfg.bits, base_cfg.group_size = None, None
+        base_cfg.kv_cache = {"name": "none", "choices": {}}
     record = _base_record(base_cfg)
     record.update(sweep_id=sweep_id, eval_key=key, env=environment(loaded.device), role="baseline")
     t0 = time.perf_counter()
