@@ -200,3 +200,16 @@ def test_runs_with_a_kv_cache_record_it_against_one_baseline(data_dir, cfg_facto
     section = sections(records, "shape:tiny-llama")[0]
     assert [run_label(r) for r in section["rows"]] == ["fp16 (baseline)", "fp16 kv int8", "rtn w4 g128 kv int8"]
     assert section["baseline"]["run_id"] == base[0]["run_id"] and "kv_mib_8k" in [c[0] for c in section["cols"]]
+
+
+def test_gpu_sweep_runs_fp16_and_rtn_with_both_caches():
+    from pathlib import Path
+
+    import yaml
+
+    from qbench.sweep import plan
+
+    spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "sweeps" / "gpu.yaml").read_text())
+    commands, _ = plan(spec, [])
+    with_kv = [c for c in commands if "kv_cache=int8,fp8" in c]
+    assert [c[1] for c in with_kv] == ["method=fp16", "method=rtn"] and "bits=4" in with_kv[1]
