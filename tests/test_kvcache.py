@@ -213,3 +213,17 @@ def test_gpu_sweep_runs_fp16_and_rtn_with_both_caches():
     commands, _ = plan(spec, [])
     with_kv = [c for c in commands if "kv_cache=int8,fp8" in c]
     assert [c[1] for c in with_kv] == ["method=fp16", "method=rtn"] and "bits=4" in with_kv[1]
+
+
+def test_kld_reads_the_quantized_model_through_its_cache():
+    from qbench.eval import kld
+
+    model = tiny_llama(seed=1, tie=False, vocab=512)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # peaked distributions, so that small logit changes show in the KL
+    windows = torch.randint(0, 512, (2, 32), generator=GEN)
+    refs = [kld.reference(model, w, topk=-1) for w in windows]
+    none = kld.compare(model, windows, refs)
+    int8 = kld.compare(model, windows, refs, kv_cache="int8")
+    assert none["kld_mean"] < 2e-5 and none["top1_agree"] == 1.0  # itself, up to the reference's float16
+    assert 10 * none["kld_mean"] < int8["kld_mean"] < 1e-2

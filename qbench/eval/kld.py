@@ -5,6 +5,8 @@ at every predicted position t (seqlen-1 per window), P the baseline's and Q the 
 next-token distribution:
     kld_mean = mean_t KL(P_t || Q_t),  kld_p99 = 99th percentile of KL(P_t || Q_t),
     top1_agree = fraction of positions where argmax P_t == argmax Q_t.
+With a quantized KV cache (kv_cache=int8|fp8) Q comes through that cache, as perplexity does
+(qbench/eval/perplexity.py); P is always the baseline's, without a cache.
 
 The baseline's log-probs are computed once per (model, device, dtype, data, seqlen, windows, storage)
 and cached on disk under <qbench cache>/kld/<hash>/, one file per window (read back one at a time).
@@ -55,10 +57,12 @@ def windows_of(ids: torch.Tensor, seqlen: int, *limits) -> torch.Tensor:
     return ids[: n * seqlen].view(n, seqlen)
 
 
-def _log_probs(model, window: torch.Tensor) -> torch.Tensor:
+def _log_probs(model, window: torch.Tensor, kv_cache: str = "none", chunk: int | None = None) -> torch.Tensor:
     """[seqlen-1, vocab] float32 next-token log-probs of one window (the last position predicts nothing)."""
+    from qbench.eval.perplexity import window_logits
+
     device = next(model.parameters()).device
-    logits = model(window[None].to(device), use_cache=False).logits[0, :-1]
+    logits = window_logits(model, window[None].to(device), kv_cache, chunk)[0, :-1]
     return torch.log_softmax(logits.float(), dim=-1)
 
 
@@ -89,12 +93,13 @@ def token_kl(ref_values: torch.Tensor, ref_ids: torch.Tensor | None, lq: torch.T
 
 
 @torch.no_grad()
-def compare(model, windows: torch.Tensor, refs, progress=None) -> dict:
-    """KL metrics of model against refs (an iterable of per-window references, in window order)."""
+def compare(model, windows: torch.Tensor, refs, progress=None, kv_cache: str = "none", chunk: int | None = None) -> dict:
+    """KL metrics of model (through a KV cache of kind kv_cache) against refs (an iterable of per-window
+    references, in window order)."""
     kls, agree, tails = [], [], []
     pairs = zip(windows, refs)
     for window, ref in progress(pairs, "kld", total=len(windows)) if progress else pairs:
-        lq = _log_probs(model, window)
+        lq = _log_probs(model, window, kv_cache, chunk)
         ids = None if ref["ids"] is None else ref["ids"].to(lq.device)
         kl, same, tail = token_kl(ref["values"].to(lq.device), ids, lq)
         kls.append(kl.cpu())
@@ -145,4 +150,8 @@ def kld_metrics(model, tokenizer, cfg, ctx, base_model) -> dict:
     windows = windows_of(ids, int(ppl.seqlen), ppl.max_windows, cfg.eval.kld_windows)
     key = cache_key(cfg, ctx.device, ctx.dtype, len(windows))
     folder = cached_reference(key, windows, base_model, ctx.progress)
-    return compare(model, windows, read_reference(folder, len(windows)), ctx.progress)
+    from qbench.kvcache import cache_kind
+
+    kv = cfg.get("kv_cache")
+    return compare(model, windows, read_reference(folder, len(windows)), ctx.progress, cache_kind(kv),
+                   kv.get("chunk") if kv is not None else None)
