@@ -132,3 +132,13 @@ def test_gpu_speed_and_peak_memory(smollm2, cfg_factory):
     _, eager_tokens = speed.generate_timed(model, prompt, 7, "cuda")
     assert torch.equal(graph_tokens[:, :4], eager_tokens[:, :4])
     assert peak["vram_peak_reserved_gib"] >= peak["vram_peak_allocated_gib"] >= peak["vram_peak_run_gib"] > 0
+
+
+@pytest.mark.slow
+def test_compiled_static_step_generates_the_eager_tokens(smollm2):
+    """eval.speed_opts.compile: the decode step's forward through torch.compile (on the CPU, inductor's
+    C++ backend) still generates the eager greedy tokens."""
+    prompt = torch.randint(0, 1000, (1, 6), generator=torch.Generator().manual_seed(7))
+    _, step, tokens = speed.static_generate(smollm2.model, prompt, 3, 1, "cpu", compile_step=True)
+    _, eager = speed.generate_timed(smollm2.model, prompt, 4, "cpu")
+    assert step > 0 and torch.equal(tokens, eager)

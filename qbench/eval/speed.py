@@ -14,7 +14,10 @@ at most `repeats` timed repeats (stopping once three agree within 2 %), timed wi
                          decode step one replay of a CUDA graph of the step, so no Python or kernel-launch
                          overhead is timed; static_cache (CPU: the same code minus the capture); eager
                          (eval.speed_opts.cuda_graph=false, or a model that cannot be captured, which
-                         records decode_graph_error): the eager figures below stand in
+                         records decode_graph_error): the eager figures below stand in.
+                         eval.speed_opts.compile=true: compile+cuda_graph (compile+static_cache on a
+                         CPU), the step's forward through torch.compile before the capture (fuses the
+                         elementwise kernels between the matmuls, as gpt-fast does)
     tok_s_b<B>           served: B x new_tokens generated tokens / time of prefill (prompt_tokens) + decode
     decode_ms_per_token  served: batch 1, time of one decode step
     eager_tok_s_b<B>, eager_decode_ms_per_token   the same from a Python loop of forwards with
@@ -126,7 +129,7 @@ def timed_repeats(run, repeats: int, tolerance: float = 0.02, min_repeats: int =
 
 @torch.no_grad()
 def static_generate(model, prompt: torch.Tensor, steps: int, repeats: int, device: str,
-                    cache_factory=None) -> tuple[float, float, torch.Tensor]:
+                    cache_factory=None, compile_step: bool = False) -> tuple[float, float, torch.Tensor]:
     """Fixed-length greedy generation as a serving stack runs it: a static KV cache, the prompt
     prefilled in one forward, then `steps` decode steps, each one replay of a CUDA graph of the step
     (GPU; elsewhere the step is called directly, the same code path minus the capture, for tests).
@@ -152,8 +155,10 @@ def static_generate(model, prompt: torch.Tensor, steps: int, repeats: int, devic
         tok.copy_(logits[:, -1:].argmax(-1))
         pos.fill_(n)
 
+    decode = torch.compile(model, dynamic=False) if compile_step else model
+
     def step():
-        logits = model(tok, **{kv: cache}, cache_position=pos, use_cache=True, logits_to_keep=1).logits
+        logits = decode(tok, **{kv: cache}, cache_position=pos, use_cache=True, logits_to_keep=1).logits
         tok.copy_(logits[:, -1:].argmax(-1))
         pos.add_(1)
 
@@ -324,10 +329,11 @@ def _served_speed(model, prompts: dict, batches: list, new: int, repeats: int, d
     static_cache elsewhere); a model that cannot be captured records decode_graph_error and speed_path eager."""
     if device == "cuda" and not opts.get("cuda_graph", True):
         return {"speed_path": "eager"}
-    out = {"speed_path": "cuda_graph" if device == "cuda" else "static_cache"}
+    compile_step = bool(opts.get("compile", False))
+    out = {"speed_path": ("compile+" if compile_step else "") + ("cuda_graph" if device == "cuda" else "static_cache")}
     try:
         for batch in batches:
-            total, step, _ = static_generate(model, prompts[batch], new, repeats, device, cache_factory)
+            total, step, _ = static_generate(model, prompts[batch], new, repeats, device, cache_factory, compile_step)
             out[f"tok_s_b{batch}"] = batch * new / (total / 1000)
             if batch == 1:
                 out["decode_ms_per_token"] = step
