@@ -158,6 +158,7 @@ def evaluate(model, tokenizer, cfg: DictConfig, ctx) -> dict:
     ppl = cfg.eval.ppl
     who = progress_label(cfg)
     kv = kv_metrics(model.config, cfg, ctx.dtype)
+    started = time.perf_counter()
     for name in ppl.datasets:
         ids = tokenize(tokenizer, perplexity_text(name, cfg.data_dir), key=f"{name}:{cfg.data_dir}")
         bar = _titled(ctx, f"{who}: ppl {name}")
@@ -165,6 +166,7 @@ def evaluate(model, tokenizer, cfg: DictConfig, ctx) -> dict:
                             kv_cache=kv["kv_cache"], chunk=kv.get("kv_ppl_chunk"))
         for field, value in result.items():
             metrics[f"{field}_{name}"] = value
+    metrics["eval_ppl_s"] = time.perf_counter() - started  # where eval time goes: eval_ppl_s, tasks_s, eval_kld_s, eval_speed_s
     metrics.update(kv)
     if cfg.eval.get("tasks"):
         from qbench.eval.tasks import evaluate_tasks
@@ -173,10 +175,14 @@ def evaluate(model, tokenizer, cfg: DictConfig, ctx) -> dict:
     if cfg.eval.get("kld"):
         from qbench.eval.kld import kld_metrics
 
+        started = time.perf_counter()
         metrics.update(kld_metrics(model, tokenizer, cfg, _labelled(ctx, who), base_model=lambda: _loaded(cfg).model))
+        metrics["eval_kld_s"] = time.perf_counter() - started
     metrics.update(speed.weight_stats(model, bool(cfg.quantize_lm_head)))
     if cfg.eval.get("speed"):
-        metrics.update(speed.measure_speed(model, cfg, ctx.device))
+        started = time.perf_counter()
+        metrics.update(speed.measure_speed(model, cfg, ctx.device, kv["kv_cache"]))
+        metrics["eval_speed_s"] = time.perf_counter() - started
     metrics.update(memory.metrics())
     metrics.update(cost_metrics(metrics, model, cfg, ctx.device, ctx.dtype))
     return metrics

@@ -152,3 +152,15 @@ def test_gpu_8b_sweep_and_its_leaderboard_folder(shape_records, tmp_path):
     md = (tmp_path / "llama-3-8b-shape" / "leaderboard.md").read_text()
     assert "quantize VRAM GiB" in md and "16.00" in md
     assert "decode_ms_per_token vs bits_per_weight" in (tmp_path / "llama-3-8b-shape" / "leaderboard.html").read_text()
+
+
+def test_a_run_records_where_its_eval_time_goes(data_dir, cfg_factory):
+    from qbench import runner
+
+    cfg = cfg_factory(f"model={TINY}", *SMALL_RUN, "method=rtn", "bits=4", "eval.speed=true", "eval.kld=true",
+                      "eval.kld_windows=1", "eval.speed_opts.new_tokens=2", "eval.speed_opts.prompt_tokens=4",
+                      "eval.speed_opts.repeats=1")
+    rec = runner.run(cfg)
+    assert rec["status"] == "ok", rec["error"]
+    phases = [rec["metrics"][k] for k in ("eval_ppl_s", "eval_kld_s", "eval_speed_s")]
+    assert all(p > 0 for p in phases) and sum(phases) <= rec["timings"]["eval_s"]

@@ -142,3 +142,18 @@ def test_compiled_static_step_generates_the_eager_tokens(smollm2):
     _, step, tokens = speed.static_generate(smollm2.model, prompt, 3, 1, "cpu", compile_step=True)
     _, eager = speed.generate_timed(smollm2.model, prompt, 4, "cpu")
     assert step > 0 and torch.equal(tokens, eager)
+
+
+def test_speed_of_a_quantized_kv_cache_runs_through_that_cache(smollm2, cfg_factory, monkeypatch):
+    from qbench import kvcache
+
+    made = []
+    for name in ("make_static_cache", "make_dynamic_cache"):
+        real = getattr(kvcache, name)
+        monkeypatch.setattr(kvcache, name, lambda *a, _real=real, _name=name, **k: made.append(_name) or _real(*a, **k))
+    cfg = cfg_factory("eval.speed=true", "eval.speed_opts.new_tokens=3", "eval.speed_opts.prompt_tokens=4",
+                      "eval.speed_opts.repeats=1")
+    metrics = speed.measure_speed(smollm2.model, cfg, "cpu", "int8")
+    assert metrics["speed_path"] == "static_cache" and "decode_graph_error" not in metrics
+    assert metrics["tok_s_b1"] > 0 and metrics["eager_tok_s_b1"] > 0
+    assert "make_static_cache" in made and made.count("make_dynamic_cache") == 2  # eager warm-up + one repeat

@@ -229,12 +229,14 @@ def prefill_ms(model, vocab: int, tokens: int, repeats: int, device: str, gen: t
 
 
 @torch.no_grad()
-def generate_timed(model, prompt: torch.Tensor, new_tokens: int, device: str) -> tuple[list[float], torch.Tensor]:
-    """Greedy fixed-length generation: ([prefill ms, decode step ms, ...], [batch, new_tokens] tokens)."""
+def generate_timed(model, prompt: torch.Tensor, new_tokens: int, device: str,
+                   cache=None) -> tuple[list[float], torch.Tensor]:
+    """Greedy fixed-length generation: ([prefill ms, decode step ms, ...], [batch, new_tokens] tokens);
+    cache: an empty cache to fill (a quantized one, qbench.kvcache), else transformers' dynamic cache."""
     timer = Timer(device)
     tokens = []
     timer.mark()
-    out = _forward(model, prompt)
+    out = _forward(model, prompt, cache)
     timer.mark()
     for step in range(new_tokens):
         tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
@@ -279,9 +281,14 @@ def _prefill_lengths(opts: dict) -> list[int]:
 
 
 @torch.no_grad()
-def measure_speed(model, cfg, device: str, cache_factory=None) -> dict:
+def measure_speed(model, cfg, device: str, kv_cache: str = "none") -> dict:
     """Prefill at each eval.speed_opts.prefill_tokens, then generation on the served path (the
-    module docstring); eager generation at eager_batch_sizes as a secondary figure."""
+    module docstring); eager generation at eager_batch_sizes as a secondary figure. Generation keeps
+    its keys and values in a `kv_cache` cache (qbench.kvcache kind: none, int8, fp8_e4m3, ...)."""
+    from qbench.kvcache import make_dynamic_cache, static_factory
+
+    cache_factory = None if kv_cache == "none" else static_factory(kv_cache)
+    dynamic = None if kv_cache == "none" else (lambda: make_dynamic_cache(model, kv_cache))
     opts = dict(cfg.eval.speed_opts)
     lengths = _prefill_lengths(opts)
     batches = [int(b) for b in opts["batch_sizes"]]
@@ -306,12 +313,12 @@ def measure_speed(model, cfg, device: str, cache_factory=None) -> dict:
                 metrics[f"vram_peak_prefill_{tokens}_gib"] = torch.cuda.max_memory_allocated() / 2**30
         prompts = {b: torch.randint(0, vocab, (b, int(opts["prompt_tokens"])), generator=gen).to(device)
                    for b in sorted(set(batches) | set(eager_batches))}
-        eager = _eager_speed(model, prompts, eager_batches, new, repeats, device)
+        eager = _eager_speed(model, prompts, eager_batches, new, repeats, device, dynamic)
         metrics.update({f"eager_{k}": v for k, v in eager.items()})
         served = _served_speed(model, prompts, batches, new, repeats, device, opts, cache_factory)
         if served["speed_path"] == "eager":  # the eager figures stand in for the served ones
             served.update(_eager_speed(model, prompts, [b for b in batches if b not in eager_batches], new, repeats,
-                                       device))
+                                       device, dynamic))
             served.update({k: v for k, v in eager.items()})
         metrics.update(served)
     if device == "cuda":
@@ -345,16 +352,17 @@ def _served_speed(model, prompts: dict, batches: list, new: int, repeats: int, d
     return out
 
 
-def _eager_speed(model, prompts: dict, batches: list, new: int, repeats: int, device: str) -> dict:
+def _eager_speed(model, prompts: dict, batches: list, new: int, repeats: int, device: str, new_cache=None) -> dict:
     """tok_s_b<B> and decode_ms_per_token of a Python loop of forwards with transformers' dynamic cache."""
     metrics = {}
     for batch in batches:
         prompt = prompts[batch]
-        generate_timed(model, prompt, new, device)  # warm-up
+        fresh = new_cache or (lambda: None)
+        generate_timed(model, prompt, new, device, fresh())  # warm-up
         steps = []
 
         def once() -> float:
-            times, _ = generate_timed(model, prompt, new, device)
+            times, _ = generate_timed(model, prompt, new, device, fresh())
             steps.append(statistics.fmean(times[1:]))
             return sum(times)
 
