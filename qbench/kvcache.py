@@ -91,7 +91,7 @@ class QuantizedDynamicLayer(DynamicLayer):
 
 class QuantizedStaticLayer(StaticLayer):
     """A StaticLayer of code and scale buffers written in place at cumulative_length (a tensor, as
-    transformers' own StaticLayer keeps it: speed.static_decode rewinds it between repeats)."""
+    transformers' own StaticLayer keeps it; eval.speed's static-cache decode resets it between repeats)."""
 
     def __init__(self, kind: str, max_cache_len: int, batch: int):
         super().__init__(max_cache_len=max_cache_len)
@@ -151,6 +151,7 @@ def make_dynamic_cache(model, kind: str) -> Cache:
 
 
 def make_static_cache(model, kind: str, max_cache_len: int, batch: int = 1) -> Cache:
+    """kind none: transformers' StaticCache (which takes its batch from the first forward)."""
     kind = _check(kind)
     if kind == "none":
         return StaticCache(config=model.config, max_cache_len=max_cache_len)
