@@ -6,8 +6,10 @@ priced at a GPU's rate would mean nothing):
     usd_per_mtok_b<B> = usd_per_hour / (tok_s_b<B> * 3600) * 1e6
 `fits_gpu` is the listed GPU with the least memory (the cheaper one on a tie) that holds the model as
 stored (`model_bytes`: every parameter and buffer in the run's dtype) plus its KV cache for one
-sequence of eval.cost_context tokens (2 x layers x kv_heads x head_dim x context x bytes per element),
-with no other allowance: activations and the framework's workspace come on top.
+sequence of eval.cost_context tokens in the run's cache format (qbench.kvcache.kv_bytes: 2 x layers x
+kv_heads x context x head_dim elements of the run's dtype, or 1-byte codes plus a 2-byte scale per
+vector for kv_cache=int8|fp8), with no other allowance: activations and the framework's workspace
+come on top.
 """
 
 import yaml
@@ -21,13 +23,6 @@ def hardware_list() -> list[dict]:
     return [yaml.safe_load(p.read_text()) for p in sorted((conf_dir() / "hardware").glob("*.yaml"))]
 
 
-def kv_cache_bytes(config, context: int, batch: int = 1, element_bytes: int = 2) -> int:
-    heads = int(config.num_attention_heads)
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
-    return 2 * int(config.num_hidden_layers) * kv_heads * head_dim * context * batch * element_bytes
-
-
 def smallest_fit(need_bytes: int, hardware: list[dict]) -> dict | None:
     fits = [h for h in hardware if h["memory_gib"] * GIB >= need_bytes]
     return min(fits, key=lambda h: (h["memory_gib"], h["usd_per_hour"]), default=None)
@@ -38,11 +33,10 @@ def usd_per_mtok(usd_per_hour: float, tokens_per_s: float) -> float:
 
 
 def cost_metrics(metrics: dict, model, cfg, device: str, dtype) -> dict:
-    import torch
+    from qbench.kvcache import kv_bytes
 
     context = int(cfg.eval.cost_context)
-    element = torch.empty((), dtype=dtype).element_size()
-    need = int(metrics["model_bytes"]) + kv_cache_bytes(model.config, context, 1, element)
+    need = int(metrics["model_bytes"]) + kv_bytes(model.config, metrics.get("kv_cache", "none"), context, 1, dtype)
     fit = smallest_fit(need, hardware_list())
     out = {"serve_gib": need / GIB, "cost_context": context, "fits_gpu": fit["name"] if fit else None}
     if device == "cuda":

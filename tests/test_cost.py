@@ -17,13 +17,6 @@ def test_hardware_entries_are_complete():
         assert h["memory_gib"] > 0 and h["usd_per_hour"] > 0
 
 
-def test_kv_cache_bytes_smollm2(smollm2):
-    # 30 layers, 3 KV heads of 64 dims: K and V, float16, 4096 tokens
-    assert cost.kv_cache_bytes(smollm2.model.config, 4096) == 2 * 30 * 3 * 64 * 4096 * 2
-    plain = SimpleNamespace(num_attention_heads=8, hidden_size=512, num_hidden_layers=2)  # MHA, no head_dim
-    assert cost.kv_cache_bytes(plain, 10, batch=3, element_bytes=4) == 2 * 2 * 8 * 64 * 10 * 3 * 4
-
-
 def test_smallest_fit_and_price():
     hw = [{"name": "big", "memory_gib": 80, "usd_per_hour": 2.0}, {"name": "small", "memory_gib": 24, "usd_per_hour": 0.7},
           {"name": "small-cheap", "memory_gib": 24, "usd_per_hour": 0.5}]
@@ -45,3 +38,5 @@ def test_cost_metrics_price_only_gpu_throughput(cfg_factory):
     cpu = cost.cost_metrics(metrics, model, cfg, "cpu", torch.float32)
     assert not any(k.startswith("usd_per_mtok") for k in cpu)
     assert cpu["serve_gib"] == pytest.approx(20 + 2 * 30 * 3 * 64 * 8192 * 4 / GIB)
+    int8_cache = cost.cost_metrics(dict(metrics, kv_cache="int8"), model, cfg, "cuda", torch.float16)
+    assert int8_cache["serve_gib"] == pytest.approx(20 + 2 * 30 * 3 * 8192 * (64 + 2) / GIB)  # codes + a scale per vector
