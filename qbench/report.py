@@ -84,7 +84,23 @@ def comparison_table(records: list[dict], model: str | None = None) -> str:
     if synthetic:
         table += (f"\n({', '.join(synthetic)}: synthetic weights, seeded random; their perplexity is a sanity value, "
                   "not accuracy: compare their quantize time, memory and speed)")
+    for name, how in stored_weights(records, model).items():
+        table += f"\n({name}: weights stored as {how}; its fp16 baseline is that model dequantized)"
     return table
+
+
+def stored_weights(records: list[dict], model: str | None = None) -> dict[str, str]:
+    """Model -> how its weights were stored: the records' own `weights_stored_as`, else the registry's
+    (records written before the field)."""
+    from qbench.packaged_models import stored_as
+
+    out = {}
+    for rec in records:
+        name = str(rec.get("model"))
+        how = rec.get("weights_stored_as") or stored_as(name)
+        if how and model in (None, name):
+            out.setdefault(name, how)
+    return dict(sorted(out.items()))
 
 
 # ---- the issue-3 table (qbench report --gptq-awq-table) --------------------------------------------------

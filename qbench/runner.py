@@ -90,8 +90,10 @@ def _extra_eval_key(cfg: DictConfig) -> dict:
 
 def _base_record(cfg: DictConfig) -> dict:
     from qbench.models import is_synthetic
+    from qbench.packaged_models import stored_as
 
     synthetic = {"synthetic_weights": True} if is_synthetic(str(cfg.model)) else {}  # accuracy is a sanity value
+    stored = stored_as(str(cfg.model))  # a registered model's baseline is its stored weights dequantized
     return {
         "run_id": f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}",
         "status": None,
@@ -107,6 +109,7 @@ def _base_record(cfg: DictConfig) -> dict:
         "started_at": now(),
         "config": qconfig.to_plain(cfg),
         **synthetic,
+        **({"weights_stored_as": stored} if stored else {}),
     }
 
 
