@@ -10,7 +10,7 @@ from qbench.cli import prevalidate
 from qbench.eval import speed
 from qbench.eval.perplexity import perplexity, window_logits
 from qbench.models import cache_keyword
-from tests.tiny_llama import tiny_llama
+from tiny_llama import tiny_llama
 
 GEN = torch.Generator().manual_seed(0)
 
