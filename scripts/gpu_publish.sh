@@ -17,6 +17,12 @@
 #                accuracy only (tasks_s of concurrent workers is no per-config speed figure)
 #   shape8b      sweeps/gpu-8b.yaml (shape:llama-3-8b, every method; quantize time and memory, served speed,
 #                prefill 2048/8192) on hardware=$HARDWARE, resumable
+#   kerneltests  the kernel and quantized-layer tests compiled on the GPU (not the interpreter): $OUT/kerneltests.log
+#   zeroshot-rest the zeroshot part's configs the 2026-12-04 run lost to out-of-memory, and the new FP4 formats:
+#                GPTQ/AWQ/HQQ at 3/4 bits, RTN w4, FP4, MXFP4, NVFP4 (seed $OUT/zeroshot/runs.jsonl with the fp16
+#                record so its baseline is reused), two multiruns on hydra/launcher=gpus with $ZS_JOBS_INT (3) + $ZS_JOBS_FP4 (2) workers; accuracy only
+#   served       sweeps/gpu.yaml without the zero-shot tasks (perplexity, KLD, served speed, VRAM, cost) on
+#                hardware=$HARDWARE, resumable: the run alone on the GPU, so its speed and eval_*_s figures hold
 #   int8t        LLM.int8() at outlier thresholds $INT8_THRESHOLDS (default 5,4,3,2,1), ppl and outlier
 #                fractions: how the perplexity loss trades against the share of 16-bit columns
 set -uo pipefail
@@ -44,6 +50,20 @@ for part in "${parts[@]}"; do
       qb -m method=nf4,fp4 bits=4 "${ZS[@]}" > "$OUT/zs-nf4.log" 2>&1 &
       qb -m method=int8,fp8,smoothquant bits=8 "${ZS[@]}" > "$OUT/zs-w8.log" 2>&1 &
       wait; tail -n 3 "$OUT"/zs-*.log ;;
+    kerneltests) python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_kernels_formats.py \
+                  tests/test_gguf_kernel.py tests/test_wint_mma.py tests/test_hqq.py tests/test_fp4_blocks.py \
+                  tests/test_kvcache.py tests/test_smoothquant.py > "$OUT/kerneltests.log" 2>&1
+                tail -n 5 "$OUT/kerneltests.log" ;;
+    zeroshot-rest)
+      ZS=(model=smollm2-135m device=cuda "eval.ppl.datasets=[wikitext2,c4]" quiet=true wandb.mode=disabled
+          "eval.tasks=[arc_easy,arc_challenge,piqa,winogrande,hellaswag,boolq,lambada_openai]" eval.tasks_batch_size=64
+          eval.kld=false eval.speed=false eval.kld_windows=8 "hardware=${HARDWARE:-h100}" "results_dir=$OUT/zeroshot"
+          hydra/launcher=gpus resume=true)
+      qb -m method=gptq,awq,hqq bits=3,4 "${ZS[@]}" "hydra.launcher.n_jobs=${ZS_JOBS_INT:-3}" > "$OUT/zs-int.log" 2>&1 &
+      qb -m method=rtn,fp4,mxfp4,nvfp4 bits=4 "${ZS[@]}" "hydra.launcher.n_jobs=${ZS_JOBS_FP4:-2}" > "$OUT/zs-fp4.log" 2>&1 &
+      wait; tail -n 3 "$OUT"/zs-*.log ;;
+    served) qb sweep sweeps/gpu.yaml "results_dir=$OUT/served" "hardware=${HARDWARE:-h100}" wandb.mode=disabled \
+              "eval.tasks=[]" resume=true ;;
     shape8b) qb sweep sweeps/gpu-8b.yaml "results_dir=$OUT/gpu-8b" "hardware=${HARDWARE:-h100}" wandb.mode=disabled resume=true ;;
     identity) python3 research/tasks_identity.py --device cuda --dtype float16 --limit 0 --batch-size 64 \
                 --out "$OUT/identity.json" ;;
