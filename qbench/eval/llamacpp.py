@@ -48,6 +48,32 @@ def no_weight_repacking(llama_cpp):
         module.llama_model_default_params = original
 
 
+def ggml_quantize(weight: np.ndarray, ggml_type: int, block_elems: int, block_bytes: int,
+                  imatrix: np.ndarray | None = None) -> np.ndarray:
+    """ggml's own quantizer on [rows, cols] float32 rows: ggml_quantize_chunk from the libggml-base that
+    llama-cpp-python ships (the call llama.cpp's quantize makes per tensor, with the importance matrix
+    as quant_weights). Returns uint8 [rows, cols // block_elems * block_bytes]."""
+    import ctypes
+    from pathlib import Path
+
+    import llama_cpp
+
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    fn = lib.ggml_quantize_chunk
+    fn.restype = ctypes.c_size_t
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                   ctypes.c_void_p]
+    src = np.ascontiguousarray(weight, dtype=np.float32)
+    rows, cols = src.shape
+    out = np.zeros((rows, cols // block_elems * block_bytes), dtype=np.uint8)
+    qw = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
+    if qw is not None and qw.size != cols:
+        raise ValueError(f"an importance matrix of {qw.size} values for rows of {cols}")
+    written = fn(ggml_type, src.ctypes.data, out.ctypes.data, 0, rows, cols, None if qw is None else qw.ctypes.data)
+    assert written == out.nbytes, (written, out.nbytes)
+    return out
+
+
 def llama_cpp_perplexity(path: str, ids: torch.Tensor, seqlen: int, windows: int, threads: int = 2) -> float:
     import llama_cpp
 

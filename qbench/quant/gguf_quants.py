@@ -6,6 +6,20 @@ path llama.cpp's quantize takes without an importance matrix) operation by opera
 identical to llama.cpp's (tests/test_gguf_llamacpp.py). Loops run over the elements of a block,
 vectorized over all blocks of a tensor at once.
 
+With an importance matrix (imatrix[j]: the mean squared input activation of column j, qbench/quant/imatrix.py)
+each type follows ggml's `quantize_<type>` with quant_weights instead (tests/test_gguf_imatrix.py), with
+the element weights ggml uses there, w_j = imatrix[j] * sqrt(sigma2 + x_j^2):
+- Q4_0/Q5_0: make_qx_quants (weighted symmetric fit), sigma2 = mean x^2 of the whole row;
+- Q4_1/Q5_1: make_qkx3_quants (weighted asymmetric search), the same sigma2;
+- Q2_K: make_qkx3_quants per 16, sigma2 = mean x^2 of the super-block; the 4-bit sub-scales and mins by
+  make_qp_quants weighted by each sub-block's sum of w;
+- Q3_K: make_qx_quants per 16, sigma2 = 2 * mean x^2 of the super-block; the 6-bit scales by make_qx_quants
+  weighted by the sub-block sums of w;
+- Q4_K/Q5_K: make_qkx3_quants per 32, sigma2 = 2 * mean x^2 of the super-block; the 6-bit scales and mins by
+  make_qp_quants weighted by the sub-block sums of w;
+- Q6_K: make_qx_quants per 16 weighted by imatrix[j] alone (ggml's sigma2 term is commented out there);
+- Q8_0: ignores it (ggml does).
+
 Storage layout (exactly as in a GGUF file; GGUFLinear stores it and the Triton kernels read it):
     qweight: uint8 [out_features, (in_features // block_elems) * block_bytes]
 Row r of the weight is a run of blocks; block b covers input columns [b*block_elems, (b+1)*block_elems).
@@ -44,7 +58,8 @@ import numpy as np
 import torch
 
 from qbench.quant.ggml_math import (F32, GROUP_MAX_EPS, absmax_value, f16, f16_bytes, inv, make_q3_quants,
-                                    make_qkx2_quants, make_qx_quants, nearest_int, seqsum)
+                                    make_qkx2_quants, make_qkx3_quants, make_qp_quants, make_qx_quants, nearest_int,
+                                    seqsum)
 
 
 class BlockType:
@@ -57,8 +72,11 @@ class BlockType:
     bits: int  # of the integer form's codes
     zero: int  # the integer form's zero
 
-    def quantize_blocks(self, x: np.ndarray) -> np.ndarray:
-        """float32 [n, block_elems] -> uint8 [n, block_bytes], as ggml's reference quantizer."""
+    def quantize_blocks(self, x: np.ndarray, qw: np.ndarray | None = None, row_sigma2: np.ndarray | None = None) -> np.ndarray:
+        """float32 [n, block_elems] -> uint8 [n, block_bytes], as ggml's reference quantizer; with qw (the
+        importance matrix's value of each element's column, [n, block_elems]) as ggml's quantize_<type>
+        with quant_weights. row_sigma2 [n, 1]: the mean x^2 of each block's whole row (the 32-element
+        types weigh by it; the K-quants by their super-block's own)."""
         raise NotImplementedError
 
     def fields(self, b: torch.Tensor) -> tuple:
@@ -113,6 +131,23 @@ def _legacy_codes(b: torch.Tensor, qs: int, high: int | None) -> torch.Tensor:
     return q
 
 
+def _legacy_weights(x, qw, row_sigma2):
+    """ggml's element weights of the 32-element types: qw * sqrt(sigma2 + x^2), sigma2 of the whole row."""
+    return np.ascontiguousarray((qw * np.sqrt(row_sigma2 + x * x)).T)
+
+
+def _weighted_symmetric(x, qw, row_sigma2, nmax):
+    """Q4_0/Q5_0 with an importance matrix: (d [n, 1], codes [n, 32]) of the weighted make_qx_quants."""
+    d, L = make_qx_quants(np.ascontiguousarray(x.T), nmax, _legacy_weights(x, qw, row_sigma2))
+    return d[:, None], L.T
+
+
+def _weighted_asymmetric(x, qw, row_sigma2, nmax):
+    """Q4_1/Q5_1 with an importance matrix: (d, m = -min, codes) of make_qkx3_quants."""
+    d, the_min, L = make_qkx3_quants(np.ascontiguousarray(x.T), _legacy_weights(x, qw, row_sigma2), nmax)
+    return d[:, None], -the_min[:, None], L.T
+
+
 # ---------------------------------------------------------------- 32-element block formats
 
 class Q4_0(BlockType):
@@ -120,7 +155,10 @@ class Q4_0(BlockType):
 
     name, ggml_type, block_elems, block_bytes, bits, zero = "Q4_0", 2, 32, 18, 4, 8
 
-    def quantize_blocks(self, x):
+    def quantize_blocks(self, x, qw=None, row_sigma2=None):
+        if qw is not None:
+            d, L = _weighted_symmetric(x, qw, row_sigma2, 8)
+            return np.concatenate([f16_bytes(d), _pack_nibbles(L)], axis=1)
         d = absmax_value(x)[:, None] / F32(-8)
         q = np.minimum(15, np.trunc(x * inv(d) + F32(8.5)).astype(np.int32))
         return np.concatenate([f16_bytes(d), _pack_nibbles(q)], axis=1)
@@ -134,7 +172,10 @@ class Q4_1(BlockType):
 
     name, ggml_type, block_elems, block_bytes, bits, zero = "Q4_1", 3, 32, 20, 4, 0
 
-    def quantize_blocks(self, x):
+    def quantize_blocks(self, x, qw=None, row_sigma2=None):
+        if qw is not None:
+            d, m, L = _weighted_asymmetric(x, qw, row_sigma2, 15)
+            return np.concatenate([f16_bytes(d), f16_bytes(m), _pack_nibbles(L)], axis=1)
         mn, mx = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)
         d = (mx - mn) / F32(15)
         q = np.minimum(15, np.trunc((x - mn) * inv(d) + F32(0.5)).astype(np.int32))
@@ -149,7 +190,10 @@ class Q5_0(BlockType):
 
     name, ggml_type, block_elems, block_bytes, bits, zero = "Q5_0", 6, 32, 22, 5, 16
 
-    def quantize_blocks(self, x):
+    def quantize_blocks(self, x, qw=None, row_sigma2=None):
+        if qw is not None:
+            d, L = _weighted_symmetric(x, qw, row_sigma2, 16)
+            return np.concatenate([f16_bytes(d), _high_bits(L), _pack_nibbles(L & 15)], axis=1)
         d = absmax_value(x)[:, None] / F32(-16)
         q = np.minimum(31, np.trunc(x * inv(d) + F32(16.5)).astype(np.int32))
         return np.concatenate([f16_bytes(d), _high_bits(q), _pack_nibbles(q & 15)], axis=1)
@@ -163,7 +207,10 @@ class Q5_1(BlockType):
 
     name, ggml_type, block_elems, block_bytes, bits, zero = "Q5_1", 7, 32, 24, 5, 0
 
-    def quantize_blocks(self, x):
+    def quantize_blocks(self, x, qw=None, row_sigma2=None):
+        if qw is not None:
+            d, m, L = _weighted_asymmetric(x, qw, row_sigma2, 31)
+            return np.concatenate([f16_bytes(d), f16_bytes(m), _high_bits(L), _pack_nibbles(L & 15)], axis=1)
         mn, mx = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)
         d = (mx - mn) / F32(31)
         q = np.trunc((x - mn) * inv(d) + F32(0.5)).astype(np.int32) & 0xFF
@@ -178,7 +225,7 @@ class Q8_0(BlockType):
 
     name, ggml_type, block_elems, block_bytes, bits, zero = "Q8_0", 8, 32, 34, 8, 128
 
-    def quantize_blocks(self, x):
+    def quantize_blocks(self, x, qw=None, row_sigma2=None):  # ggml's quantize_q8_0 ignores quant_weights
         d = np.abs(x).max(axis=1, keepdims=True) / F32(127)
         v = (x * inv(d)).astype(np.float64)
         q = np.sign(v) * np.floor(np.abs(v) + 0.5)  # roundf: half away from zero (exact in float64)
@@ -196,12 +243,22 @@ def _sub_blocks(x, size):
     return np.ascontiguousarray(x.reshape(-1, size).T)
 
 
-def _symmetric_sub16(x, search, nmax):
+def _symmetric_sub16(x, search, nmax, weights=None):
     """Q3_K/Q6_K: ([n, 16, 16] sub-blocks of x, scales [n, 16], codes L [n, 16, 16]) of ggml's symmetric
-    search `search` (make_q3_quants or make_qx_quants) over the 16-element sub-blocks."""
+    search `search` (make_q3_quants or make_qx_quants) over the 16-element sub-blocks (weighted by the
+    [size, n*16] `weights` when given)."""
     n = x.shape[0]
-    scales, L = search(_sub_blocks(x, 16), nmax)
+    scales, L = search(_sub_blocks(x, 16), nmax) if weights is None else search(_sub_blocks(x, 16), nmax, weights)
     return x.reshape(n, 16, 16), scales.reshape(n, 16), L.T.reshape(n, 16, 16)
+
+
+def _super_weights(x, qw, size, factor):
+    """ggml's K-quant element weights qw * sqrt(sigma2 + x^2), sigma2 = factor * mean x^2 of the super-block,
+    as [size, n*256/size] sub-block columns (_sub_blocks), and each sub-block's sum of them [n, 256/size]."""
+    sigma2 = F32(factor) * seqsum(np.ascontiguousarray((x * x).T)) / F32(256)
+    xt = _sub_blocks(x, size)
+    w = _sub_blocks(qw, size) * np.sqrt(np.repeat(sigma2, 256 // size)[None, :] + xt * xt)
+    return w, seqsum(w).reshape(x.shape[0], 256 // size)
 
 
 def _requantize(x, d, L, lo, hi, offset=0, dm=None):
@@ -241,11 +298,19 @@ def _k4_unpack(s):
     return sc.float(), mn.float()
 
 
-def _kx_super(x, nsub, nmax, rmin, rdelta, nstep):
-    """Q4_K/Q5_K: per-32 (scale, min) by make_qkx2_quants, then 6-bit scales under float16 super scales."""
+def _kx_super(x, nsub, nmax, rmin, rdelta, nstep, qw=None):
+    """Q4_K/Q5_K: per-32 (scale, min) by make_qkx2_quants, then 6-bit scales under float16 super scales
+    (with an importance matrix qw: make_qkx3_quants, then make_qp_quants for the 6-bit scales)."""
     n = x.shape[0]
     xs = x.reshape(n, nsub, 32)
     xt = _sub_blocks(x, 32)
+    if qw is not None:
+        w, sw = _super_weights(x, qw, 32, 2)
+        scales, mins, L = make_qkx3_quants(xt, w, nmax)
+        scales, mins, L = scales.reshape(n, nsub), mins.reshape(n, nsub), L.T.reshape(n, nsub, 32)
+        d_block, ls = make_qp_quants(np.ascontiguousarray(scales.T), 63, np.ascontiguousarray(sw.T))
+        m_block, lm = make_qp_quants(np.ascontiguousarray(mins.T), 63, np.ascontiguousarray(sw.T))
+        return _kx_pack(xs, L, nmax, f16(d_block), f16(m_block), ls.T, lm.T)
     w = np.sqrt(seqsum(xt * xt) / F32(32)) + np.abs(xt)
     scales, mins, L = make_qkx2_quants(xt, w, nmax, rmin, rdelta, nstep, False)
     scales, mins, L = scales.reshape(n, nsub), mins.reshape(n, nsub), L.T.reshape(n, nsub, 32)
@@ -256,7 +321,11 @@ def _kx_super(x, nsub, nmax, rmin, rdelta, nstep):
         inv_min = np.where(max_min > 0, F32(63) / max_min, F32(0)).astype(F32)
     ls = np.minimum(63, nearest_int(inv_scale[:, None] * scales) & 0xFF)
     lm = np.minimum(63, nearest_int(inv_min[:, None] * mins) & 0xFF)
-    d, dmin = f16(max_scale / F32(63)), f16(max_min / F32(63))
+    return _kx_pack(xs, L, nmax, f16(max_scale / F32(63)), f16(max_min / F32(63)), ls, lm)
+
+
+def _kx_pack(xs, L, nmax, d, dmin, ls, lm):
+    """Q4_K/Q5_K's second pass and head: codes from the stored scales, then d | dmin | 12 scale bytes."""
     sd = d.astype(F32)[:, None] * ls.astype(F32)
     sm = dmin.astype(F32)[:, None] * lm.astype(F32)
     L = _requantize(xs, sd, L, 0, nmax, dm=sm)
@@ -278,20 +347,28 @@ class Q2_K(BlockType):
 
     name, ggml_type, block_elems, block_bytes, bits, zero = "Q2_K", 10, 256, 84, 2, 0
 
-    def quantize_blocks(self, x):
+    def quantize_blocks(self, x, qw=None, row_sigma2=None):
         n = x.shape[0]
         xs = x.reshape(n, 16, 16)
         xt = _sub_blocks(x, 16)
-        scales, mins, L = make_qkx2_quants(xt, np.abs(xt), 3, -0.5, 0.1, 15, True)
-        scales, mins, L = scales.reshape(n, 16), mins.reshape(n, 16), L.T.reshape(n, 16, 16)
-        max_scale = np.maximum(scales.max(axis=1), F32(0))
-        max_min = np.maximum(mins.max(axis=1), F32(0))
-        with np.errstate(all="ignore"):
-            ls = np.where(max_scale[:, None] > 0, nearest_int((F32(15) / max_scale)[:, None] * scales), 0)
-            lm = np.where(max_min[:, None] > 0, nearest_int((F32(15) / max_min)[:, None] * mins), 0)
-        packed = (ls | (lm << 4)) & 0xFF
-        d = np.where(max_scale > 0, f16(max_scale / F32(15)), np.float16(0))
-        dmin = np.where(max_min > 0, f16(max_min / F32(15)), np.float16(0))
+        if qw is not None:
+            w, sw = _super_weights(x, qw, 16, 1)
+            scales, mins, L = make_qkx3_quants(xt, w, 3)
+            scales, mins, L = scales.reshape(n, 16), mins.reshape(n, 16), L.T.reshape(n, 16, 16)
+            dm, ls = make_qp_quants(np.ascontiguousarray(scales.T), 15, np.ascontiguousarray(sw.T))
+            mm, lm = make_qp_quants(np.ascontiguousarray(mins.T), 15, np.ascontiguousarray(sw.T))
+            packed, d, dmin = (ls.T | (lm.T << 4)) & 0xFF, f16(dm), f16(mm)
+        else:
+            scales, mins, L = make_qkx2_quants(xt, np.abs(xt), 3, -0.5, 0.1, 15, True)
+            scales, mins, L = scales.reshape(n, 16), mins.reshape(n, 16), L.T.reshape(n, 16, 16)
+            max_scale = np.maximum(scales.max(axis=1), F32(0))
+            max_min = np.maximum(mins.max(axis=1), F32(0))
+            with np.errstate(all="ignore"):
+                ls = np.where(max_scale[:, None] > 0, nearest_int((F32(15) / max_scale)[:, None] * scales), 0)
+                lm = np.where(max_min[:, None] > 0, nearest_int((F32(15) / max_min)[:, None] * mins), 0)
+            packed = (ls | (lm << 4)) & 0xFF
+            d = np.where(max_scale > 0, f16(max_scale / F32(15)), np.float16(0))
+            dmin = np.where(max_min > 0, f16(max_min / F32(15)), np.float16(0))
         sd = d.astype(F32)[:, None] * (packed & 15).astype(F32)
         sm = dmin.astype(F32)[:, None] * (packed >> 4).astype(F32)
         L = _requantize(xs, sd, L, 0, 3, dm=sm)
@@ -311,16 +388,22 @@ class Q3_K(BlockType):
 
     name, ggml_type, block_elems, block_bytes, bits, zero = "Q3_K", 11, 256, 110, 3, 4
 
-    def quantize_blocks(self, x):
+    def quantize_blocks(self, x, qw=None, row_sigma2=None):
         n = x.shape[0]
-        xs, scales, L = _symmetric_sub16(x, make_q3_quants, 4)
-        max_scale = absmax_value(scales)
-        with np.errstate(all="ignore"):
-            iscale = F32(-32) / max_scale
-            l8 = ((nearest_int(iscale[:, None] * scales) + 128) & 0xFF) - 128  # stored in an int8_t
-            d = f16(F32(1) / iscale)
-        l = np.where((max_scale != 0)[:, None], np.clip(l8, -32, 31) + 32, 0)
-        d = np.where(max_scale != 0, d, np.float16(0))
+        if qw is not None:
+            w, sw = _super_weights(x, qw, 16, 2)
+            xs, scales, L = _symmetric_sub16(x, make_qx_quants, 4, w)
+            d_block, l = make_qx_quants(np.ascontiguousarray(scales.T), 32, np.ascontiguousarray(sw.T))
+            d, l = f16(d_block), l.T
+        else:
+            xs, scales, L = _symmetric_sub16(x, make_q3_quants, 4)
+            max_scale = absmax_value(scales)
+            with np.errstate(all="ignore"):
+                iscale = F32(-32) / max_scale
+                l8 = ((nearest_int(iscale[:, None] * scales) + 128) & 0xFF) - 128  # stored in an int8_t
+                d = f16(F32(1) / iscale)
+            l = np.where((max_scale != 0)[:, None], np.clip(l8, -32, 31) + 32, 0)
+            d = np.where(max_scale != 0, d, np.float16(0))
         s = np.zeros((n, 12), dtype=np.int32)
         s[:, :8] = (l[:, :8] & 0xF) | ((l[:, 8:] & 0xF) << 4)
         for j in range(16):
@@ -351,8 +434,8 @@ class Q4_K(BlockType):
 
     name, ggml_type, block_elems, block_bytes, bits, zero = "Q4_K", 12, 256, 144, 4, 0
 
-    def quantize_blocks(self, x):
-        head, L = _kx_super(x, 8, 15, -1.0, 0.1, 20)
+    def quantize_blocks(self, x, qw=None, row_sigma2=None):
+        head, L = _kx_super(x, 8, 15, -1.0, 0.1, 20, qw)
         qs = (L[:, 0::2] | (L[:, 1::2] << 4)).reshape(-1, 128).astype(np.uint8)
         return np.concatenate([head, qs], axis=1)
 
@@ -368,8 +451,8 @@ class Q5_K(BlockType):
 
     name, ggml_type, block_elems, block_bytes, bits, zero = "Q5_K", 13, 256, 176, 5, 0
 
-    def quantize_blocks(self, x):
-        head, L = _kx_super(x, 8, 31, -0.5, 0.1, 15)
+    def quantize_blocks(self, x, qw=None, row_sigma2=None):
+        head, L = _kx_super(x, 8, 31, -0.5, 0.1, 15, qw)
         qh = np.zeros((x.shape[0], 32), dtype=np.int32)
         for s in range(8):
             qh |= (L[:, s] >> 4) << s
@@ -391,9 +474,9 @@ class Q6_K(BlockType):
 
     name, ggml_type, block_elems, block_bytes, bits, zero = "Q6_K", 14, 256, 210, 6, 32
 
-    def quantize_blocks(self, x):
+    def quantize_blocks(self, x, qw=None, row_sigma2=None):
         n = x.shape[0]
-        xs, scales, L = _symmetric_sub16(x, make_qx_quants, 32)
+        xs, scales, L = _symmetric_sub16(x, make_qx_quants, 32, None if qw is None else _sub_blocks(qw, 16))
         max_scale = absmax_value(scales)
         zero = np.abs(max_scale) < GROUP_MAX_EPS
         with np.errstate(all="ignore"):
@@ -430,16 +513,34 @@ def row_bytes(qtype: str, n: int) -> int:
     return n // t.block_elems * t.block_bytes
 
 
-def quantize(weight, qtype: str, chunk_blocks: int = 1 << 15) -> torch.Tensor:
-    """[rows, cols] float weight -> uint8 [rows, row_bytes(qtype, cols)], the GGUF bytes of each row."""
+def quantize(weight, qtype: str, imatrix=None, chunk_blocks: int = 1 << 15) -> torch.Tensor:
+    """[rows, cols] float weight -> uint8 [rows, row_bytes(qtype, cols)], the GGUF bytes of each row;
+    imatrix: [cols] importance of each input column (ggml's quant_weights), or None (the reference path)."""
     t = TYPES[qtype]
     w = weight.detach().float().cpu().numpy() if isinstance(weight, torch.Tensor) else np.asarray(weight, dtype=F32)
     rows, cols = w.shape
     nbytes = row_bytes(qtype, cols)
-    blocks = np.ascontiguousarray(w, dtype=F32).reshape(-1, t.block_elems)
+    w = np.ascontiguousarray(w, dtype=F32)
+    blocks = w.reshape(-1, t.block_elems)
     out = np.empty((blocks.shape[0], t.block_bytes), dtype=np.uint8)
+    if imatrix is not None:
+        imatrix = np.ascontiguousarray(imatrix, dtype=F32).reshape(-1)
+        if imatrix.size != cols:
+            raise ValueError(f"an importance matrix of {imatrix.size} values for rows of {cols}")
+        per_row = cols // t.block_elems
+        qw = imatrix.reshape(per_row, t.block_elems)
+        # ggml's sum_x2 / n_per_row of the 32-element types: a left-to-right float32 sum over the row
+        sigma2 = seqsum(np.ascontiguousarray((w * w).T)) / F32(cols)
+        chunk_blocks = max(per_row, chunk_blocks // per_row * per_row)  # chunks of whole rows
     for start in range(0, blocks.shape[0], chunk_blocks):
-        out[start : start + chunk_blocks] = t.quantize_blocks(blocks[start : start + chunk_blocks])
+        part = blocks[start : start + chunk_blocks]
+        if imatrix is None:
+            out[start : start + chunk_blocks] = t.quantize_blocks(part)
+        else:
+            first, count = start // per_row, part.shape[0] // per_row
+            qw_part = np.tile(qw, (count, 1))
+            row_sigma2 = np.repeat(sigma2[first : first + count], per_row)[:, None]
+            out[start : start + chunk_blocks] = t.quantize_blocks(part, qw_part, row_sigma2)
     return torch.from_numpy(out.reshape(rows, nbytes))
 
 
