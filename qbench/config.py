@@ -97,11 +97,19 @@ def _validate_fit(cfg: DictConfig) -> None:
     check_fit(str(cfg.model), cfg.device, cfg.dtype)
 
 
+def needs_calibration(cfg: DictConfig) -> bool:
+    """Whether the run reads its calibration set: the method always does (`needs_calibration: true`), or
+    one of its options asks for it (`calibrated_when: {key: value}`, e.g. GGUF's imatrix=auto)."""
+    m = cfg.method
+    when = m.get("calibrated_when") or {}
+    return bool(m.get("needs_calibration")) or any(str(m.get(key)) == str(value) for key, value in when.items())
+
+
 def _validate_data(cfg: DictConfig) -> None:
     """The data the run reads is there (data root files, or the hub when no root is set)."""
     from qbench.data import check_data
 
-    calib = cfg.calib.name if cfg.method.get("needs_calibration") and cfg.get("calib") is not None else None
+    calib = cfg.calib.name if needs_calibration(cfg) and cfg.get("calib") is not None else None
     check_data(cfg.data_dir, list(cfg.eval.ppl.datasets), calib, bool(cfg.eval.get("kld")))
 
 
@@ -123,6 +131,18 @@ def _validate_quant(cfg: DictConfig) -> None:
     for key, valid in (m.get("choices") or {}).items():
         _one_of(f"method.{key} for {m.name}", m.get(key), list(valid))
     _validate_method_types(cfg)
+    _validate_method_paths(m)
+
+
+def _validate_method_paths(m: DictConfig) -> None:
+    """`paths: {key: [words]}` in conf/method/<name>.yaml: an option naming a file (null or one of the
+    words instead, e.g. GGUF's imatrix=auto); a file that is not there is one line naming it."""
+    for key, words in (m.get("paths") or {}).items():
+        value = m.get(key)
+        if value is None or str(value) in [str(w) for w in words]:
+            continue
+        if not Path(str(value)).is_file():
+            raise ConfigError(f"method.{key} for {m.name}: no such file {value}")
 
 
 def _validate_method_types(cfg: DictConfig) -> None:

@@ -102,7 +102,7 @@ def _base_record(cfg: DictConfig) -> dict:
         "method": cfg.method.name,
         "bits": qconfig.resolved_bits(cfg),
         "group_size": qconfig.resolved_group_size(cfg),
-        "calib": cfg.calib.name if cfg.method.get("needs_calibration") else None,
+        "calib": cfg.calib.name if qconfig.needs_calibration(cfg) else None,
         "metrics": {},
         "timings": {},
         "quant_info": {},

@@ -55,9 +55,10 @@ class GGUFLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, qtype: str, kernel: str = "auto") -> "GGUFLinear":
+    def from_linear(cls, linear: nn.Linear, qtype: str, kernel: str = "auto", imatrix=None) -> "GGUFLinear":
+        """imatrix: [in_features] importance of each input column (ggml's quant_weights), or None."""
         layer = cls(linear.in_features, linear.out_features, qtype, linear.bias is not None, kernel)
-        layer.qweight.copy_(quantize(linear.weight.data, qtype))
+        layer.qweight.copy_(quantize(linear.weight.data, qtype, imatrix=imatrix))
         if linear.bias is not None:
             layer.bias = linear.bias.detach().clone().float()
         return layer.to(linear.weight.device)
