@@ -132,6 +132,19 @@ def _validate_quant(cfg: DictConfig) -> None:
         _one_of(f"method.{key} for {m.name}", m.get(key), list(valid))
     _validate_method_types(cfg)
     _validate_method_paths(m)
+    if m.get("architectures"):
+        _validate_architecture(cfg)
+
+
+def _validate_architecture(cfg: DictConfig) -> None:
+    """`architectures: [model_type, ...]` in conf/method/<name>.yaml: the models the method supports,
+    checked here where the model's type is known before load (qbench.models.model_type), else after load."""
+    from qbench.models import model_type
+
+    kind, valid = model_type(str(cfg.model)), list(cfg.method.architectures)
+    if kind is not None and kind not in valid:
+        raise ConfigError(f"method {cfg.method.name} does not support model {cfg.model} (model type {kind!r}); "
+                          f"supported: {', '.join(valid)}")
 
 
 def _validate_method_paths(m: DictConfig) -> None:

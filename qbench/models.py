@@ -67,6 +67,45 @@ def resolve_source(name: str) -> ModelSource:
     )
 
 
+def model_type(name: str) -> str | None:
+    """config.model_type of a model, where it is known before load: shape models (their yaml), local
+    directories (config.json), GGUF files (the header's general.architecture, read alone); None for hub ids."""
+    source = resolve_source(name)
+    if source.kind == "shape":
+        from qbench import shapes
+
+        return shapes.read_shape(source.path)["config"].get("model_type")
+    if source.kind == "dir":
+        return json.loads((Path(source.path) / "config.json").read_text()).get("model_type")
+    if source.kind == "gguf":
+        return _gguf_architecture(source.path)
+    return None
+
+
+def _gguf_architecture(path: str) -> str | None:
+    """general.architecture from the first string keys of a GGUF header (it is written first)."""
+    import struct
+
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if head[:4] != b"GGUF":
+        return None
+    pos, n_kv = 24, struct.unpack_from("<Q", head, 16)[0]
+    for _ in range(min(n_kv, 16)):
+        (n,) = struct.unpack_from("<Q", head, pos)
+        key = head[pos + 8 : pos + 8 + n].decode("utf-8")
+        (vtype,) = struct.unpack_from("<I", head, pos + 8 + n)
+        pos += 12 + n
+        if vtype != 8:  # only string values are walked past; the architecture key comes before others
+            return None
+        (m,) = struct.unpack_from("<Q", head, pos)
+        value = head[pos + 8 : pos + 8 + m].decode("utf-8")
+        pos += 8 + m
+        if key == "general.architecture":
+            return value
+    return None
+
+
 def is_synthetic(name: str) -> bool:
     """A shape model: seeded random weights, so its perplexity is a sanity value, never accuracy."""
     from qbench import shapes

@@ -169,7 +169,7 @@ def method_defaults(name: str) -> dict:
 
 # Keys of a conf/method entry that describe the method rather than set one of its parameters.
 METHOD_META = {"name", "needs_calibration", "bits_choices", "default_bits", "group_sizes", "default_group_size",
-                "calib_seqlen", "choices", "ranges", "paths", "calibrated_when"}
+                "calib_seqlen", "choices", "ranges", "architectures", "paths", "calibrated_when"}
 
 
 def method_params(rec: dict) -> dict:
