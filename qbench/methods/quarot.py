@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from qbench.config import resolved_bits, resolved_group_size
+from qbench.methods.gptq import _one_cpu_thread
 from qbench.quant.blocks import arch_of, decoder_layers
 from qbench.quant.grid import QuantizedWeight, default_g_idx, find_params, quantize_codes, rtn_quantize
 from qbench.quant.hadamard import Hadamard, orthogonal
@@ -195,6 +196,7 @@ def wrap_online(model: nn.Module, online: bool, act_bits: int, act_clip: float) 
     return count
 
 
+@_one_cpu_thread  # small ops in a loop: one CPU thread is several times faster on a shared machine
 def clip_search_rtn(weight: torch.Tensor, bits: int, group_size: int, sym: bool, zero_in_range: bool) -> tuple[QuantizedWeight, list]:
     """RTN whose grid per (row, group) comes from the range shrunk by the ratio in CLIP_RATIOS with the
     least sum |w - q(w)|^CLIP_NORM. Returns the codes and the mean chosen ratio per group."""
@@ -205,18 +207,17 @@ def clip_search_rtn(weight: torch.Tensor, bits: int, group_size: int, sym: bool,
     scales, zeros, chosen = [], [], []
     for start in range(0, in_features, size):
         block = w[:, start : start + size]
+        ends = torch.stack([block.min(dim=1).values, block.max(dim=1).values], dim=1)  # the grid reads only these
         best = torch.full((out_features,), float("inf"), device=w.device)
-        scale = zero = ratio = None
         for r in CLIP_RATIOS:
-            s, z = find_params(block * r, bits, sym, zero_in_range)  # the grid of the shrunk range
-            q = quantize_codes(block, s[:, None], z[:, None], bits)
-            err = (s[:, None] * (q - z[:, None]) - block).abs().pow(CLIP_NORM).sum(dim=1)
-            better = err < best
-            if scale is None:
+            s, z = find_params(ends * r, bits, sym, zero_in_range)  # the grid of the shrunk range
+            err = quantize_codes(block, s[:, None], z[:, None], bits)
+            err = err.sub_(z[:, None]).mul_(s[:, None]).sub_(block).abs_().pow_(CLIP_NORM).sum(dim=1)
+            if r == CLIP_RATIOS[0]:
                 scale, zero, ratio = s, z, torch.full_like(s, r)
-            else:
-                scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
-                ratio = torch.where(better, torch.full_like(s, r), ratio)
+            better = err < best
+            scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
+            ratio = torch.where(better, torch.full_like(s, r), ratio)
             best = torch.minimum(best, err)
         codes[:, start : start + size] = quantize_codes(block, scale[:, None], zero[:, None], bits).to(torch.uint8)
         scales.append(scale)
@@ -271,7 +272,8 @@ def _settings(cfg) -> dict:
     s = {"weights": str(m.weights), "bits": resolved_bits(cfg), "group_size": resolved_group_size(cfg),
          "sym": bool(m.sym), "zero_in_range": bool(m.zero_in_range), "w_clip": bool(m.w_clip) and str(m.weights) == "rtn",
          "act_bits": int(m.act_bits), "act_clip": float(m.act_clip), "rotate_mode": str(m.rotate_mode),
-         "online_hadamard": bool(m.online_hadamard), "rotate_ov": bool(m.rotate_ov), "seed": int(cfg.seed)}
+         "rotate": bool(m.rotate), "online_hadamard": bool(m.online_hadamard) and bool(m.rotate),
+         "rotate_ov": bool(m.rotate_ov) and bool(m.rotate), "seed": int(cfg.seed)}
     if s["act_bits"] not in (4, 8, 16):
         raise ValueError(f"method.act_bits must be 16, 8 or 4, got {s['act_bits']}")
     if not 0 < s["act_clip"] <= 1:
@@ -286,11 +288,10 @@ def quantize(model, cfg, ctx) -> dict:
     s = _settings(cfg)
     rotation_of(model)  # unknown architecture: one line before anything changes
     t0 = time.perf_counter()
-    gen = torch.Generator().manual_seed(s["seed"])
-    n = model.config.hidden_size
-    Q, q_kind = orthogonal(n, gen, s["rotate_mode"])
-    Q = Q.to(next(model.parameters()).device)
-    info = rotate_model(model, Q, s["online_hadamard"], s["rotate_ov"])
+    info, q_kind = {}, "none (rotate=false: the plain quantized baseline)"
+    if s["rotate"]:
+        Q, q_kind = orthogonal(model.config.hidden_size, torch.Generator().manual_seed(s["seed"]), s["rotate_mode"])
+        info = rotate_model(model, Q.to(next(model.parameters()).device), s["online_hadamard"], s["rotate_ov"])
     t1 = time.perf_counter()
     if s["weights"] == "rtn":
         quant = _quantize_rtn(model, cfg, ctx, s)
