@@ -180,3 +180,23 @@ def test_unsupported_architecture_fails_before_load(tmp_path):
     with pytest.raises(ConfigError) as err:
         prevalidate(["method=quarot", f"model={tmp_path}"])
     assert "does not support model" in str(err.value) and "'gpt2'" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_rotated_model_through_an_int8_kv_cache():
+    """kv_cache=int8 on the rotated model: the same keys (the residual rotation leaves q/k/v unchanged),
+    values cached in the per-head Hadamard basis; as close to the float model as the unrotated one is."""
+    from qbench.kvcache import make_dynamic_cache
+    from qbench.models import cache_keyword
+
+    model = tiny_llama(kv_heads=2)
+    ref = logits(model)
+
+    def through_cache(m):
+        with torch.no_grad():
+            return m(IDS, use_cache=True, **{cache_keyword(m): make_dynamic_cache(m, "int8")}).logits.double()
+
+    plain = rel_err(through_cache(model), ref)
+    rotate_model(model, orthogonal(64, torch.Generator().manual_seed(0))[0], online=True, rotate_ov=True)
+    wrap_online(model, online=True, act_bits=16, act_clip=1.0)
+    rotated = rel_err(through_cache(model), ref)
+    assert 0 < rotated < 0.01 and rotated < 2 * plain + 1e-4, (plain, rotated)

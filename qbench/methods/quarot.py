@@ -80,7 +80,8 @@ class QuaRotLinear(nn.Module):
     def __init__(self, inner: nn.Module, hadamard: Hadamard | None, act_bits: int, act_clip: float):
         super().__init__()
         self.inner, self.hadamard, self.act_bits, self.act_clip = inner, hadamard, act_bits, act_clip
-        self.register_buffer("had_base", None if hadamard is None else hadamard.base.float(), persistent=False)
+        device = next(iter([*inner.parameters(), *inner.buffers()])).device
+        self.register_buffer("had_base", None if hadamard is None else hadamard.base.float().to(device), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hadamard is not None:
