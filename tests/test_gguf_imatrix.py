@@ -257,3 +257,25 @@ def test_imatrix_config_checked_before_load(tmp_path):
     path = tmp_path / "im.gguf"
     path.write_bytes(b"GGUF")
     prevalidate(["method=gguf", f"method.imatrix={path}"])
+
+
+def test_export_names_the_imatrix_as_llama_quantize_does(cfg_factory, tmp_path):
+    from tiny_llama import tiny_llama
+
+    from qbench.methods import RunContext
+    from qbench.methods import gguf as gguf_method
+    from qbench.quant import imatrix as imx
+    from qbench.quant.gguf_export import read_metadata
+
+    model = tiny_llama()
+    modules = dict(model.named_modules())
+    sums = {g: np.ones((1, modules[n].in_features)) for n, g in _names(model).items()}
+    path = tmp_path / "im.gguf"
+    imx.write_gguf(imx.ImportanceMatrix(sums, dict.fromkeys(sums, np.array([1.0])), ["some.txt"], 9, 512), str(path))
+    cfg = _gguf_cfg(cfg_factory, f"method.imatrix={path}", f"export.path={tmp_path / 'out.gguf'}")
+    ctx = RunContext(None, "cpu", torch.float32, quiet=True)
+    gguf_method.quantize(model, cfg, ctx)
+    gguf_method.export(model, cfg, ctx, str(tmp_path / "out.gguf"))
+    meta = {key: value for key, value, *_ in read_metadata(str(tmp_path / "out.gguf"))}
+    assert meta["quantize.imatrix.file"] == str(path) and meta["quantize.imatrix.dataset"] == "some.txt"
+    assert meta["quantize.imatrix.entries_count"] == 14 and meta["quantize.imatrix.chunks_count"] == 9

@@ -74,22 +74,28 @@ def ggml_quantize(weight: np.ndarray, ggml_type: int, block_elems: int, block_by
     return out
 
 
-def llama_cpp_perplexity(path: str, ids: torch.Tensor, seqlen: int, windows: int, threads: int = 2) -> float:
+def llama_cpp_logits(path: str, ids: torch.Tensor, seqlen: int, windows: int, threads: int = 2):
+    """(tokens, float32 logits [seqlen, vocab]) of llama.cpp for each of the first `windows`
+    non-overlapping windows, each from an empty (F32) cache."""
     import llama_cpp
 
     with no_weight_repacking(llama_cpp) if has_amx(llama_cpp) else contextlib.nullcontext():
         llm = llama_cpp.Llama(path, n_ctx=seqlen, n_batch=seqlen, n_ubatch=seqlen, logits_all=True, n_threads=threads,
                               type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, verbose=False)
     try:
-        nll = 0.0
         for w in range(windows):
             tokens = ids[w * seqlen : (w + 1) * seqlen]
             llm.reset()
             llm.eval(tokens.tolist())
-            logits = torch.from_numpy(np.array(llm.scores[:seqlen], dtype=np.float32))
-            nll += torch.nn.functional.cross_entropy(logits[:-1], tokens[1:]).item()
+            yield tokens, torch.from_numpy(np.array(llm.scores[:seqlen], dtype=np.float32))
     finally:
         llm.close()
+
+
+def llama_cpp_perplexity(path: str, ids: torch.Tensor, seqlen: int, windows: int, threads: int = 2) -> float:
+    nll = 0.0
+    for tokens, logits in llama_cpp_logits(path, ids, seqlen, windows, threads):
+        nll += torch.nn.functional.cross_entropy(logits[:-1], tokens[1:]).item()
     return math.exp(nll / windows)
 
 

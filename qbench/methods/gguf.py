@@ -100,6 +100,10 @@ def quantize(model, cfg, ctx) -> dict:
             "tensor_types": dict(Counter(types.values())), "quantized_layers": count}
     if matrix is not None:
         info["imatrix"] = {**matrix_info, "weighted_tensors": len(weighted), "tensors_without_data": sorted(unweighted)}
+        ctx.cache[("gguf imatrix metadata", id(model))] = {  # what llama-quantize --imatrix writes into the file
+            "quantize.imatrix.file": matrix_info.get("path") or matrix_info.get("written_to"),
+            "quantize.imatrix.dataset": (matrix.datasets or [""])[0],
+            "quantize.imatrix.entries_count": len(matrix.sums), "quantize.imatrix.chunks_count": matrix.chunk_count}
     return info
 
 
@@ -108,4 +112,5 @@ def export(model, cfg, ctx, path) -> None:
 
     source = resolve_source(str(cfg.model))
     gguf_export.write_gguf(model, path, gguf_mix.file_type(str(cfg.method.type)),
-                           source_gguf=source.path if source.kind == "gguf" else None, tokenizer=ctx.tokenizer)
+                           source_gguf=source.path if source.kind == "gguf" else None, tokenizer=ctx.tokenizer,
+                           extra=ctx.cache.get(("gguf imatrix metadata", id(model))))

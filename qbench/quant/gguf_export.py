@@ -27,7 +27,9 @@ import numpy as np
 from qbench.quant.gguf_linear import GGUFLinear
 from qbench.quant.gguf_quants import TYPES
 
-SKIP_KEYS = ("GGUF.", "general.architecture", "general.file_type", "general.quantization_version")
+# not copied from a source file: written anew (a source's quantize.imatrix.* would claim its importance
+# matrix for our quantization)
+SKIP_KEYS = ("GGUF.", "general.architecture", "general.file_type", "general.quantization_version", "quantize.imatrix.")
 
 
 def check_llama(model) -> None:
@@ -196,8 +198,9 @@ def _tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> 
 
 
 def write_gguf(model, path: str, file_type: int, source_gguf: str | None = None, tokenizer=None,
-               float_only: bool = False) -> None:
-    """Write the model to `path`. Metadata from `source_gguf` when given, else from the config + `tokenizer`."""
+               float_only: bool = False, extra: dict | None = None) -> None:
+    """Write the model to `path`. Metadata from `source_gguf` when given, else from the config + `tokenizer`;
+    `extra` adds keys (str values as strings, ints as int32: llama-quantize's quantize.imatrix.*)."""
     check_llama(model)
     logging.getLogger("gguf.gguf_writer").setLevel(logging.WARNING)  # its per-file INFO lines
     writer = gguf.GGUFWriter(str(path), "llama")
@@ -210,6 +213,8 @@ def write_gguf(model, path: str, file_type: int, source_gguf: str | None = None,
             _tokenizer_metadata(writer, tokenizer, model.config.vocab_size)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for key, value in (extra or {}).items():
+        writer.add_string(key, value) if isinstance(value, str) else writer.add_int32(key, int(value))
     for name, data, qtype in model_tensors(model, float_only):
         if qtype is None:
             writer.add_tensor(name, data.astype(np.float32))
