@@ -23,6 +23,8 @@
 #                record so its baseline is reused), two multiruns on hydra/launcher=gpus with $ZS_JOBS_INT (3) + $ZS_JOBS_FP4 (2) workers; accuracy only
 #   served       sweeps/gpu.yaml without the zero-shot tasks (perplexity, KLD, served speed, VRAM, cost) on
 #                hardware=$HARDWARE, resumable: the run alone on the GPU, so its speed and eval_*_s figures hold
+#   served-new   the served part's configs never measured on a GPU before, as multiruns into $OUT/served (same
+#                records as the sweep's): fp16 and RTN w4 with kv_cache=none|int8|fp8, HQQ w4, MXFP4, NVFP4, SmoothQuant
 #   int8t        LLM.int8() at outlier thresholds $INT8_THRESHOLDS (default 5,4,3,2,1), ppl and outlier
 #                fractions: how the perplexity loss trades against the share of 16-bit columns
 set -uo pipefail
@@ -30,6 +32,10 @@ OUT=${OUT:?set OUT}
 PPL=(model=smollm2-135m device=cuda "eval.ppl.datasets=[wikitext2,c4]" quiet=true wandb.mode=disabled)
 CALIB=(calib=c4 calib.nsamples=128 calib.seqlen=null calib.seed=0)
 qb() { python3 -m qbench.cli "$@"; }
+ZSR=(model=smollm2-135m device=cuda "eval.ppl.datasets=[wikitext2,c4]" quiet=true wandb.mode=disabled
+     "eval.tasks=[arc_easy,arc_challenge,piqa,winogrande,hellaswag,boolq,lambada_openai]" eval.tasks_batch_size=64
+     eval.kld=false eval.speed=false eval.kld_windows=8 "hardware=${HARDWARE:-h100}" "results_dir=$OUT/zeroshot"
+     hydra/launcher=gpus resume=true)
 parts=("$@"); [ ${#parts[@]} -gt 0 ] || parts=(leaderboard g64 noact formats gguf)
 for part in "${parts[@]}"; do
   echo "=== $part $(date -u +%H:%M:%S)"
@@ -55,15 +61,21 @@ for part in "${parts[@]}"; do
                   tests/test_kvcache.py tests/test_smoothquant.py > "$OUT/kerneltests.log" 2>&1
                 tail -n 5 "$OUT/kerneltests.log" ;;
     zeroshot-rest)
-      ZS=(model=smollm2-135m device=cuda "eval.ppl.datasets=[wikitext2,c4]" quiet=true wandb.mode=disabled
-          "eval.tasks=[arc_easy,arc_challenge,piqa,winogrande,hellaswag,boolq,lambada_openai]" eval.tasks_batch_size=64
-          eval.kld=false eval.speed=false eval.kld_windows=8 "hardware=${HARDWARE:-h100}" "results_dir=$OUT/zeroshot"
-          hydra/launcher=gpus resume=true)
-      qb -m method=gptq,awq,hqq bits=3,4 "${ZS[@]}" "hydra.launcher.n_jobs=${ZS_JOBS_INT:-3}" > "$OUT/zs-int.log" 2>&1 &
-      qb -m method=rtn,fp4,mxfp4,nvfp4 bits=4 "${ZS[@]}" "hydra.launcher.n_jobs=${ZS_JOBS_FP4:-2}" > "$OUT/zs-fp4.log" 2>&1 &
+      qb -m method=gptq,awq,hqq bits=3,4 "${ZSR[@]}" "hydra.launcher.n_jobs=${ZS_JOBS_INT:-3}" > "$OUT/zs-int.log" 2>&1 &
+      qb -m method=rtn,fp4,mxfp4,nvfp4 bits=4 "${ZSR[@]}" "hydra.launcher.n_jobs=${ZS_JOBS_FP4:-2}" > "$OUT/zs-fp4.log" 2>&1 &
       wait; tail -n 3 "$OUT"/zs-*.log ;;
+    zeroshot-w4)  # zeroshot-rest's 4-bit integer configs and FP4 in one round of five workers
+      qb -m method=rtn,gptq,awq,hqq,fp4 bits=4 "${ZSR[@]}" hydra.launcher.n_jobs=5 > "$OUT/zs-w4.log" 2>&1 ;;
     served) qb sweep sweeps/gpu.yaml "results_dir=$OUT/served" "hardware=${HARDWARE:-h100}" wandb.mode=disabled \
               "eval.tasks=[]" resume=true ;;
+    served-new)
+      SV=(model=smollm2-135m device=cuda "eval.ppl.datasets=[wikitext2,c4]" eval.kld=true eval.speed=true
+          eval.speed_opts.new_tokens=64 eval.speed_opts.repeats=3 "eval.speed_opts.batch_sizes=[1,32]" eval.kld_windows=8
+          quiet=true wandb.mode=disabled "hardware=${HARDWARE:-h100}" "results_dir=$OUT/served" resume=true)
+      qb -m method=fp16 kv_cache=none,int8,fp8 "${SV[@]}"
+      qb -m method=hqq,mxfp4,nvfp4 bits=4 "${SV[@]}"
+      qb -m method=smoothquant bits=8 "${SV[@]}"
+      qb -m method=rtn bits=4 kv_cache=int8,fp8 "${SV[@]}" ;;
     shape8b) qb sweep sweeps/gpu-8b.yaml "results_dir=$OUT/gpu-8b" "hardware=${HARDWARE:-h100}" wandb.mode=disabled resume=true ;;
     identity) python3 research/tasks_identity.py --device cuda --dtype float16 --limit 0 --batch-size 64 \
                 --out "$OUT/identity.json" ;;
