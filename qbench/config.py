@@ -16,6 +16,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 KERNELS = ("auto", "triton", "torch")
 WANDB_MODES = ("offline", "online", "disabled")
+EXPORT_FORMATS = ("native", "compressed-tensors")
 PPL_DATASETS = ("wikitext2", "c4")
 
 
@@ -57,6 +58,7 @@ def validate(cfg: DictConfig) -> None:
     _validate_quant(cfg)
     _validate_eval(cfg)
     _validate_kv_cache(cfg)
+    _validate_export(cfg)
     if "calib" in cfg and cfg.calib is not None:
         _one_of("calib", cfg.calib.name, group_options("calib"))
         _integer("calib.nsamples", cfg.calib.nsamples, 1)
@@ -199,6 +201,19 @@ def _validate_kv_cache(cfg: DictConfig) -> None:
         _one_of(f"kv_cache.{key} for {kv.name}", kv.get(key), list(valid))
     if "chunk" in kv:
         _integer("kv_cache.chunk", kv.chunk, 1, nullable=True)
+
+
+def _validate_export(cfg: DictConfig) -> None:
+    """export.format: native (the method's own export) or compressed-tensors, which holds only some methods'
+    weights (qbench.quant.ct_export.unsupported says which); checked even without export.path, as asked."""
+    fmt = cfg.export.get("format", "native")
+    _one_of("export.format", fmt, EXPORT_FORMATS)
+    if fmt == "compressed-tensors":
+        from qbench.quant.ct_export import unsupported  # torch-free at import
+
+        reason = unsupported(cfg)
+        if reason:
+            raise ConfigError(reason)
 
 
 def _validate_eval(cfg: DictConfig) -> None:

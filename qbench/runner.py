@@ -131,10 +131,12 @@ NOT_IDENTITY = ("results_dir", "resume", "quiet", "wandb")
 
 def run_identity(config: dict, bits, group_size) -> dict:
     """What decides a run's numbers: its config with bits and group size resolved, NOT_IDENTITY left out
-    (and kv_cache=none, so that records from before the option still match)."""
+    (and kv_cache=none and export.format=native, so that records from before those options still match)."""
     ident = {k: v for k, v in config.items() if k not in NOT_IDENTITY}
     if (ident.get("kv_cache") or {}).get("name", "none") == "none":
         ident.pop("kv_cache", None)
+    if (ident.get("export") or {}).get("format") == "native":  # records from before export.format still match
+        ident["export"] = {k: v for k, v in ident["export"].items() if k != "format"}
     ident.update(bits=bits, group_size=group_size)
     return ident
 
@@ -283,16 +285,18 @@ def run(cfg: DictConfig, sweep_id: str | None = None) -> dict:
         from qbench.quant.blocks import synchronize
 
         quantize_peak = PeakMemory(model, loaded.device)
+        if cfg.export.path and _export_format(cfg) == "compressed-tensors":  # shapes the format refuses: before the work
+            from qbench.quant.ct_export import check_linears
+
+            check_linears(model, cfg)
         t0 = time.perf_counter()
         record["quant_info"] = method.quantize(model, cfg, ctx) or {}
         synchronize(loaded.device)
         record["timings"]["quantize_s"] = time.perf_counter() - t0
         quantize_memory = {"vram_quantize_peak_gib": quantize_peak.metrics().get("vram_peak_allocated_gib")}
         if cfg.export.path:
-            if not hasattr(method, "export"):
-                raise ValueError(f"method {cfg.method.name} has no export format")
-            method.export(model, cfg, ctx, str(cfg.export.path))
-            record["export_path"] = str(cfg.export.path)
+            _export(method, model, cfg, ctx)
+            record["export_path"], record["export_format"] = str(cfg.export.path), _export_format(cfg)
         t0 = time.perf_counter()
         record["metrics"] = {**quantize_memory, **evaluate(model, loaded.tokenizer, cfg, ctx)}
         record["timings"]["eval_s"] = time.perf_counter() - t0
@@ -308,6 +312,24 @@ def run(cfg: DictConfig, sweep_id: str | None = None) -> dict:
         raise
     finally:
         held.close()
+
+
+def _export_format(cfg: DictConfig) -> str:
+    return cfg.export.get("format", "native")
+
+
+def _export(method, model, cfg: DictConfig, ctx) -> None:
+    """Write the quantized model to export.path: the method's own format, or compressed-tensors."""
+    path = str(cfg.export.path)
+    if _export_format(cfg) == "compressed-tensors":
+        from qbench.quant.ct_export import save_compressed_tensors
+
+        act_order = cfg.method.name == "gptq" and bool(cfg.method.act_order)
+        save_compressed_tensors(model, ctx.tokenizer, path, cfg.method.name, act_order)
+        return
+    if not hasattr(method, "export"):
+        raise ValueError(f"method {cfg.method.name} has no export format")
+    method.export(model, cfg, ctx, path)
 
 
 def _record_baseline(cfg: DictConfig, loaded, key: dict, ctx, sweep_id) -> dict:
