@@ -241,7 +241,14 @@ def variant_parts(name: str, params: dict, choices: list) -> list[str]:
 CONFIG_COLUMNS = ("model", "method", "bits", "group_size", "calib")
 
 # Method parameters added after records were written: (methods, the value those older records ran with).
-PARAMS_BEFORE_OPTION = {"zero_in_range": (("rtn", "gptq", "awq"), True)}
+PARAMS_BEFORE_OPTION = {"zero_in_range": (("rtn", "gptq", "awq"), True), "imatrix": (("gguf",), None)}
+
+
+def legacy_params(method_name: str, params: dict) -> dict:
+    """Parameters (a record's or a gate baseline key's) with those they predate filled in with the value
+    they ran with; used where the whole conf entry is known to be there (see with_legacy_params)."""
+    missing = {k: v for k, (methods, v) in PARAMS_BEFORE_OPTION.items() if method_name in methods and k not in params}
+    return {**params, **missing} if missing else params
 
 
 def with_legacy_params(rec: dict) -> dict:
@@ -249,11 +256,10 @@ def with_legacy_params(rec: dict) -> dict:
     from before `zero_in_range` ran with 0 in range, not with AWQ's current default). Only records that
     carry their method's whole conf entry (every run does: `default_bits` is in it) can predate a key."""
     method = (rec.get("config") or {}).get("method") or {}
-    missing = {k: v for k, (methods, v) in PARAMS_BEFORE_OPTION.items()
-               if "default_bits" in method and rec.get("method") in methods and k not in method}
-    if not missing:
+    if "default_bits" not in method:
         return rec
-    return {**rec, "config": {**rec["config"], "method": {**method, **missing}}}
+    filled = legacy_params(rec.get("method") or "", method)
+    return rec if filled is method else {**rec, "config": {**rec["config"], "method": filled}}
 
 
 def calib_seed(rec: dict):

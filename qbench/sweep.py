@@ -3,7 +3,8 @@
     qbench sweep sweeps/ci.yaml [overrides ...] [--dry-run]
 
 A sweep file holds `overrides` (for every run) and `jobs`; each job names `methods` (a list, or
-`all` = every entry of conf/method) and `bits` (one width or a list). A method runs at the widths of
+`all` = every entry of conf/method; `exclude` leaves some out), `bits` (one width or a list) and
+optional `overrides` of its own (e.g. a cheaper setting for one slow method). A method runs at the widths of
 the job it supports; with `unsupported: default` a method supporting none of them runs once at its
 default width (int8, fp8 in a 4-bit sweep), with `unsupported: skip` (the default) it is left out.
 Methods that take no width (fp16) run without one; methods not in conf/method are left out with a
@@ -32,6 +33,7 @@ def plan(spec: dict, extra: list[str]) -> tuple[list[list[str]], list[str]]:
     commands, notes = [], []
     for job in spec["jobs"]:
         methods = known if job.get("methods", "all") == "all" else [str(m) for m in job["methods"]]
+        methods = [m for m in methods if m not in [str(e) for e in job.get("exclude") or []]]
         wanted = job.get("bits")
         wanted = [] if wanted is None else [int(b) for b in (wanted if isinstance(wanted, list) else [wanted])]
         groups: dict[tuple, list[str]] = {}

@@ -4,6 +4,7 @@ and end to end: one bit less in RTN fails the gate with a readable message."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -191,3 +192,37 @@ def test_one_bit_less_in_rtn_fails_the_gate(smollm2, cfg_factory, data_dir, tmp_
     lines = out.stdout.strip().splitlines()
     assert any("rtn w4 g128" in line and "REGRESSION" in line for line in lines)
     assert lines[-1].startswith("qbench gate: FAILED") and "rtn w4 g128 [cpu seqlen 128 x1] ppl_wikitext2" in lines[-1]
+
+
+def test_ci_sweep_runs_every_method_and_autoround_cheaply():
+    """sweeps/ci.yaml: `exclude` takes autoround out of `all`, and only its own job gets method.iters."""
+    import yaml
+
+    from qbench.paths import group_options
+    from qbench.sweep import plan
+
+    spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "sweeps" / "ci.yaml").read_text())
+    commands, _ = plan(spec, [])
+    methods = [m for c in commands for m in c[1].removeprefix("method=").split(",")]
+    assert sorted(methods) == sorted(group_options("method"))  # each once
+    cheap = [c for c in commands if "method.iters=5" in c]
+    assert len(cheap) == 1 and cheap[0][1] == "method=autoround"
+
+
+def test_a_baseline_from_before_a_parameter_matches_runs_with_its_old_value(tmp_path, capsys):
+    """gguf gained method.imatrix (null = as before): a baseline key without it still gates a new run;
+    a run with an importance matrix is another config."""
+    def gguf(ppl, **params):
+        r = rec("gguf", None, ppl)
+        r["config"] = {"method": {"name": "gguf", "default_bits": None, "type": "Q4_K_M", **params}}
+        return r
+
+    path = tmp_path / "baseline.json"
+    assert gate.gate(str(path), write(tmp_path / "old", [gguf(29.6)]), update=True) == 0
+    data = json.loads(path.read_text())
+    assert data["configs"][0]["key"]["params"] == {"type": "Q4_K_M", "imatrix": None}  # filled in on update
+    data["configs"][0]["key"]["params"] = {"type": "Q4_K_M"}  # as sweeps/ci-baseline.json was written
+    path.write_text(json.dumps(data))
+    assert gate.gate(str(path), write(tmp_path / "new", [gguf(29.6, imatrix=None)])) == 0
+    assert gate.gate(str(path), write(tmp_path / "imx", [gguf(29.0, imatrix="auto")])) == 1
+    assert "missing (no record)" in capsys.readouterr().out
