@@ -29,8 +29,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from qbench.records import (calib_seed, config_identity, forced_kernel, git_sha, kv_cache_entry, kv_variant,
-                            latest_per_config, legacy_params, method_defaults, method_params, read_records,
-                            variant_parts, with_legacy_params)
+                            latest_per_config, method_defaults, method_params, read_records, variant_parts,
+                            without_legacy_values)
 
 FORMAT = "qbench-gate-baseline/1"
 
@@ -40,7 +40,7 @@ class GateError(ValueError):
 
 
 def config_key(rec: dict) -> dict:
-    key = {"model": rec.get("model"), "method": rec.get("method"), "params": method_params(with_legacy_params(rec)),
+    key = {"model": rec.get("model"), "method": rec.get("method"), "params": without_legacy_values(rec.get("method") or "", method_params(rec)),
            "bits": rec.get("bits"), "group_size": rec.get("group_size"), "calib": rec.get("calib"),
            "eval": rec.get("eval_key")}
     kernel = forced_kernel(rec)
@@ -107,8 +107,8 @@ def load_baseline(path: str) -> dict:
         raise GateError(f"baseline file {path} is not a qbench gate baseline ({FORMAT}) or holds no configs")
     if any("params" not in entry["key"] for entry in data["configs"]):
         raise GateError(f"baseline file {path} predates method parameters in the config keys: re-create it with --update")
-    for entry in data["configs"]:  # a key written before a parameter existed: the value it ran with
-        entry["key"]["params"] = legacy_params(entry["key"].get("method") or "", entry["key"]["params"])
+    for entry in data["configs"]:  # keys written before a parameter existed match runs at its old value
+        entry["key"]["params"] = without_legacy_values(entry["key"].get("method") or "", entry["key"]["params"])
         if "tolerance" in entry:
             parse_tolerance(entry["tolerance"], f"tolerance of {entry.get('label')} in {path}")
     return data

@@ -244,11 +244,13 @@ CONFIG_COLUMNS = ("model", "method", "bits", "group_size", "calib")
 PARAMS_BEFORE_OPTION = {"zero_in_range": (("rtn", "gptq", "awq"), True), "imatrix": (("gguf",), None)}
 
 
-def legacy_params(method_name: str, params: dict) -> dict:
-    """Parameters (a record's or a gate baseline key's) with those they predate filled in with the value
-    they ran with; used where the whole conf entry is known to be there (see with_legacy_params)."""
-    missing = {k: v for k, (methods, v) in PARAMS_BEFORE_OPTION.items() if method_name in methods and k not in params}
-    return {**params, **missing} if missing else params
+def without_legacy_values(method_name: str, params: dict) -> dict:
+    """Parameters with those left out that hold the value runs from before the parameter had: one form
+    for a gate key from before a parameter existed and for a run with it at that value (a gguf
+    baseline from before `imatrix`, a run with imatrix=null)."""
+    return {k: v for k, v in params.items()
+            if not (k in PARAMS_BEFORE_OPTION and method_name in PARAMS_BEFORE_OPTION[k][0]
+                    and v == PARAMS_BEFORE_OPTION[k][1])}
 
 
 def with_legacy_params(rec: dict) -> dict:
@@ -256,10 +258,11 @@ def with_legacy_params(rec: dict) -> dict:
     from before `zero_in_range` ran with 0 in range, not with AWQ's current default). Only records that
     carry their method's whole conf entry (every run does: `default_bits` is in it) can predate a key."""
     method = (rec.get("config") or {}).get("method") or {}
-    if "default_bits" not in method:
+    missing = {k: v for k, (methods, v) in PARAMS_BEFORE_OPTION.items()
+               if "default_bits" in method and rec.get("method") in methods and k not in method}
+    if not missing:
         return rec
-    filled = legacy_params(rec.get("method") or "", method)
-    return rec if filled is method else {**rec, "config": {**rec["config"], "method": filled}}
+    return {**rec, "config": {**rec["config"], "method": {**method, **missing}}}
 
 
 def calib_seed(rec: dict):
