@@ -57,3 +57,12 @@ def cfg_factory(tmp_path_factory):
                                                              "quiet=true", *overrides])
 
     return make
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under xdist (`-n 2 --dist loadgroup`, as .ci/run), the tests of a module that share a
+    module-scoped fixture (a real-model run, a quantized model) go to one worker, which builds it once."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info and any(defs and defs[-1].scope == "module" for defs in info.name2fixturedefs.values()):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
