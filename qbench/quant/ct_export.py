@@ -38,12 +38,10 @@ model's dtype. What the format cannot hold is refused, before load where the con
 torch is imported inside the functions: `unsupported` runs in config validation, before torch loads.
 """
 
-import json
 from pathlib import Path
 
 SUPPORTED = "rtn, gptq, awq, autoround, hqq (optimize=false, integer zeros), fp8 (format=e4m3)"
 CT_VERSION = "0.20.1"  # the compressed-tensors release this layout was checked against
-WEIGHTS = "model.safetensors"
 
 
 def unsupported(cfg) -> str | None:
@@ -168,9 +166,9 @@ def save_compressed_tensors(model, tokenizer, path: str, method: str, act_order:
     """Write the quantized model as a compressed-tensors directory; returns its quantization_config.
     act_order (GPTQ, default g_idx) is recorded as actorder=weight: it changed only the calibration."""
     import torch
-    from safetensors.torch import save_file
 
     from qbench import __version__
+    from qbench.quant.gptq_format import write_quantized_dir
 
     layers = quantized_layers(model)
     if not layers:
@@ -196,16 +194,8 @@ def save_compressed_tensors(model, tokenizer, path: str, method: str, act_order:
         tensors.update({f"{name}.{leaf}": t.detach().contiguous().cpu() for leaf, t in local.items()})
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt", "quantizer": f"qbench:{__version__}",
-                                                     "method": method})
     ignore = sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
     qconfig = quantization_config(scheme, ignore)
-    config = model.config.to_dict()
-    config["quantization_config"] = qconfig
-    config["dtype"] = str(dtype).replace("torch.", "")
-    if head_name in layers:
-        config["tie_word_embeddings"] = False
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
+    write_quantized_dir(out, model, tokenizer, tensors, qconfig, dtype, head_name in layers,
+                        {"format": "pt", "quantizer": f"qbench:{__version__}", "method": method})
     return qconfig

@@ -71,8 +71,6 @@ def quantization_config(layers: dict[str, QuantLinear], method: str, desc_act: b
 
 def save_checkpoint(model: nn.Module, tokenizer, path: str, method: str, desc_act: bool, extra: dict | None = None) -> dict:
     """Write the model (its linears QuantLinear) as a GPTQ checkpoint directory; returns its quantization_config."""
-    from safetensors.torch import save_file
-
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
@@ -93,16 +91,25 @@ def save_checkpoint(model: nn.Module, tokenizer, path: str, method: str, desc_ac
         elif prefix in layers and leaf == "bias":
             value = value.to(dtype)
         tensors[key] = value.detach().contiguous().cpu()
-    save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
+    write_quantized_dir(out, model, tokenizer, tensors, qconfig, dtype, head_name in layers, {"format": "pt"})
+    return qconfig
+
+
+def write_quantized_dir(out: Path, model: nn.Module, tokenizer, tensors: dict, qconfig: dict, dtype,
+                        head_quantized: bool, metadata: dict) -> None:
+    """A Hugging Face model directory: the weights, config.json with its quantization_config (an lm_head
+    quantized on its own unties it from the embedding) and the tokenizer."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(out / WEIGHTS), metadata=metadata)
     config = model.config.to_dict()
     config["quantization_config"] = qconfig
     config["dtype"] = str(dtype).replace("torch.", "")
-    if head_name in layers:
+    if head_quantized:
         config["tie_word_embeddings"] = False
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
-    return qconfig
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
