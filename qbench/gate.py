@@ -40,7 +40,8 @@ class GateError(ValueError):
 
 
 def config_key(rec: dict) -> dict:
-    key = {"model": rec.get("model"), "method": rec.get("method"), "params": without_legacy_values(rec.get("method") or "", method_params(rec)),
+    params = without_legacy_values(rec.get("method") or "", method_params(rec))
+    key = {"model": rec.get("model"), "method": rec.get("method"), "params": params,
            "bits": rec.get("bits"), "group_size": rec.get("group_size"), "calib": rec.get("calib"),
            "eval": rec.get("eval_key")}
     kernel = forced_kernel(rec)
