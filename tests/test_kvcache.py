@@ -221,7 +221,9 @@ def test_kld_reads_the_quantized_model_through_its_cache():
     model = tiny_llama(seed=1, tie=False, vocab=512)
     with torch.no_grad():
         model.lm_head.weight.mul_(20)  # peaked distributions, so that small logit changes show in the KL
-    windows = torch.randint(0, 512, (2, 32), generator=GEN)
+    # its own generator: GEN's state depends on which tests of this file ran before in the same process (xdist),
+    # and the float16 rounding of the reference (the "none" KLD, either sign) on other windows reached 2.6e-5
+    windows = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
     refs = [kld.reference(model, w, topk=-1) for w in windows]
     none = kld.compare(model, windows, refs)
     int8 = kld.compare(model, windows, refs, kv_cache="int8")
